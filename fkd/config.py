@@ -1,0 +1,470 @@
+"""Run configuration: TOML files parsed into frozen, validated attrs classes.
+
+A config file is a TOML document whose tables mirror the classes below::
+
+    name = "feature"           # run name: the run directory is runs/<name> unless --out
+    seed = 0
+    [data]     ...  -> DataConfig
+    [teacher]  ...  -> TeacherConfig  (its [teacher.train] fits the teacher)
+    [student]  ...  -> ModelConfig
+    [train]    ...  -> TrainConfig    (how the student is trained)
+    [distill]  ...  -> DistillConfig
+
+Every key is optional (the defaults below apply). Unknown keys, wrong types and out-of-range
+values raise :class:`~fkd.errors.ConfigError` naming the dotted key, e.g.
+``data.batch_size must be >= 1 (got 0)``. ``--set a.b=value`` overrides use the same checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fkd.errors import ConfigError
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+def _one_of(*choices: str):
+    def check(inst, attribute, value):
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)} (got {value!r})")
+
+    return check
+
+
+def _at_least(lo: float):
+    def check(inst, attribute, value):
+        if not value >= lo:
+            raise ValueError(f"must be >= {lo} (got {value!r})")
+
+    return check
+
+
+def _positive(inst, attribute, value):
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be > 0 (got {value!r})")
+
+
+def _unit_interval(inst, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be within [0, 1] (got {value!r})")
+
+
+def _non_negative(inst, attribute, value):
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"must be >= 0 (got {value!r})")
+
+
+def _field(default, *validators, help: str = ""):
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if validators:
+        kwargs["validator"] = list(validators)
+    if isinstance(default, (list, dict)):
+        return attrs.field(factory=lambda d=default: type(d)(d), **kwargs)
+    if attrs.has(type(default)):
+        return attrs.field(factory=lambda d=default: d, **kwargs)
+    return attrs.field(default=default, **kwargs)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+DATASETS = ("digits", "stl10", "cifar10", "cifar100", "imagefolder", "synthetic")
+METHODS = ("none", "logit", "feature", "attention", "combined")
+LOSS_TERMS = ("ce", "logit", "feature", "attention")
+
+
+@attrs.frozen
+class DataConfig:
+    """Where images come from and how they are shaped."""
+
+    name: str = _field("digits", _one_of(*DATASETS), help="data set")
+    root: str = _field("data", help="folder holding downloaded / user data")
+    image_size: int = _field(32, _at_least(8), help="side of the square images the models see")
+    resize: int = _field(0, _at_least(0), help="resize shorter side to this before cropping (0: image_size)")
+    crop: str = _field("center", _one_of("center", "random"), help="crop to image_size")
+    pad: int = _field(0, _at_least(0), help="zero padding before a random crop (CIFAR style)")
+    flip: bool = _field(False, help="random horizontal flips while training")
+    normalize: str = _field("imagenet", _one_of("imagenet", "none"), help="per-channel normalisation")
+    batch_size: int = _field(64, _at_least(1), help="training batch size")
+    eval_batch_size: int = _field(256, _at_least(1), help="evaluation batch size")
+    in_memory: str = _field("auto", _one_of("auto", "always", "never"), help="hold the data set as tensors")
+    num_workers: int = _field(2, _at_least(0), help="DataLoader workers for streamed data sets")
+    download: bool = _field(True, help="download torchvision data sets when missing and online")
+    test_fraction: float = _field(0.2, _positive, help="digits: share held out for testing")
+    train_limit: int = _field(0, _at_least(0), help="use only the first N training images (0: all)")
+    synthetic_size: int = _field(256, _at_least(1), help="synthetic: images per split")
+    synthetic_classes: int = _field(10, _at_least(2), help="synthetic: number of classes")
+
+    @property
+    def augments(self) -> bool:
+        """True when the training view is random (so teacher outputs cannot be cached)."""
+        return self.flip or self.crop == "random"
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """An optimizer from :mod:`fkd.optim` and its learning-rate schedule."""
+
+    name: str = _field("adam", _one_of("sgd", "adam", "adamw"), help="optimizer")
+    learning_rate: float = _field(1e-3, _positive, help="peak learning rate")
+    momentum: float = _field(0.0, _unit_interval, help="sgd momentum")
+    nesterov: bool = _field(False, help="sgd Nesterov momentum")
+    weight_decay: float = _field(0.0, _non_negative, help="weight decay (decoupled for adamw)")
+    b1: float = _field(0.9, _unit_interval, help="adam beta1")
+    b2: float = _field(0.999, _unit_interval, help="adam beta2")
+    eps: float = _field(1e-8, _positive, help="adam epsilon")
+    schedule: str = _field(
+        "constant", _one_of("constant", "cosine", "warmup_cosine", "multistep", "one_cycle"),
+        help="learning-rate schedule over the whole run",
+    )
+    warmup_epochs: float = _field(0.0, _non_negative, help="warmup_cosine: warmup length in epochs")
+    milestones: list = _field([], help="multistep: epochs at which the rate is multiplied by gamma")
+    gamma: float = _field(0.1, _positive, help="multistep: decay factor")
+    clip_norm: float = _field(0.0, _non_negative, help="clip gradients to this global norm (0: off)")
+
+
+@attrs.frozen
+class TrainConfig:
+    """How a model is trained: epochs, optimizer, and the compiled-step options."""
+
+    epochs: int = _field(10, _at_least(1), help="passes over the training data")
+    optimizer: OptimizerConfig = _field(OptimizerConfig(), help="optimizer")
+    compile: str = _field("auto", _one_of("auto", "on", "off"), help="torch.compile the step (auto: on CUDA)")
+    compile_mode: str = _field(
+        "default", _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode",
+    )
+    precision: str = _field("fp32", _one_of("fp32", "bf16"), help="bf16 autocast on CUDA")
+    channels_last: bool = _field(False, help="channels_last memory format on CUDA")
+    log_every: int = _field(50, _at_least(1), help="steps between host syncs for the progress line")
+    checkpoint_every: int = _field(0, _at_least(0), help="steps between mid-epoch checkpoints (0: per epoch)")
+
+
+_TEACHER_TRAIN = TrainConfig(
+    epochs=5, optimizer=OptimizerConfig(name="sgd", learning_rate=1e-3, momentum=0.9)
+)
+
+
+@attrs.frozen
+class ModelConfig:
+    """A student architecture."""
+
+    arch: str = _field("seed_cnn", help="seed_cnn, small_cnn or a torchvision model name")
+    widths: list = _field([16, 32], help="small_cnn: channels per conv block")
+    batch_norm: bool = _field(True, help="small_cnn: BatchNorm after each conv")
+
+
+@attrs.frozen
+class TeacherConfig:
+    """The teacher: its architecture, weights, checkpoint and (when fitted here) training."""
+
+    arch: str = _field("resnet18", help="torchvision model name (or seed_cnn / small_cnn)")
+    widths: list = _field([32, 64, 128], help="small_cnn teacher: channels per conv block")
+    batch_norm: bool = _field(True, help="small_cnn teacher: BatchNorm after each conv")
+    weights: str = _field("none", _one_of("imagenet", "none"), help="starting weights for a teacher fit")
+    checkpoint: str = _field("", help="fkd teacher checkpoint (written by `fkd teacher`)")
+    fit_if_missing: bool = _field(False, help="distill: fit the teacher first when its checkpoint is missing")
+    mode: str = _field("linear_probe", _one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
+    cache: str = _field("auto", _one_of("auto", "memory", "disk", "off"), help="reuse teacher outputs")
+    cache_dir: str = _field(".fkd_cache", help="where disk caches of teacher outputs live")
+    train: TrainConfig = _field(_TEACHER_TRAIN, help="how the teacher is fitted")
+
+
+@attrs.frozen
+class DistillConfig:
+    """Which distillation loss trains the student.
+
+    ``method`` picks the loss weights (``combined`` takes them from ``weights``):
+
+    ============  ===============================================================
+    none          CE                                  (the baseline student)
+    logit         alpha * KD_T + (1 - alpha) * CE    (Hinton et al. 2015)
+    feature       alpha * CE + beta * hint           (FitNets; the notebook's weights)
+    attention     (1 - alpha) * CE + beta * AT       (Zagoruyko & Komodakis 2017) -- alpha unused
+    combined      sum of weights[term] * term over ce, logit, feature, attention
+    ============  ===============================================================
+    """
+
+    method: str = _field("logit", _one_of(*METHODS), help="distillation loss")
+    temperature: float = _field(2.0, _positive, help="softmax temperature T of the KD term")
+    alpha: float = _field(0.7, _unit_interval, help="logit: weight of KD; feature: weight of CE")
+    beta: float = _field(0.3, _non_negative, help="feature / attention: weight of that term")
+    student_features: list = _field([], help="student feature names, paired by position")
+    teacher_features: list = _field([], help="teacher feature (FX node) names, paired by position")
+    weights: dict = _field({}, help="combined: weight per term (ce, logit, feature, attention)")
+    attention_p: float = _field(2.0, _positive, help="attention: power p of the attention map")
+
+    def term_weights(self) -> dict[str, float]:
+        """The loss weights of each term this method uses, e.g. ``{"ce": 0.3, "logit": 0.7}``."""
+        if self.method == "none":
+            return {"ce": 1.0}
+        if self.method == "logit":
+            return {"ce": 1.0 - self.alpha, "logit": self.alpha}
+        if self.method == "feature":
+            return {"ce": self.alpha, "feature": self.beta}
+        if self.method == "attention":
+            return {"ce": 1.0, "attention": self.beta}
+        return {k: float(v) for k, v in self.weights.items()}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(k != "ce" and w != 0 for k, w in self.term_weights().items())
+
+    @property
+    def uses_features(self) -> bool:
+        return any(k in ("feature", "attention") and w != 0 for k, w in self.term_weights().items())
+
+
+@attrs.frozen
+class Config:
+    """A whole run."""
+
+    name: str = _field("fkd", help="run name (run directory runs/<name>)")
+    seed: int = _field(0, help="seed for initialisation, data order and augmentation")
+    device: str = _field("auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    data: DataConfig = _field(DataConfig(), help="data")
+    teacher: TeacherConfig = _field(TeacherConfig(), help="teacher")
+    student: ModelConfig = _field(ModelConfig(), help="student")
+    train: TrainConfig = _field(TrainConfig(), help="student training")
+    distill: DistillConfig = _field(DistillConfig(), help="distillation loss")
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list", dict: "a table"}.get(tp, tp.__name__)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    if attrs.has(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table ([{key}]), not {value!r}.")
+        return _build(tp, value, key + ".")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+        or (tp is list and isinstance(value, list))
+        or (tp is dict and isinstance(value, dict))
+    )
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r}); fix it in the config or --set.")
+    return float(value) if tp is float else value
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"valid keys: {', '.join(valid)}."
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    fields = {f.name: f for f in attrs.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}' in the config; {_suggest(key, list(fields))}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a field validator
+        name = _failing_field(cls, kwargs)
+        raise ConfigError(f"{prefix}{name} {exc}.") from None
+
+
+def _failing_field(cls, kwargs) -> str:
+    """Name the field whose validator failed (attrs does not say which)."""
+    for f in attrs.fields(cls):
+        if f.validator is None:
+            continue
+        value = kwargs.get(f.name, f.default.factory() if isinstance(f.default, attrs.Factory) else f.default)
+        try:
+            f.validator(None, f, value)
+        except ValueError:
+            return f.name
+    return "?"
+
+
+def _check_whole(cfg: Config) -> Config:
+    """Validation that spans fields."""
+    d = cfg.distill
+    if d.method == "combined":
+        if not d.weights:
+            raise ConfigError("distill.method = 'combined' needs [distill.weights], e.g. {ce = 0.5, logit = 0.5}.")
+        for k, v in d.weights.items():
+            if k not in LOSS_TERMS:
+                raise ConfigError(
+                    f"unknown loss term '{k}' in distill.weights; valid terms: {', '.join(LOSS_TERMS)}."
+                )
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"distill.weights.{k} must be a number >= 0 (got {v!r}).")
+    if d.uses_features:
+        if not d.student_features or not d.teacher_features:
+            raise ConfigError(
+                f"distill.method = '{d.method}' matches features: set distill.student_features and "
+                "distill.teacher_features (e.g. ['block2'] and ['layer1'])."
+            )
+        if len(d.student_features) != len(d.teacher_features):
+            raise ConfigError(
+                f"distill.student_features has {len(d.student_features)} names but distill.teacher_features "
+                f"has {len(d.teacher_features)}; they are paired by position, so give the same number."
+            )
+    for key, names in (("distill.student_features", d.student_features),
+                       ("distill.teacher_features", d.teacher_features)):
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{key} must be a list of strings (got {names!r}).")
+    for key, widths in (("student.widths", cfg.student.widths), ("teacher.widths", cfg.teacher.widths)):
+        if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+            raise ConfigError(f"{key} must be a non-empty list of positive integers (got {widths!r}).")
+    for opt_key, opt in (("train.optimizer", cfg.train.optimizer), ("teacher.train.optimizer", cfg.teacher.train.optimizer)):
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in opt.milestones):
+            raise ConfigError(f"{opt_key}.milestones must be a list of positive epoch numbers (got {opt.milestones!r}).")
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML dict."""
+    return _check_whole(_build(Config, raw))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key.sub=value``; the value is read as TOML, else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (got {text!r}), e.g. --set train.epochs=3.")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {text!r}; write it as section.key=value.")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return key.split("."), value
+
+
+def _check_key_path(path: list[str]) -> None:
+    cls = Config
+    for i, part in enumerate(path):
+        if cls is None or not attrs.has(cls):
+            if cls is dict:
+                return  # free-form table (distill.weights)
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is not a table.")
+        fields = {f.name: f for f in attrs.fields(cls)}
+        if part not in fields:
+            where = ".".join(path[:i])
+            valid = list(fields)
+            hint = _suggest(part, valid)
+            raise ConfigError(f"--set {'.'.join(path)}: no key '{part}' in {where or 'the config'}; {hint}")
+        cls = typing.get_type_hints(cls)[part]
+        if not attrs.has(cls) and cls is not dict and i < len(path) - 1:
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a table.")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of ``raw`` with each ``key.sub=value`` override set (keys checked against the schema)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        _check_key_path(path)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a table in the config.")
+        node[path[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    """Read a TOML file; a missing or malformed file is a :class:`ConfigError` naming where."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; pass an existing file to --config (see configs/).")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{p}' is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text; save it as a TOML text file.") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **top: Any) -> Config:
+    """Read ``path`` (or start from the defaults), apply ``--set`` overrides and top-level values."""
+    raw = read_toml(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    for key, value in top.items():
+        if value is not None:
+            raw[key] = value
+    return from_dict(raw)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts (the inverse of :func:`from_dict`)."""
+    return attrs.asdict(cfg, recurse=True)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """Serialise a config to TOML text that :func:`load_config` reads back to an equal config."""
+    lines: list[str] = []
+
+    def table(obj: Any, prefix: str) -> None:
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        nested = []
+        for f in attrs.fields(type(obj)):
+            value = getattr(obj, f.name)
+            if attrs.has(type(value)):
+                nested.append((f.name, value))
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        for name, value in nested:
+            table(value, f"{prefix}.{name}" if prefix else name)
+
+    table(cfg, "")
+    return "\n".join(lines) + "\n"
+
+
+def help_text(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every key, for ``fkd config --help``-style listings."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in attrs.fields(cls):
+        tp = hints[f.name]
+        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
+        if attrs.has(tp):
+            rows.extend(help_text(tp, f"{prefix}{f.name}."))
+        else:
+            rows.append((prefix + f.name, _toml_value(default), f.metadata.get("help", "")))
+    return rows
+

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything a user can cause (a typo in a config, a missing file, a wrong checkpoint) raises
+:class:`FkdError` with one sentence that names the problem and the fix. The CLI turns it into
+``error: <message>`` on stderr and exit code 2, never a traceback.
+"""
+
+
+class FkdError(Exception):
+    """A problem the user can fix; its message is shown as is."""
+
+
+class ConfigError(FkdError):
+    """The configuration (file, ``--set`` override or CLI option) is invalid."""
+
+
+class DataError(FkdError):
+    """A data set is missing, empty or inconsistent."""
+
+
+class CheckpointError(FkdError):
+    """A checkpoint is missing, not fkd's, or does not fit the model."""
+
+
+class TrainingError(FkdError):
+    """Training stopped on a fault (e.g. a non-finite loss)."""

@@ -1,0 +1,92 @@
+"""Models as stateless parameter pytrees.
+
+A :class:`Model` is only a *template*: the module structure, on the ``meta`` device so it owns no
+weights. The weights live in two flat dicts that the caller holds and threads through calls:
+
+* ``params``  -- ``{dotted name: Tensor}``, the trainable weights, detached;
+* ``buffers`` -- ``{dotted name: Tensor}``, BatchNorm running statistics and counters.
+
+``model.apply(params, buffers, x, train=...)`` runs the template with
+:func:`torch.func.functional_call` and returns ``(logits, features, new_buffers)``. In training mode
+BatchNorm updates its running statistics; those updates land in fresh copies that are returned as
+``new_buffers``, so the caller's dicts are never mutated (see pytorch/pytorch#85533 for why in-place
+buffer updates and torch.func transforms do not mix).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fkd.models.zoo import LOGITS
+
+Params = dict[str, torch.Tensor]
+
+
+@attrs.frozen(eq=False)
+class Model:
+    """A module template applied functionally.
+
+    Attributes:
+        arch: architecture name (``seed_cnn``, ``small_cnn``, ``resnet18``, ...).
+        num_classes: width of the logits.
+        feature_names: the features ``apply`` returns, in order.
+        train_template / eval_template: the same network in train and eval mode (FX feature extractors
+            are traced per mode, so the mode is fixed once per template instead of toggled per call).
+        returns_dict: True for FX extractors (output ``{LOGITS: ..., name: ...}``), False for modules whose
+            forward returns ``(logits, features)`` or bare logits.
+    """
+
+    arch: str
+    num_classes: int
+    feature_names: tuple[str, ...]
+    train_template: nn.Module
+    eval_template: nn.Module
+    returns_dict: bool
+    image_size: int
+    spec: dict = attrs.field(factory=dict)  # what build_model needs to rebuild this model (for checkpoints)
+
+    def apply(
+        self, params: Params, buffers: Params, x: torch.Tensor, *, train: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Params]:
+        """Forward ``x`` (B, 3, H, W) -> ``(logits (B, num_classes), {name: feature}, new_buffers)``.
+
+        ``train=True`` uses batch statistics and returns updated running statistics in ``new_buffers``;
+        ``train=False`` uses the running statistics and returns ``buffers`` itself.
+        """
+        template = self.train_template if train else self.eval_template
+        # BatchNorm writes its running stats in place: give it copies, return them.
+        new_buffers = {k: v.clone() for k, v in buffers.items()} if train else buffers
+        out = functional_call(template, (params, new_buffers), (x,), strict=False)
+        logits, features = self._split(out)
+        return logits, features, new_buffers
+
+    def _split(self, out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.returns_dict:
+            return out[LOGITS], {n: out[n] for n in self.feature_names}
+        if isinstance(out, tuple):
+            logits, features = out
+            return logits, {n: features[n] for n in self.feature_names}
+        return out, {}
+
+
+def split_state(module: nn.Module) -> tuple[Params, Params]:
+    """Detached copies of a module's parameters and buffers as two flat dicts."""
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    return params, buffers
+
+
+def param_count(params: Params) -> int:
+    """Number of scalar parameters in a pytree."""
+    return sum(p.numel() for p in params.values())
+
+
+def size_bytes(params: Params, buffers: Params | None = None) -> int:
+    """Bytes the weights occupy (``numel * element_size`` over params and buffers)."""
+    tensors = list(params.values()) + list((buffers or {}).values())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,97 @@
+"""Torchvision classification models by name, with their head resized and features by FX node name."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from fkd.errors import CheckpointError, ConfigError
+
+
+def torchvision_names() -> list[str]:
+    """Every torchvision image-classification model name (``resnet18``, ``mobilenet_v3_small``, ...)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_torchvision(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
+    """A torchvision classifier whose last ``nn.Linear`` is replaced by a fresh one with ``num_classes``.
+
+    ``weights="imagenet"`` loads torchvision's default weights enum for ``arch`` (from torchvision's cache,
+    ``$TORCH_HOME/hub/checkpoints``, downloading when online). Offline with no cached file this raises a
+    :class:`CheckpointError` that says where the file should be.
+    """
+    if arch not in torchvision_names():
+        raise ConfigError(f"unknown model '{arch}'; use seed_cnn, small_cnn or a torchvision classifier "
+                          f"such as resnet18, mobilenet_v3_small, efficientnet_b0.")
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            model = torchvision.models.get_model(arch, weights=enum)
+        except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+            file = enum.url.rsplit("/", 1)[-1]
+            where = f"{torch.hub.get_dir()}/checkpoints/{file}"
+            raise CheckpointError(
+                f"ImageNet weights for {arch} are not in torchvision's cache ({where}) and could not be "
+                f"downloaded ({type(exc).__name__}); run once with network access, copy the file there, "
+                f"or set teacher.weights = 'none'."
+            ) from None
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+    _replace_head(model, num_classes)
+    return model
+
+
+def head_prefix(module: nn.Module) -> str:
+    """The dotted name of the classifier head (the last ``nn.Linear``), e.g. ``fc`` for a ResNet."""
+    linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(module).__name__} has no nn.Linear classifier head that fkd can resize.")
+    return linears[-1]
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    name = head_prefix(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if old.out_features != num_classes:
+        setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def feature_node_names(module: nn.Module) -> list[str]:
+    """Names usable as features: submodule names (``layer1``: that block's output) and FX node names
+    (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph)."""
+    nodes = get_graph_node_names(module)[1]
+    names: list[str] = []
+    for node in nodes:
+        parts = node.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if prefix not in names:
+                names.append(prefix)
+    return names
+
+
+def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool) -> nn.Module:
+    """``module`` rewritten by ``create_feature_extractor`` (FX, no hooks) to also return named features.
+
+    The rewritten module returns a dict: ``{LOGITS: logits, name: feature, ...}``; its parameter and buffer
+    names are the original module's (``layer1.0.conv1.weight``), so checkpoints stay interchangeable.
+    Unknown names raise :class:`ConfigError` listing the valid node names.
+    """
+    nodes = feature_node_names(module)
+    unknown = [n for n in feature_names if n not in nodes]
+    if unknown:
+        raise ConfigError(
+            f"feature '{unknown[0]}' is not a node of {type(module).__name__}; valid names: {', '.join(nodes)}."
+        )
+    module.train(train)
+    return_nodes = {n: n for n in feature_names}
+    return_nodes[get_graph_node_names(module)[1][-1]] = LOGITS
+    extractor = create_feature_extractor(module, return_nodes=return_nodes)
+    return extractor.train(train)
+
+
+LOGITS = "__logits__"

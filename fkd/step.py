@@ -1,0 +1,196 @@
+"""One pure training step, one eval step, and the train state they thread.
+
+``step = make_train_step(student, objective, optimizer, teacher=teacher_model)`` gives
+
+    step(state, batch, teacher_vars=None) -> (state, metrics)
+
+* ``state`` (a dict pytree, see :func:`init_train_state`) holds the student's trainable ``params``
+  (the model's weights under ``"model"`` and FitNets regressors under ``"regressors"``), ``frozen``
+  weights (a linear probe's backbone), BatchNorm ``buffers``, the optimizer state, the ``step`` count and
+  ``bad_step`` (see below). Everything is a tensor, so the state can be saved, stacked and vmapped.
+* ``batch`` is ``{"x": (B, 3, H, W), "y": (B,)}``, optionally with cached teacher outputs
+  ``"teacher_logits"`` (B, K) and ``"teacher_features"`` ``{name: tensor}``.
+* ``teacher_vars`` is ``{"params": ..., "buffers": ...}`` of the teacher: an input, never updated and
+  never part of the student's state.
+
+Inside: the teacher runs in eval mode without gradients; ``torch.func.grad_and_value`` differentiates the
+objective w.r.t. the trainable pytree; the optimizer's ``update`` and ``apply_updates`` produce the new
+params. No ``.backward()``, no ``torch.optim``, no in-place change to anything the caller passed.
+
+Non-finite losses: a step whose loss or gradients are not finite keeps the previous params, buffers and
+optimizer state (``torch.where``, no host sync) and records its index in ``state["bad_step"]`` (-1 while
+all is well). The training loop reads it at its sync points and stops with a message, so weights are
+never overwritten with NaNs and the loop never syncs per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch.func import grad_and_value
+
+from fkd.models import Model
+from fkd.objective import Objective
+from fkd.optim import GradientTransformation, apply_updates
+from fkd.pytree import tree_leaves, tree_map
+
+State = dict[str, Any]
+Metrics = dict[str, torch.Tensor]
+
+
+def init_train_state(
+    params: dict,
+    buffers: dict,
+    optimizer: GradientTransformation,
+    *,
+    regressors: dict | None = None,
+    frozen: dict | None = None,
+) -> State:
+    """The initial train state; ``params`` are trainable, ``frozen`` are used but never updated."""
+    trainable = {"model": params, "regressors": regressors or {}}
+    device = next(iter(params.values())).device
+    return {
+        "params": trainable,
+        "frozen": frozen or {},
+        "buffers": buffers,
+        "opt_state": optimizer.init(trainable),
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+        "bad_step": torch.full((), -1, dtype=torch.int64, device=device),
+    }
+
+
+def _autocast(device_type: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _global_norm(tree) -> torch.Tensor:
+    leaves = tree_leaves(tree)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))) if leaves else torch.zeros(())
+
+
+def make_train_step(
+    student: Model,
+    objective: Objective,
+    optimizer: GradientTransformation,
+    *,
+    teacher: Model | None = None,
+    train_mode: bool = True,
+    precision: str = "fp32",
+    compile: bool | str = "auto",
+    compile_mode: str = "default",
+    device: torch.device | str | None = None,
+) -> Callable[..., tuple[State, Metrics]]:
+    """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)``.
+
+    Args:
+        student: the model being trained.
+        objective: the loss (:class:`fkd.objective.Objective`).
+        optimizer: an ``(init, update)`` pair from :mod:`fkd.optim`.
+        teacher: the teacher's template; required when the objective uses it and the batch carries no
+            cached teacher outputs.
+        train_mode: run the student in train mode (BatchNorm batch statistics); a linear probe uses False.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast around the forward passes).
+        compile: ``"auto"`` wraps the whole step in ``torch.compile`` on CUDA and stays eager elsewhere;
+            ``True``/``"on"`` forces it, ``False``/``"off"`` never compiles.
+        compile_mode: ``torch.compile``'s ``mode``.
+        device: where the step runs (decides ``compile="auto"`` and autocast's device type).
+
+    Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
+    ``grad_norm``, ``finite`` (bool).
+    """
+    device_type = torch.device(device).type if device is not None else "cpu"
+
+    def teacher_outputs(batch, teacher_vars):
+        if "teacher_logits" in batch:
+            return batch["teacher_logits"], batch.get("teacher_features", {})
+        if not objective.needs_teacher:
+            return None, {}
+        if teacher is None or teacher_vars is None:
+            raise ValueError("the objective needs the teacher: pass teacher= and teacher_vars, or cached outputs")
+        with torch.no_grad(), _autocast(device_type, precision):
+            logits, features, _ = teacher.apply(teacher_vars["params"], teacher_vars["buffers"], batch["x"], train=False)
+        return logits.float(), {k: v.float() for k, v in features.items()}
+
+    def step(state: State, batch: dict, teacher_vars: dict | None = None) -> tuple[State, Metrics]:
+        x, y = batch["x"], batch["y"]
+        t_logits, t_features = teacher_outputs(batch, teacher_vars)
+
+        def loss_fn(trainable):
+            weights = {**state["frozen"], **trainable["model"]}
+            with _autocast(device_type, precision):
+                logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
+            logits = logits.float()
+            features = {k: v.float() for k, v in features.items()}
+            loss, metrics = objective(logits, features, y, t_logits, t_features, trainable["regressors"])
+            return loss, (metrics, new_buffers, logits)
+
+        grads, (loss, (metrics, new_buffers, logits)) = grad_and_value(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = apply_updates(state["params"], updates)
+
+        grad_norm = _global_norm(grads)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731 -- skip a non-finite step
+        new_state = {
+            "params": tree_map(keep, params, state["params"]),
+            "frozen": state["frozen"],
+            "buffers": tree_map(keep, new_buffers, state["buffers"]),
+            "opt_state": tree_map(keep, opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "bad_step": torch.where(
+                (state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"]
+            ),
+        }
+        metrics = {
+            **metrics,
+            "loss": loss.detach(),
+            "correct": (logits.argmax(dim=-1) == y).sum(),
+            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
+            "grad_norm": grad_norm.detach(),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return maybe_compile(step, compile, device_type, compile_mode)
+
+
+def make_eval_step(
+    model: Model,
+    *,
+    precision: str = "fp32",
+    compile: bool | str = "off",
+    compile_mode: str = "default",
+    device: torch.device | str | None = None,
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """Build ``eval_step(params, buffers, x, y) -> {"logits": (B, K), "correct": int64 0-d}`` (eval mode)."""
+    device_type = torch.device(device).type if device is not None else "cpu"
+
+    def eval_step(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), _autocast(device_type, precision):
+            logits, _, _ = model.apply(params, buffers, x, train=False)
+        logits = logits.float()
+        return {"logits": logits, "correct": (logits.argmax(dim=-1) == y).sum()}
+
+    return maybe_compile(eval_step, compile, device_type, compile_mode)
+
+
+def should_compile(compile: bool | str, device_type: str) -> bool:
+    """Resolve ``compile`` ("auto" | "on" | "off" | bool) for a device type."""
+    if compile in (True, "on"):
+        return True
+    if compile in (False, "off"):
+        return False
+    if compile == "auto":
+        return device_type == "cuda"
+    raise ValueError(f"compile must be 'auto', 'on' or 'off' (got {compile!r})")
+
+
+def maybe_compile(fn: Callable, compile: bool | str, device_type: str, mode: str = "default") -> Callable:
+    """``torch.compile(fn)`` when :func:`should_compile` says so, else ``fn``."""
+    if not should_compile(compile, device_type):
+        return fn
+    return torch.compile(fn, mode=None if mode == "default" else mode)
