@@ -65,11 +65,11 @@ def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     i.e. ``T**2 * KL(p_t || p_s)`` averaged over the batch; it equals
     ``F.kl_div(log_softmax(z_s/T), softmax(z_t/T), reduction="batchmean") * T**2``.
 
-    Source: Hinton et al. 2015, Sec. 2. The gradient of the un-scaled term with respect to a
-    student logit is ``(p_s - p_t) / T`` per sample (their eq. 2), so it shrinks as ``1/T**2``
-    relative to the hard-label term once the soft targets are compared at high temperature; the
-    ``T**2`` factor undoes that, keeping the mix of soft and hard terms comparable across
-    temperatures. With it, ``dL/dz_s = T * (p_s - p_t) / B``.
+    Source: Hinton et al. 2015, Sec. 2 (the ``T**2`` factor) and Sec. 2.1, eq. 2 (the gradient).
+    Per sample, the gradient of the un-scaled KL with respect to the student's logits is
+    ``(p_s - p_t) / T``, and ``p_s - p_t`` itself shrinks like ``1/T`` at high temperature, so the
+    soft term's gradients scale as ``1/T**2``; multiplying by ``T**2`` keeps its weight against
+    the hard-label term comparable across temperatures. With it, ``dL/dz_s = T * (p_s - p_t) / B``.
 
     Both sides go through ``log_softmax``, so ``log p_t`` never has to be recovered from a
     probability that underflowed. Where ``p_t`` is exactly 0 (a teacher logit of ``-inf``, or one

@@ -78,10 +78,15 @@ def _leaves(tree: Any, like: Any) -> list[Tensor]:
 
 
 def _use_foreach(args: tuple[Any, ...]) -> bool:
-    """Whether the ``torch._foreach_*`` kernels can run on these arguments."""
+    """Whether the ``torch._foreach_*`` kernels can run on these arguments.
+
+    They cannot under ``vmap``: functorch has no batching rules for them and no fallback
+    ("Batching rule not implemented for aten::_foreach_mul..."). Eagerly we take the leaf-by-leaf path
+    under any functorch transform (one cheap query); only vmap needs it, but the others lose little.
+    """
     if torch.compiler.is_compiling():
-        # Dynamo cannot trace the functorch level query below, but it answers this per-tensor question
-        # while tracing, so the choice costs nothing in the compiled graph.
+        # Dynamo cannot trace the level query below, but it answers this per-tensor question while
+        # tracing, so the choice costs nothing in the compiled graph.
         tensors = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, Tensor)]
         return not any(torch._C._functorch.is_batchedtensor(t) for t in tensors)
     return torch._C._functorch.maybe_current_level() is None

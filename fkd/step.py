@@ -33,8 +33,8 @@ from torch.func import grad_and_value
 
 from fkd.models import Model
 from fkd.objective import Objective
-from fkd.optim import GradientTransformation, apply_updates
-from fkd.pytree import tree_leaves, tree_map
+from fkd.optim import GradientTransformation, apply_updates, global_norm
+from fkd.pytree import tree_map
 
 State = dict[str, Any]
 Metrics = dict[str, torch.Tensor]
@@ -65,11 +65,6 @@ def _autocast(device_type: str, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _global_norm(tree) -> torch.Tensor:
-    leaves = tree_leaves(tree)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))) if leaves else torch.zeros(())
 
 
 def make_train_step(
@@ -132,7 +127,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = apply_updates(state["params"], updates)
 
-        grad_norm = _global_norm(grads)
+        grad_norm = global_norm(grads)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731 -- skip a non-finite step
         new_state = {

@@ -281,8 +281,15 @@ def test_update_does_not_modify_params_grads_or_state(name):
 def test_step_count_is_an_int64_tensor_in_the_state(name):
     opt = ALL_OPTIMIZERS[name]()
     _, state = run_fkd(opt, steps=3)
-    counts = [v for s in state if isinstance(s, dict) for k, v in s.items() if k == "count"]
-    counts += [v for s in state if isinstance(s, tuple) for m in s for k, v in m.items() if k == "count"]
+
+    def find_counts(tree):
+        if isinstance(tree, dict):
+            return [v for k, v in tree.items() if k == "count"] + [c for v in tree.values() for c in find_counts(v)]
+        if isinstance(tree, tuple):
+            return [c for member in tree for c in find_counts(member)]
+        return []
+
+    counts = find_counts(state)
     assert counts
     for count in counts:
         assert isinstance(count, torch.Tensor) and count.dtype == torch.int64 and count.dim() == 0
@@ -326,7 +333,8 @@ def test_apply_updates_keeps_each_parameter_dtype():
     updates = {"w": torch.full((3,), 0.5), "b": torch.full((2,), 0.25)}
     out = apply_updates(params, updates)
     assert out["w"].dtype == torch.bfloat16 and out["b"].dtype == F64
-    assert torch.equal(out["w"].float(), torch.full((3,), 1.5)) and torch.equal(out["b"], torch.full((2,), 1.25, dtype=F64))
+    assert torch.equal(out["w"].float(), torch.full((3,), 1.5))
+    assert torch.equal(out["b"], torch.full((2,), 1.25, dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,9 +468,22 @@ def test_schedules_registry():
         (warmup_cosine(1.0, 0, 10), [0, 5, 10], [1.0, 0.5, 0.0]),
         (multistep(1.0, [3, 6], gamma=0.1), [0, 2, 3, 5, 6, 100], [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]),
         # one_cycle(1, 10, pct_start=0.3, div=4, final_div=10): peak at step 2, floor 0.025 at step 9.
-        (one_cycle(1.0, 10, div_factor=4.0, final_div_factor=10.0), [0, 1, 2, 9, 50], [0.25, 0.625, 1.0, 0.025, 0.025]),
+        (
+            one_cycle(1.0, 10, div_factor=4.0, final_div_factor=10.0),
+            [0, 1, 2, 9, 50],
+            [0.25, 0.625, 1.0, 0.025, 0.025],
+        ),
     ],
-    ids=["constant", "cosine", "cosine_alpha", "warmup_cosine", "warmup_cosine_ends", "no_warmup", "multistep", "one_cycle"],
+    ids=[
+        "constant",
+        "cosine",
+        "cosine_alpha",
+        "warmup_cosine",
+        "warmup_cosine_ends",
+        "no_warmup",
+        "multistep",
+        "one_cycle",
+    ],
 )
 def test_schedule_hard_coded_values(schedule, steps, expected):
     torch.testing.assert_close(values(schedule, steps), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
@@ -479,7 +500,9 @@ def torch_scheduler_lrs(make_sched, lr, steps):
     return torch.tensor(lrs, dtype=F64)
 
 
-@pytest.mark.parametrize("total, pct, div, final_div", [(100, 0.3, 25.0, 1e4), (37, 0.25, 10.0, 100.0), (10, 0.5, 5.0, 1e3)])
+@pytest.mark.parametrize(
+    "total, pct, div, final_div", [(100, 0.3, 25.0, 1e4), (37, 0.25, 10.0, 100.0), (10, 0.5, 5.0, 1e3)]
+)
 def test_one_cycle_equals_torch_one_cycle_lr(total, pct, div, final_div):
     expected = torch_scheduler_lrs(
         lambda o: torch.optim.lr_scheduler.OneCycleLR(

@@ -1,0 +1,174 @@
+"""The command line: parse options, load the config, call the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from fkd.config import dumps, load_config
+from fkd.errors import FkdError
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn):
+    """Turn fkd's user errors into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from fkd.loop import Interrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except FkdError as exc:
+            _fail(str(exc))
+        except Interrupted as exc:
+            ctx = click.get_current_context()
+            click.echo(f"\n{exc}; checkpoint saved. Resume with: {_resume_command(ctx)}", err=True)
+            sys.exit(128 + exc.signum)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted.", err=True)
+            sys.exit(128 + signal.SIGINT)
+
+    return wrapper
+
+
+def _resume_command(ctx: click.Context) -> str:
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["fkd", *argv, "--resume"])
+
+
+def run_options(fn):
+    """Options every training command takes."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="TOML config file (see configs/)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key, e.g. --set train.epochs=3 (repeatable; type-checked)."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                     help="Run directory (default: runs/<name>)."),
+        click.option("--seed", type=int, help="Seed for initialisation, data order and augmentation."),
+        click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N."),
+        click.option("--resume", is_flag=True, help="Continue the run in the run directory from its last checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _setup(config_path, overrides, out, seed, device):
+    from fkd.rundir import RunDir
+    from fkd.training import resolve_device
+
+    cfg = load_config(config_path, overrides, seed=seed, device=device)
+    run = RunDir(out if out is not None else Path("runs") / cfg.name)
+    dev = resolve_device(cfg.device)
+    click.echo(f"# resolved config ({config_path or 'defaults'}; device {dev}; run directory {run.path})")
+    click.echo(dumps(cfg))
+    return cfg, run, dev
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fkd")
+def main():
+    """fkd: knowledge distillation in the functional, JAX style (torch.func).
+
+    \b
+    Quickstart (offline, CPU, about a minute):
+      python cli.py distill --config configs/feature.toml
+    """
+
+
+@main.command()
+@run_options
+@friendly_errors
+def teacher(config_path, overrides, out, seed, device, resume, quiet):
+    """Fit a teacher (linear probe, finetune or from scratch) and write its checkpoint.
+
+    \b
+    Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
+    summary.json, curves.png; the teacher itself goes to teacher.checkpoint.
+
+    \b
+    Examples:
+      python cli.py teacher --config configs/teacher.toml
+      python cli.py teacher --config configs/stl10/teacher.toml --device cuda
+      python cli.py teacher --config configs/teacher.toml --set teacher.train.epochs=3
+    """
+    from fkd.data import load_data
+    from fkd.teacher import fit_teacher
+
+    cfg, run, dev = _setup(config_path, overrides, out, seed, device)
+    run.prepare()
+    data = load_data(cfg.data, device=dev, seed=cfg.seed)
+    fit_teacher(cfg, data, dev, run, resume=resume, quiet=quiet, echo=click.echo)
+
+
+@main.command()
+@run_options
+@friendly_errors
+def distill(config_path, overrides, out, seed, device, resume, quiet):
+    """Train a student against a teacher (or alone, with distill.method = "none").
+
+    Fits the teacher first when its checkpoint is missing and teacher.fit_if_missing is true.
+
+    \b
+    Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
+    summary.json, curves.png.
+
+    \b
+    Examples:
+      python cli.py distill --config configs/feature.toml
+      python cli.py distill --config configs/logit.toml --set distill.temperature=4
+      python cli.py distill --config configs/baseline.toml --out runs/my-baseline
+      python cli.py distill --config configs/feature.toml --resume
+    """
+    from fkd.distill import run_distill
+
+    cfg, run, dev = _setup(config_path, overrides, out, seed, device)
+    run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=click.echo)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
+@friendly_errors
+def evaluate(path, device, as_json):
+    """Test accuracy, per-class accuracy, parameter count, size and CPU latency of PATH.
+
+    PATH is a run directory or a checkpoint file written by fkd.
+
+    \b
+    Examples:
+      python cli.py evaluate runs/feature
+      python cli.py evaluate runs/digits-teacher/teacher.pt --json
+    """
+    from fkd.evaluate import evaluate_path
+    from fkd.training import resolve_device
+
+    result = evaluate_path(path, resolve_device(device))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['arch']} on {result['data']} ({result['checkpoint']})")
+    click.echo(f"  test accuracy  {result['test_acc']:.2%} over {result['test_images']} images")
+    click.echo(f"  parameters     {result['params']:,}  ({result['size_bytes'] / 1e6:.2f} MB)")
+    click.echo(f"  CPU latency    {result['cpu_latency_ms']:.2f} ms / image")
+    click.echo("  per class      " + "  ".join(
+        f"{name}: {'n/a' if acc is None else f'{acc:.0%}'}" for name, acc in result["per_class_acc"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The run directory and what every command writes into it.
+
+::
+
+    runs/<name>/
+        config.toml        the resolved config (every key, defaults included)
+        metrics.jsonl      one JSON object per epoch: losses, accuracies, images/s, lr, wall time
+        checkpoints/       latest.pt (resumable state), best.pt is not kept: latest is the result
+        summary.json       teacher / student accuracy, baseline, parameter counts, compression, latency
+        curves.png         loss and accuracy per epoch (needs matplotlib; skipped with a note otherwise)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fkd.config import Config, dumps
+from fkd.errors import FkdError
+
+
+class RunDir:
+    """Paths of one run and the small writers for them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoint_dir / "latest.pt"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / "curves.png"
+
+    def prepare(self) -> "RunDir":
+        """Create the folder and prove it is writable, before any training starts."""
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise FkdError(
+                f"cannot write to the run directory '{self.path}' ({exc.strerror}); pick another with --out."
+            ) from None
+        return self
+
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config_path, dumps(cfg))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Keep the metrics of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
+        kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= epochs_done]
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
+    """Draw loss and accuracy per epoch into ``path``; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["train_acc"] for r in records], marker="o", label="train")
+    ax_acc.plot(epochs, [r["test_acc"] for r in records], marker="o", label="test")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

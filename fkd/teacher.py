@@ -1,0 +1,176 @@
+"""Teachers: fit one (``fkd teacher``), save it, and load it back for distillation.
+
+Fit modes (``teacher.mode``):
+
+* ``linear_probe`` -- the notebook's way: the backbone is frozen (and run in eval mode, so its
+  BatchNorm statistics stay those of its pretraining), only the classifier head is trained;
+* ``finetune``     -- every weight is trained, starting from ``teacher.weights``;
+* ``scratch``      -- every weight is trained from a random initialisation.
+
+A teacher checkpoint (kind ``teacher``) holds the model spec, the full params and buffers, and its
+test accuracy; it never holds optimizer state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fkd.checkpoint import load_checkpoint, save_checkpoint
+from fkd.config import Config, dumps
+from fkd.errors import CheckpointError, ConfigError
+from fkd.fit import fit
+from fkd.loop import LoopSpec, steps_per_epoch
+from fkd.models import Model, build_model, head_prefix, param_count, size_bytes
+from fkd.objective import Objective
+from fkd.rundir import RunDir, plot_curves
+from fkd.step import init_train_state, make_train_step
+from fkd.training import current_lr, evaluate_model, optimizer_from_config
+
+
+def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
+    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt``."""
+    if cfg.teacher.checkpoint:
+        return Path(cfg.teacher.checkpoint)
+    if run is None:
+        raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
+    return run.path / "teacher.pt"
+
+
+def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: str = "none", device="cpu"):
+    """The teacher architecture of ``cfg`` -> ``(model, params, buffers)``."""
+    t = cfg.teacher
+    return build_model(
+        t.arch, num_classes, cfg.data.image_size, feature_names, widths=t.widths, batch_norm=t.batch_norm,
+        weights=weights, seed=cfg.seed, device=device,
+    )
+
+
+def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]:
+    if mode != "linear_probe":
+        return params, {}
+    head = head_prefix(model.eval_template) + "."
+    trainable = {k: v for k, v in params.items() if k.startswith(head)}
+    frozen = {k: v for k, v in params.items() if not k.startswith(head)}
+    return trainable, frozen
+
+
+def fit_teacher(
+    cfg: Config, data, device: torch.device, run: RunDir, *, resume: bool = False, quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Fit the teacher of ``cfg`` on ``data``; write its checkpoint and return its summary."""
+    t = cfg.teacher
+    if t.mode == "scratch" and t.weights != "none":
+        raise ConfigError("teacher.mode = 'scratch' trains from random weights; set teacher.weights = 'none'.")
+    ckpt_path = teacher_checkpoint_path(cfg, run)
+    run.prepare()
+    _check_writable(ckpt_path)
+    run.write_config(cfg)
+    model, params, buffers = build_teacher(
+        cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
+    )
+    trainable, frozen = _split_trainable(model, params, t.mode)
+    nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
+    opt, schedule = optimizer_from_config(t.train.optimizer, max(nb, 1), t.train.epochs)
+    state = init_train_state(trainable, buffers, opt, frozen=frozen)
+    step = make_train_step(
+        model, Objective({"ce": 1.0}), opt, train_mode=t.mode != "linear_probe", precision=t.train.precision,
+        compile=t.train.compile, compile_mode=t.train.compile_mode, device=device,
+    )
+
+    def weights_of(st: dict) -> dict:
+        return {**st["frozen"], **st["params"]["model"]}
+
+    def evaluate(st: dict) -> float:
+        return evaluate_model(model, weights_of(st), st["buffers"], data.test, batch_size=cfg.data.eval_batch_size,
+                              num_classes=data.num_classes, device=device)["accuracy"]
+
+    spec = LoopSpec("teacher", t.train.epochs, cfg.data.batch_size, cfg.seed, cfg.data.augments,
+                    t.train.log_every, t.train.checkpoint_every, quiet)
+    state = fit(run, kind="teacher_run", spec=spec, step=step, state=state, source=data.train, device=device,
+                resume=resume, config_text=dumps(cfg), evaluate=evaluate,
+                learning_rate=lambda st: current_lr(schedule, st))
+    final = evaluate_model(model, weights_of(state), state["buffers"], data.test,
+                           batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+    save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
+    summary = {
+        "kind": "teacher",
+        "arch": t.arch,
+        "mode": t.mode,
+        "teacher_test_acc": final["accuracy"],
+        "per_class_acc": final["per_class"],
+        "params": param_count(weights_of(state)),
+        "size_bytes": size_bytes(weights_of(state), state["buffers"]),
+        "checkpoint": str(ckpt_path),
+    }
+    run.write_summary(summary)
+    plot_curves(run.read_metrics(), run.curves_path)
+    echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")
+    return summary
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create '{path.parent}' for the teacher checkpoint ({exc.strerror}).") from None
+    if not path.parent.is_dir() or not _dir_writable(path.parent):
+        raise ConfigError(f"cannot write the teacher checkpoint into '{path.parent}'; set teacher.checkpoint elsewhere.")
+
+
+def _dir_writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK)
+
+
+def save_teacher(path: Path, cfg: Config, model: Model, params: dict, buffers: dict, test_acc: float) -> None:
+    """Write a teacher checkpoint (tensors on the CPU)."""
+    save_checkpoint(path, {
+        "model": dict(model.spec),
+        "params": {k: v.detach().cpu() for k, v in params.items()},
+        "buffers": {k: v.detach().cpu() for k, v in buffers.items()},
+        "test_acc": float(test_acc),
+        "config": dumps(cfg),
+    }, kind="teacher")
+
+
+def load_teacher(path: Path, cfg: Config, num_classes: int, feature_names=(), device="cpu"):
+    """Load a teacher checkpoint for ``cfg`` -> ``(model, {"params", "buffers"}, test_acc)``.
+
+    The checkpoint must match ``teacher.arch`` and the data set's class count; otherwise a
+    :class:`CheckpointError` says which and how to fix it.
+    """
+    data = load_checkpoint(path, "teacher")
+    spec = data["model"]
+    if spec["arch"] != cfg.teacher.arch:
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' is a {spec['arch']}, but teacher.arch is '{cfg.teacher.arch}'; "
+            "set teacher.arch to match or fit a new teacher."
+        )
+    if spec["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"teacher checkpoint '{path}' predicts {spec['num_classes']} classes, but data set "
+            f"'{cfg.data.name}' has {num_classes}; use a teacher fitted on this data set."
+        )
+    model, params, buffers = build_model(
+        spec["arch"], spec["num_classes"], cfg.data.image_size, feature_names, widths=spec["widths"],
+        batch_norm=spec["batch_norm"], device="cpu",
+    )
+    if set(params) != set(data["params"]) or set(buffers) != set(data["buffers"]):
+        raise CheckpointError(f"teacher checkpoint '{path}' does not fit a {spec['arch']} (its weights differ); "
+                              "fit the teacher again.")
+    for name, tensor in data["params"].items():
+        if tensor.shape != params[name].shape:
+            raise CheckpointError(
+                f"teacher checkpoint '{path}': weight '{name}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(params[name].shape)}; fit the teacher again for this config."
+            )
+    variables = {
+        "params": {k: v.to(device) for k, v in data["params"].items()},
+        "buffers": {k: v.to(device) for k, v in data["buffers"].items()},
+    }
+    return model, variables, float(data.get("test_acc", float("nan")))
