@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny configs on synthetic data so every command runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+TINY = """
+name = "tiny"
+seed = 0
+device = "cpu"
+
+[data]
+name = "synthetic"
+image_size = 16
+synthetic_size = 96
+synthetic_classes = 4
+batch_size = 16
+eval_batch_size = 64
+
+[teacher]
+arch = "small_cnn"
+widths = [8, 16]
+weights = "none"
+mode = "scratch"
+checkpoint = "{root}/teacher/teacher.pt"
+fit_if_missing = true
+
+[teacher.train]
+epochs = 2
+log_every = 2
+
+[teacher.train.optimizer]
+name = "adam"
+learning_rate = 1e-2
+
+[student]
+arch = "small_cnn"
+widths = [4, 8]
+
+[train]
+epochs = 2
+log_every = 2
+
+[train.optimizer]
+name = "adam"
+learning_rate = 1e-2
+
+[distill]
+method = "{method}"
+student_features = {s_feats}
+teacher_features = {t_feats}
+{extra}
+"""
+
+
+def tiny_config_text(root: Path, method: str = "logit", extra: str = "") -> str:
+    feats = method in ("feature", "attention", "combined")
+    return TINY.format(
+        root=root.as_posix(), method=method, extra=extra,
+        s_feats='["block2"]' if feats else "[]", t_feats='["block2"]' if feats else "[]",
+    )
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """``make(method="logit", extra="") -> Path`` of a tiny config file under tmp_path."""
+
+    def make(method: str = "logit", extra: str = "", name: str = "tiny.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(tiny_config_text(tmp_path, method, extra))
+        return path
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(tmp_path_factory, monkeypatch):
+    # torchvision's weight cache points into a temp folder: tests never see (or fill) the user's cache.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    torch.manual_seed(0)
