@@ -62,6 +62,8 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path or train it first.")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or not a torch file).")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

@@ -110,7 +110,6 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet):
     from fkd.teacher import fit_teacher
 
     cfg, run, dev = _setup(config_path, overrides, out, seed, device)
-    run.prepare()
     data = load_data(cfg.data, device=dev, seed=cfg.seed)
     fit_teacher(cfg, data, dev, run, resume=resume, quiet=quiet, echo=click.echo)
 

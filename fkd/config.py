@@ -297,8 +297,25 @@ def _failing_field(cls, kwargs) -> str:
     return "?"
 
 
+def _check_model_name(key: str, arch: str) -> None:
+    from fkd.models import STUDENT_ARCHS, torchvision_names  # torchvision is slow to import: only here
+
+    if arch not in STUDENT_ARCHS and arch not in torchvision_names():
+        close = difflib.get_close_matches(arch, [*STUDENT_ARCHS, *torchvision_names()], n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+            "use seed_cnn, small_cnn or a torchvision classifier (resnet18, mobilenet_v3_small, efficientnet_b0, ...).")
+        raise ConfigError(f"{key} = '{arch}' is not a known model; {hint}")
+
+
 def _check_whole(cfg: Config) -> Config:
     """Validation that spans fields."""
+    _check_model_name("student.arch", cfg.student.arch)
+    _check_model_name("teacher.arch", cfg.teacher.arch)
+    if cfg.data.resize and cfg.data.resize < cfg.data.image_size:
+        raise ConfigError(f"data.resize = {cfg.data.resize} is smaller than data.image_size = {cfg.data.image_size}; "
+                          "set data.resize to 0 or to at least image_size.")
+    if cfg.data.test_fraction >= 1:
+        raise ConfigError(f"data.test_fraction must be below 1 (got {cfg.data.test_fraction}).")
     d = cfg.distill
     if d.method == "combined":
         if not d.weights:

@@ -25,7 +25,7 @@ from fkd.loop import LoopSpec, steps_per_epoch
 from fkd.models import build_model, param_count, size_bytes
 from fkd.rundir import RunDir, plot_curves
 from fkd.step import init_train_state, make_train_step
-from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
+from fkd.teacher import build_teacher, fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.training import cpu_latency_ms, current_lr, evaluate_model, optimizer_from_config
 
 
@@ -62,12 +62,29 @@ def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: 
     return path
 
 
+def preflight(cfg: Config, num_classes: int, device) -> tuple:
+    """Build the student and check every name and feature pair before anything is trained or written.
+
+    Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
+    Returns ``(student, params, buffers, objective, student_shapes, teacher_shapes)``.
+    """
+    obj = objective_lib.from_config(cfg.distill)
+    student, params, buffers = build_student(cfg, num_classes, device)
+    s_shapes = t_shapes = {}
+    if obj.needs_features:
+        s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
+        teacher, t_params, t_buffers = build_teacher(cfg, num_classes, cfg.distill.teacher_features)
+        t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
+        objective_lib.check_pairs(obj, s_shapes, t_shapes)
+    return student, params, buffers, obj, s_shapes, t_shapes
+
+
 def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool = False, quiet: bool = False,
                 echo: Callable = print) -> dict:
     """Distill per ``cfg`` into ``run``; returns the summary written to ``summary.json``."""
-    run.prepare()
     data = load_data(cfg.data, device=device, seed=cfg.seed)
-    obj = objective_lib.from_config(cfg.distill)
+    student, params, buffers, obj, s_shapes, t_shapes = preflight(cfg, data.num_classes, device)
+    run.prepare()
     teacher = teacher_vars = None
     teacher_acc = None
     if obj.needs_teacher:
@@ -75,13 +92,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         t_names = cfg.distill.teacher_features if obj.needs_features else ()
         teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes, t_names, device)
     run.write_config(cfg)
-
-    student, params, buffers = build_student(cfg, data.num_classes, device)
-    regressors = {}
-    if obj.needs_features:
-        s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
-        t_shapes = feature_shapes(teacher, teacher_vars["params"], teacher_vars["buffers"], cfg.data.image_size, device)
-        regressors = obj.init_regressors(s_shapes, t_shapes, seed=cfg.seed, device=device)
+    regressors = obj.init_regressors(s_shapes, t_shapes, seed=cfg.seed, device=device) if obj.needs_features else {}
 
     batch_extras = None
     cache_note = "off"

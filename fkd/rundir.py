@@ -54,15 +54,7 @@ class RunDir:
 
     def prepare(self) -> "RunDir":
         """Create the folder and prove it is writable, before any training starts."""
-        try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise FkdError(
-                f"cannot write to the run directory '{self.path}' ({exc.strerror}); pick another with --out."
-            ) from None
+        ensure_writable(self.checkpoint_dir, what="the run directory", fix="pick another with --out")
         return self
 
     def write_config(self, cfg: Config) -> None:
@@ -89,6 +81,17 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+
+
+def ensure_writable(folder: Path, *, what: str, fix: str) -> None:
+    """Create ``folder`` and write-test it; an :class:`FkdError` naming ``what`` and ``fix`` otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FkdError(f"cannot write to {what} '{folder}' ({exc.strerror or exc}); {fix}.") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

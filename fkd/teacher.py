@@ -25,7 +25,7 @@ from fkd.fit import fit
 from fkd.loop import LoopSpec, steps_per_epoch
 from fkd.models import Model, build_model, head_prefix, param_count, size_bytes
 from fkd.objective import Objective
-from fkd.rundir import RunDir, plot_curves
+from fkd.rundir import RunDir, ensure_writable, plot_curves
 from fkd.step import init_train_state, make_train_step
 from fkd.training import current_lr, evaluate_model, optimizer_from_config
 
@@ -66,12 +66,12 @@ def fit_teacher(
     if t.mode == "scratch" and t.weights != "none":
         raise ConfigError("teacher.mode = 'scratch' trains from random weights; set teacher.weights = 'none'.")
     ckpt_path = teacher_checkpoint_path(cfg, run)
-    run.prepare()
-    _check_writable(ckpt_path)
-    run.write_config(cfg)
     model, params, buffers = build_teacher(
         cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
     )
+    run.prepare()
+    _check_writable(ckpt_path)
+    run.write_config(cfg)
     trainable, frozen = _split_trainable(model, params, t.mode)
     nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
     opt, schedule = optimizer_from_config(t.train.optimizer, max(nb, 1), t.train.epochs)
@@ -113,18 +113,8 @@ def fit_teacher(
 
 
 def _check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create '{path.parent}' for the teacher checkpoint ({exc.strerror}).") from None
-    if not path.parent.is_dir() or not _dir_writable(path.parent):
-        raise ConfigError(f"cannot write the teacher checkpoint into '{path.parent}'; set teacher.checkpoint elsewhere.")
-
-
-def _dir_writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK)
+    """Fail before training when the teacher checkpoint cannot be written."""
+    ensure_writable(path.parent, what="the teacher checkpoint's folder", fix="set teacher.checkpoint elsewhere")
 
 
 def save_teacher(path: Path, cfg: Config, model: Model, params: dict, buffers: dict, test_acc: float) -> None:
@@ -156,10 +146,8 @@ def load_teacher(path: Path, cfg: Config, num_classes: int, feature_names=(), de
             f"teacher checkpoint '{path}' predicts {spec['num_classes']} classes, but data set "
             f"'{cfg.data.name}' has {num_classes}; use a teacher fitted on this data set."
         )
-    model, params, buffers = build_model(
-        spec["arch"], spec["num_classes"], cfg.data.image_size, feature_names, widths=spec["widths"],
-        batch_norm=spec["batch_norm"], device="cpu",
-    )
+    # Built from the config, so a checkpoint of another shape (widths, image size) is caught below.
+    model, params, buffers = build_teacher(cfg, num_classes, feature_names)
     if set(params) != set(data["params"]) or set(buffers) != set(data["buffers"]):
         raise CheckpointError(f"teacher checkpoint '{path}' does not fit a {spec['arch']} (its weights differ); "
                               "fit the teacher again.")

@@ -82,3 +82,26 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
     # torchvision's weight cache points into a temp folder: tests never see (or fill) the user's cache.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
     torch.manual_seed(0)
+
+
+def wrap_distill_step(monkeypatch, before_call):
+    """Make ``fkd distill``'s step call ``before_call(n, batch)`` before its n-th call (n from 1).
+
+    ``before_call`` may return a replacement batch (or None to keep it).
+    """
+    import fkd.distill
+
+    real = fkd.distill.make_train_step
+
+    def wrapped(*args, **kwargs):
+        step = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def counting(state, batch, *rest):
+            calls["n"] += 1
+            replaced = before_call(calls["n"], batch)
+            return step(state, batch if replaced is None else replaced, *rest)
+
+        return counting
+
+    monkeypatch.setattr(fkd.distill, "make_train_step", wrapped)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from fkd import cli
 from fkd.checkpoint import load_checkpoint
 from fkd.config import load_config
+from tests.conftest import wrap_distill_step
 
 
 def invoke(*args):
@@ -147,24 +148,13 @@ def _final_params(out):
 
 
 def _interrupt_after(monkeypatch, n_steps, signum=signal.SIGTERM):
-    """Make the distill step send ``signum`` to this process after ``n_steps`` steps."""
-    import fkd.distill
+    """Make the distill step send ``signum`` to this process at its ``n_steps``-th call."""
 
-    real = fkd.distill.make_train_step
+    def maybe_signal(n, batch):
+        if n == n_steps:
+            os.kill(os.getpid(), signum)
 
-    def wrapped(*args, **kwargs):
-        step = real(*args, **kwargs)
-        calls = {"n": 0}
-
-        def counting(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == n_steps:
-                os.kill(os.getpid(), signum)
-            return step(*a, **k)
-
-        return counting
-
-    monkeypatch.setattr(fkd.distill, "make_train_step", wrapped)
+    wrap_distill_step(monkeypatch, maybe_signal)
 
 
 @pytest.mark.parametrize("extra", ["", "flip = true"])

@@ -1,0 +1,406 @@
+"""``fkd bench``: the cost of one distillation step, fkd's way and the imperative way, side by side.
+
+Every variant trains the same student (same initial weights) on the same batch on the same device:
+
+================  ==================================================================================
+``imperative``    the baseline users would otherwise write (:mod:`fkd.imperative`): ``nn.Module``,
+                  forward hooks, ``loss.backward()``, ``torch.optim`` (foreach), teacher under no_grad
+``functional``    :func:`fkd.step.make_train_step`, eager
+``compiled``      the same step under ``torch.compile`` (``train.compile_mode``), on any device
+``student_only``  the student's step with no teacher (CE only): the floor distillation approaches
+``cached``        distillation with the teacher's outputs looked up in a :class:`fkd.cache.TeacherCache`
+================  ==================================================================================
+
+``student_only`` and ``cached`` follow ``train.compile`` (``auto``: compiled on CUDA, eager on the CPU), so
+on a GPU they are compared with ``compiled`` and on a CPU with ``functional``. ``train.precision`` (bf16
+autocast) and ``train.channels_last`` (CUDA only) apply to every variant, the imperative one included.
+
+Timing: ``warmup`` steps first (``torch.compile`` compiles there; their wall time is reported as
+``warmup_s``), then ``steps`` timed steps; the figure is the median. On CUDA each step is timed with CUDA
+events recorded on the stream (no host sync inside the timed loop), on the CPU with ``perf_counter``.
+
+Peak memory (``peak_mem_mb``): on CUDA ``torch.cuda.max_memory_allocated`` with the peak reset before
+each variant is built (it includes what all variants share: the data, the batch, the teacher's weights).
+On Linux CPUs it is the process's peak resident set (``VmHWM``), reset per variant through
+``/proc/self/clear_refs``: the whole process (Python, torch, the data) at its highest during that
+variant. Where the reset is refused it is the process peak since start, and the table says so.
+
+The teacher has random weights (``teacher.weights`` and its checkpoint are ignored): the cost of a step
+does not depend on their values, and the benchmark runs offline. The cache holds the teacher's outputs
+for the benchmark's batch only: a lookup gathers the batch's rows whatever the cache's length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+
+from fkd import objective as objective_lib
+from fkd.cache import TeacherCache, compute_outputs
+from fkd.config import Config
+from fkd.data import load_data
+from fkd.distill import build_student, feature_shapes
+from fkd.errors import ConfigError
+from fkd.imperative import ImperativeDistiller
+from fkd.models import build_model
+from fkd.objective import Objective
+from fkd.step import init_train_state, make_train_step, should_compile, to_channels_last
+from fkd.training import optimizer_from_config
+
+VARIANTS = ("imperative", "functional", "compiled", "student_only", "cached")
+MIN_CLI_STEPS = 20
+
+
+@attrs.frozen(eq=False)
+class BenchReport:
+    """What :func:`run_bench` measured: one row per variant and what they share.
+
+    ``rows``: dicts with ``variant``, ``ms_per_step`` (median), ``images_per_s``, ``peak_mem_mb``,
+    ``ratio`` (ms over ``imperative``'s, None without it), ``first_loss`` (the first warm-up step's loss:
+    equal across the distillation variants, since they start from the same weights), ``warmup_s``,
+    ``compiled``, ``steps``, ``device``. ``context``: config name, device, batch shape, models, method,
+    memory measure, threads and load average at the start.
+    """
+
+    rows: list
+    context: dict
+
+    def json_lines(self) -> list[str]:
+        """One JSON object per variant (its row and the context's ``device``, ``batch_size``, ...)."""
+        shared = {k: self.context[k] for k in ("device", "batch_size", "image_size", "mem_kind")}
+        return [json.dumps({**row, **shared}) for row in self.rows]
+
+    def table(self) -> str:
+        """A fixed-width table with a header line saying what was measured and how."""
+        c = self.context
+        head = [
+            f"bench {c['config']}: {c['method']} ({c['weights']}), student {c['student']}, teacher {c['teacher']} "
+            f"(random weights)",
+            f"device {c['device']} ({c['threads']} threads, load avg {c['loadavg']}), batch {c['batch_size']} x "
+            f"3x{c['image_size']}x{c['image_size']}, precision {c['precision']}, channels_last "
+            f"{c['channels_last']}; median of {c['steps']} steps after {c['warmup']} warm-up",
+        ]
+        mem_header = {"cuda_max_allocated": "peak MB (cuda alloc)", "rss_per_variant": "peak RSS MB",
+                      "rss_process": "proc peak RSS MB"}[c["mem_kind"]]
+        cols = ("variant", "ms/step", "images/s", mem_header, "x imperative", "first loss", "warm-up s", "compiled")
+        body = [cols]
+        for r in self.rows:
+            body.append((
+                r["variant"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}",
+                "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"{r['first_loss']:.5f}",
+                f"{r['warmup_s']:.1f}", "yes" if r["compiled"] else "no",
+            ))
+        widths = [max(len(row[i]) for row in body) for i in range(len(cols))]
+        lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                 for row in body]
+        lines.insert(1, "-" * len(lines[0]))
+        by = {r["variant"]: r for r in self.rows}
+        if "cached" in by and "student_only" in by:
+            lines.append(f"cached / student_only = {by['cached']['ms_per_step'] / by['student_only']['ms_per_step']:.2f}")
+        mem_note = {
+            "cuda_max_allocated": "peak memory: torch.cuda.max_memory_allocated, reset before each variant",
+            "rss_per_variant": "peak memory: the process's peak RSS (VmHWM) during each variant, reset between",
+            "rss_process": "peak memory: the process's peak RSS since start (the per-variant reset was refused)",
+        }[c["mem_kind"]]
+        return "\n".join(head + [""] + lines + [mem_note])
+
+
+# --- what the variants share -----------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class _Setup:
+    cfg: Config
+    device: torch.device
+    objective: Objective
+    student: object
+    student_vars: dict
+    teacher: object
+    teacher_vars: dict | None
+    regressors: dict
+    optimizer: object
+    schedule: Callable
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    channels_last: bool
+
+
+def _setup(cfg: Config, device: torch.device, total_steps: int) -> _Setup:
+    data = load_data(cfg.data, device=device, seed=cfg.seed)
+    first = next(iter(data.train.batches(cfg.data.batch_size, shuffle=False, drop_last=True)), None)
+    if first is None:
+        raise ConfigError(f"the training set has {len(data.train)} images, fewer than one batch of "
+                          f"{cfg.data.batch_size}; lower data.batch_size.")
+    x, y, idx = first
+    obj = objective_lib.from_config(cfg.distill)
+    student, params, buffers = build_student(cfg, data.num_classes, device)
+    teacher = teacher_vars = None
+    regressors = {}
+    if obj.needs_teacher:
+        t = cfg.teacher
+        t_names = cfg.distill.teacher_features if obj.needs_features else ()
+        teacher, t_params, t_buffers = build_model(
+            t.arch, data.num_classes, cfg.data.image_size, t_names, widths=t.widths, batch_norm=t.batch_norm,
+            weights="none", seed=cfg.seed + 1, device=device)
+        teacher_vars = {"params": t_params, "buffers": t_buffers}
+        if obj.needs_features:
+            s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
+            t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, device)
+            regressors = obj.init_regressors(s_shapes, t_shapes, seed=cfg.seed, device=device)
+    opt, schedule = optimizer_from_config(cfg.train.optimizer, max(total_steps, 1), 1)
+    return _Setup(cfg, device, obj, student, {"params": params, "buffers": buffers}, teacher, teacher_vars,
+                  regressors, opt, schedule, x, y, idx,
+                  channels_last=cfg.train.channels_last and device.type == "cuda")
+
+
+# --- the variants: each builds a zero-argument "one training step" -----------------------------
+
+
+@attrs.frozen(eq=False)
+class _Runner:
+    step_once: Callable[[], torch.Tensor]  # one training step; returns its loss (a device tensor)
+    compiled: bool
+    close: Callable[[], None] = lambda: None
+
+
+def _imperative(s: _Setup) -> _Runner:
+    distiller = ImperativeDistiller(
+        s.objective, s.student, s.student_vars, s.cfg.train.optimizer, teacher=s.teacher,
+        teacher_vars=s.teacher_vars, regressors=s.regressors, schedule=s.schedule,
+        precision=s.cfg.train.precision, channels_last=s.channels_last, device=s.device)
+    return _Runner(lambda: distiller.train_step(s.x, s.y), compiled=False, close=distiller.close)
+
+
+class _OneBatch:
+    """The benchmark batch as a source for :func:`fkd.cache.compute_outputs`."""
+
+    def __init__(self, x, y, idx):
+        self.x, self.y, self.idx = x, y, idx
+
+    def batches(self, batch_size, *, shuffle=False, **_):
+        yield self.x, self.y, self.idx
+
+
+def _functional(s: _Setup, *, compile: bool, objective: Objective, use_teacher: bool, cached: bool) -> _Runner:
+    tr = s.cfg.train
+    step = make_train_step(
+        s.student, objective, s.optimizer, teacher=s.teacher if use_teacher else None, precision=tr.precision,
+        compile="on" if compile else "off", compile_mode=tr.compile_mode, channels_last=s.channels_last,
+        device=s.device)
+    regressors = s.regressors if objective.needs_regressors else {}
+    state = init_train_state(s.student_vars["params"], s.student_vars["buffers"], s.optimizer, regressors=regressors)
+    teacher_vars = s.teacher_vars if use_teacher else None
+    if s.channels_last:  # once here, so the step's own conversion is a no-op
+        state, teacher_vars = to_channels_last(state), to_channels_last(teacher_vars)
+    lookup = None
+    if cached:
+        logits, feats = compute_outputs(s.teacher, s.teacher_vars, _OneBatch(s.x, s.y, s.idx),
+                                        batch_size=s.x.shape[0], precision=tr.precision, device=s.device)
+        # Rows 0..B-1 of a memory cache of the whole split: the benchmark batch is the first, unshuffled.
+        rows = torch.zeros(int(s.idx.max()) + 1, dtype=torch.int64, device=s.device)
+        rows[s.idx] = torch.arange(s.idx.shape[0], device=s.device)
+        cache = TeacherCache(logits[rows], {k: v[rows] for k, v in feats.items()}, "memory", s.device)
+        lookup = cache.lookup
+    cudagraphs = compile and s.device.type == "cuda" and tr.compile_mode == "reduce-overhead"
+    holder = {"state": state}
+
+    def step_once() -> torch.Tensor:
+        batch = {"x": s.x, "y": s.y}
+        if lookup is not None:
+            batch.update(lookup(s.idx))
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        holder["state"], metrics = step(holder["state"], batch, teacher_vars)
+        return metrics["loss"]
+
+    return _Runner(step_once, compiled=compile)
+
+
+def _build_runner(name: str, s: _Setup) -> _Runner:
+    follow = should_compile(s.cfg.train.compile, s.device.type)
+    if name == "imperative":
+        return _imperative(s)
+    if name == "functional":
+        return _functional(s, compile=False, objective=s.objective, use_teacher=True, cached=False)
+    if name == "compiled":
+        return _functional(s, compile=True, objective=s.objective, use_teacher=True, cached=False)
+    if name == "student_only":
+        return _functional(s, compile=follow, objective=Objective({"ce": 1.0}), use_teacher=False, cached=False)
+    if name == "cached":
+        return _functional(s, compile=follow, objective=s.objective, use_teacher=False, cached=True)
+    raise ConfigError(f"unknown bench variant '{name}'; valid variants: {', '.join(VARIANTS)}.")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+class _PeakMemory:
+    """Peak memory of one variant; see the module docstring for what it is on each device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda_max_allocated"
+        else:
+            self.kind = "rss_per_variant" if self._reset_rss() else "rss_process"
+
+    @staticmethod
+    def _reset_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS to the current RSS
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "rss_per_variant":
+            self._reset_rss()
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process peak
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(runner: _Runner, device: torch.device, steps: int, warmup: int) -> tuple[list[float], float, float]:
+    """Per-step milliseconds of ``steps`` timed steps, the warm-up's seconds, the first step's loss."""
+    _synchronize(device)
+    t0 = time.perf_counter()
+    first_loss = float(runner.step_once())  # a host sync, outside the timed steps
+    for _ in range(warmup - 1):
+        runner.step_once()
+    _synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            runner.step_once()
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        times = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+    else:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            runner.step_once()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times, warmup_s, first_loss
+
+
+def resolve_variants(variants, objective: Objective) -> tuple[str, ...]:
+    """The variants to run, in the canonical order; ``None`` means all that apply to the objective."""
+    if variants is None:
+        return tuple(v for v in VARIANTS if v != "cached" or objective.needs_teacher)
+    names = [v.strip() for v in variants if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ConfigError(f"unknown bench variant '{unknown[0] if unknown else ''}'; valid variants: "
+                          f"{', '.join(VARIANTS)} (comma-separated).")
+    if "cached" in names and not objective.needs_teacher:
+        raise ConfigError("the 'cached' variant caches the teacher, but distill.method = 'none' uses none; "
+                          "drop it from --variants or pick a distillation method.")
+    return tuple(v for v in VARIANTS if v in names)
+
+
+def run_bench(
+    cfg: Config,
+    device: torch.device | str,
+    *,
+    steps: int = MIN_CLI_STEPS,
+    warmup: int = 3,
+    variants=None,
+    config_name: str = "",
+    echo: Callable[[str], None] = lambda message: None,
+) -> BenchReport:
+    """Time one training step of each variant (see the module docstring) and return the report.
+
+    Args:
+        cfg: the run's config (data, student, teacher, objective, optimizer, train.compile_mode, ...).
+        steps: timed steps per variant (the CLI insists on at least 20; tests use fewer).
+        warmup: untimed steps first (at least 1; compilation happens here).
+        variants: names from :data:`VARIANTS`, or None for all that apply.
+        echo: progress messages (one per variant).
+    """
+    if steps < 1 or warmup < 1:
+        raise ConfigError(f"bench needs steps >= 1 and warmup >= 1 (got {steps} and {warmup}).")
+    device = torch.device(device)
+    names = resolve_variants(variants, objective_lib.from_config(cfg.distill))
+    loadavg = "n/a"
+    with contextlib.suppress(OSError):
+        loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    setup = _setup(cfg, device, warmup + steps)
+    memory = _PeakMemory(device)
+    rows = []
+    for name in names:
+        memory.start()
+        runner = _build_runner(name, setup)
+        echo(f"bench: {name}: {warmup} warm-up step(s){' (compiling)' if runner.compiled else ''}, then {steps} timed")
+        try:
+            times, warmup_s, first_loss = _time_steps(runner, device, steps, warmup)
+        finally:
+            runner.close()
+        ms = statistics.median(times)
+        rows.append({
+            "variant": name,
+            "ms_per_step": ms,
+            "images_per_s": setup.x.shape[0] / (ms / 1e3),
+            "peak_mem_mb": memory.peak_mb(),
+            "first_loss": first_loss,
+            "warmup_s": warmup_s,
+            "compiled": runner.compiled,
+            "steps": steps,
+            "ms_min": min(times),
+        })
+        del runner
+    base = next((r["ms_per_step"] for r in rows if r["variant"] == "imperative"), None)
+    for r in rows:
+        r["ratio"] = None if base is None else r["ms_per_step"] / base
+    obj = setup.objective
+    context = {
+        "config": config_name or cfg.name,
+        "device": str(device),
+        "batch_size": int(setup.x.shape[0]),
+        "image_size": int(setup.x.shape[-1]),
+        "student": cfg.student.arch,
+        "teacher": cfg.teacher.arch if obj.needs_teacher else "none",
+        "method": cfg.distill.method,
+        "weights": ", ".join(f"{k} {w:g}" for k, w in obj.weights.items()),
+        "precision": cfg.train.precision,
+        "channels_last": setup.channels_last,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "loadavg": loadavg,
+        "mem_kind": memory.kind,
+    }
+    return BenchReport(rows, context)
