@@ -169,5 +169,53 @@ def evaluate(path, device, as_json):
         f"{name}: {'n/a' if acc is None else f'{acc:.0%}'}" for name, acc in result["per_class_acc"].items()))
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (see configs/ and configs/bench/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set data.batch_size=128 (repeatable; type-checked).")
+@click.option("--seed", type=int, help="Seed for initialisation.")
+@click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
+@click.option("--steps", type=click.IntRange(min=20), default=20, show_default=True,
+              help="Timed steps per variant (the median is reported; at least 20).")
+@click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Untimed steps first; torch.compile compiles here.")
+@click.option("--variants", metavar="A,B,...",
+              help="Comma-separated subset of imperative, functional, compiled, student_only, cached "
+                   "(default: all that apply).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line and variant instead of a table.")
+@friendly_errors
+def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json):
+    """Time one training step: fkd's functional step against the imperative baseline.
+
+    \b
+    Variants (same student weights, same batch, same device):
+      imperative    nn.Module + forward hooks + loss.backward() + torch.optim
+      functional    fkd's pure step, eager
+      compiled      fkd's step under torch.compile (train.compile_mode)
+      student_only  the student alone (CE, no teacher): the floor
+      cached        distillation with the teacher's outputs from the cache
+    student_only and cached follow train.compile (auto: compiled on CUDA only).
+    Reports the median ms/step, images/s, peak memory and the ratio to imperative;
+    progress goes to stderr.
+
+    \b
+    Examples:
+      python cli.py bench --config configs/feature.toml
+      python cli.py bench --config configs/logit.toml --variants imperative,functional --json
+      python cli.py bench --config configs/bench/notebook224.toml --device cuda
+      python cli.py bench --config configs/bench/notebook224.toml --set train.precision=bf16 \\
+          --set train.channels_last=true --set data.batch_size=128
+    """
+    from fkd.bench import run_bench
+    from fkd.training import resolve_device
+
+    cfg = load_config(config_path, overrides, seed=seed, device=device)
+    chosen = variants.split(",") if variants else None
+    report = run_bench(cfg, resolve_device(cfg.device), steps=steps, warmup=warmup, variants=chosen,
+                       config_name=str(config_path or "defaults"), echo=lambda m: click.echo(m, err=True))
+    click.echo("\n".join(report.json_lines()) if as_json else report.table())
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,101 @@
+"""Config files parse into frozen, validated attrs classes; overrides are type-checked."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+
+from fkd.config import Config, ConfigError, apply_overrides, dumps, from_dict, help_text, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+
+
+def test_configs_exist():
+    names = {p.relative_to(p.parents[1] if p.parent.name in ("stl10", "cifar10", "bench") else p.parent).as_posix()
+             for p in CONFIGS}
+    for required in ("teacher.toml", "baseline.toml", "logit.toml", "feature.toml", "attention.toml",
+                     "stl10/teacher.toml", "stl10/logit.toml", "stl10/feature.toml",
+                     "cifar10/teacher.toml", "cifar10/logit.toml", "cifar10/feature.toml"):
+        assert required in names, required
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name if p.parent.name == "configs" else f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_parses_and_round_trips(path):
+    cfg = load_config(path)
+    assert from_dict(tomllib.loads(dumps(cfg))) == cfg
+
+
+def test_quickstart_configs_are_offline_digits():
+    for name in ("teacher", "baseline", "logit", "feature", "attention"):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+        assert cfg.data.name == "digits" and cfg.teacher.weights == "none"
+        if name != "teacher":
+            assert cfg.teacher.fit_if_missing
+
+
+def test_stl10_config_is_the_notebooks_experiment():
+    root = Path(__file__).resolve().parents[1] / "configs" / "stl10"
+    teacher = load_config(root / "teacher.toml").teacher
+    assert (teacher.arch, teacher.weights, teacher.mode) == ("resnet18", "imagenet", "linear_probe")
+    opt = teacher.train.optimizer
+    assert (opt.name, opt.learning_rate, opt.momentum, teacher.train.epochs) == ("sgd", 1e-3, 0.9, 5)
+    logit = load_config(root / "logit.toml")
+    assert (logit.data.name, logit.data.image_size, logit.data.resize, logit.data.batch_size) == ("stl10", 224, 256, 64)
+    assert (logit.student.arch, logit.train.epochs, logit.train.optimizer.name, logit.train.optimizer.learning_rate) == (
+        "seed_cnn", 10, "adam", 1e-3)
+    assert (logit.distill.method, logit.distill.temperature, logit.distill.alpha) == ("logit", 2.0, 0.7)
+    feature = load_config(root / "feature.toml").distill
+    assert feature.teacher_features == ["layer1"] and feature.term_weights() == {"ce": 0.7, "feature": 0.3}
+
+
+def test_configs_are_frozen():
+    cfg = Config()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_overrides_parse_toml_values_and_fall_back_to_strings():
+    assert parse_override("train.epochs=3") == (["train", "epochs"], 3)
+    assert parse_override("distill.weights={ce = 0.5, logit = 0.5}") == (["distill", "weights"], {"ce": 0.5, "logit": 0.5})
+    assert parse_override("student.arch=resnet18") == (["student", "arch"], "resnet18")
+    assert parse_override('distill.student_features=["block1"]') == (["distill", "student_features"], ["block1"])
+
+
+def test_overrides_apply_to_a_copy_and_are_checked():
+    raw = {"train": {"epochs": 2}}
+    out = apply_overrides(raw, ["train.epochs=5", "train.optimizer.learning_rate=0.1"])
+    assert raw == {"train": {"epochs": 2}}
+    assert from_dict(out).train.epochs == 5 and from_dict(out).train.optimizer.learning_rate == 0.1
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        apply_overrides({}, ["train.optimizer.learning_rat=1"])
+    with pytest.raises(ConfigError, match="not a table"):
+        apply_overrides({}, ["train.epochs.x=1"])
+
+
+def test_integers_are_accepted_for_floats_but_not_bools_for_ints():
+    assert load_config(None, ["distill.temperature=4"]).distill.temperature == 4.0
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(None, ["train.epochs=true"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (['distill.method="combined"'], "needs [distill.weights]"),
+    (['distill.method="combined"', "distill.weights={ce = 1, kd = 1}"], "unknown loss term 'kd'"),
+    (['distill.method="feature"'], "set distill.student_features"),
+    (["data.resize=16", "data.image_size=32"], "data.resize = 16 is smaller"),
+    (["student.widths=[]"], "student.widths must be a non-empty list"),
+    (["train.optimizer.milestones=[0]"], "milestones must be a list of positive epoch numbers"),
+])
+def test_cross_field_validation(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_help_text_covers_every_key():
+    keys = {row[0] for row in help_text()}
+    assert {"data.batch_size", "train.optimizer.learning_rate", "teacher.train.epochs", "distill.temperature"} <= keys
+    assert all(row[2] for row in help_text()), "every key documents itself"
