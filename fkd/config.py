@@ -36,6 +36,7 @@ def _one_of(*choices: str):
         if value not in choices:
             raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)} (got {value!r})")
 
+    check.choices = choices
     return check
 
 
@@ -472,6 +473,13 @@ def dumps(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _validators(f: attrs.Attribute) -> list:
+    v = f.validator
+    if v is None:
+        return []
+    return list(getattr(v, "_validators", [v]))
+
+
 def help_text(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every key, for ``fkd config --help``-style listings."""
     rows = []
@@ -482,6 +490,10 @@ def help_text(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
         if attrs.has(tp):
             rows.extend(help_text(tp, f"{prefix}{f.name}."))
         else:
-            rows.append((prefix + f.name, _toml_value(default), f.metadata.get("help", "")))
+            meaning = f.metadata.get("help", "")
+            choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
+            if choices:
+                meaning += f": {' | '.join(choices)}"
+            rows.append((prefix + f.name, _toml_value(default), meaning))
     return rows
 

@@ -195,3 +195,11 @@ def test_resolved_config_is_echoed(tiny_config, tmp_path):
     assert "# resolved config" in result.output and "epochs = 1" in result.output
     written = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
     assert written["train"]["epochs"] == 1
+
+
+def test_config_command_prints_resolved_config_and_keys(tiny_config):
+    result = invoke("config", "--config", tiny_config("logit"), "--set", "distill.temperature=4")
+    assert result.exit_code == 0
+    assert tomllib.loads(result.output)["distill"]["temperature"] == 4.0
+    keys = invoke("config", "--keys")
+    assert keys.exit_code == 0 and "distill.temperature" in keys.output and "softmax temperature" in keys.output
