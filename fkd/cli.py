@@ -139,6 +139,31 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=click.echo)
 
 
+@main.command("config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file (default: the built-in defaults).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--keys", is_flag=True, help="List every key with its default and meaning instead.")
+@friendly_errors
+def show_config(config_path, overrides, keys):
+    """Print the resolved config (defaults + file + --set) as TOML, or every key with --keys.
+
+    \b
+    Examples:
+      python cli.py config --config configs/feature.toml --set distill.beta=0.5
+      python cli.py config --keys
+    """
+    from fkd.config import help_text
+
+    if keys:
+        rows = help_text()
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, meaning in rows:
+            click.echo(f"{key.ljust(width)}  {meaning} (default {default})")
+        return
+    click.echo(dumps(load_config(config_path, overrides)), nl=False)
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
