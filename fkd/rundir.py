@@ -5,7 +5,7 @@
     runs/<name>/
         config.toml        the resolved config (every key, defaults included)
         metrics.jsonl      one JSON object per epoch: losses, accuracies, images/s, lr, wall time
-        checkpoints/       latest.pt (resumable state), best.pt is not kept: latest is the result
+        checkpoints/       latest.pt: the whole train state, from which --resume continues
         summary.json       teacher / student accuracy, baseline, parameter counts, compression, latency
         curves.png         loss and accuracy per epoch (needs matplotlib; skipped with a note otherwise)
 """
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fkd.atomic import atomic_write
 from fkd.config import Config, dumps
 from fkd.errors import FkdError
 
@@ -95,18 +96,8 @@ def ensure_writable(folder: Path, *, what: str, fix: str) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :mod:`fkd.atomic`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
@@ -130,8 +121,6 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
