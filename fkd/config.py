@@ -188,7 +188,7 @@ class DistillConfig:
     none          CE                                  (the baseline student)
     logit         alpha * KD_T + (1 - alpha) * CE    (Hinton et al. 2015)
     feature       alpha * CE + beta * hint           (FitNets; the notebook's weights)
-    attention     (1 - alpha) * CE + beta * AT       (Zagoruyko & Komodakis 2017) -- alpha unused
+    attention     CE + beta * AT                     (Zagoruyko & Komodakis 2017)
     combined      sum of weights[term] * term over ce, logit, feature, attention
     ============  ===============================================================
     """

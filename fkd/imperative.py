@@ -59,7 +59,7 @@ class FeatureTap:
 
     def __init__(self, module: nn.Module, names: tuple[str, ...], probe: torch.Tensor | None = None):
         self.module = module
-        self.names = tuple(names)
+        self.names = tuple(dict.fromkeys(names))  # a feature matched twice is captured once
         self.store: dict[str, torch.Tensor] = {}
         self.handles = []
         self.own = getattr(module, "feature_names", None) is not None
@@ -108,7 +108,8 @@ class FeatureTap:
         if isinstance(out, tuple):
             logits, returned = out
             return logits, {n: returned[n] for n in self.names}
-        feats = {n: self.store.pop(n) for n in self.names}
+        feats = {n: self.store[n] for n in self.names}
+        self.store.clear()  # drop the references, as the notebook's feature_store would not
         return out, feats
 
     def remove(self) -> None:

@@ -76,19 +76,18 @@ def build_model(
         unknown = [n for n in feature_names if n not in own]
         if unknown:
             raise ConfigError(f"feature '{unknown[0]}' is not a feature of {arch}; valid names: {', '.join(own)}.")
-        train_t, eval_t, returns_dict = module.train(), copy.deepcopy(module).eval(), False
-    elif feature_names:
+    params, buffers = split_state(module)
+    params = {k: v.to(device) for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    # The templates keep no weights (every call gets them from the caller's dicts), so they are
+    # built on the meta device: copying and tracing them costs no memory.
+    module.to("meta")
+    if own is None and feature_names:
         train_t = with_features(copy.deepcopy(module), feature_names, train=True)
         eval_t = with_features(module, feature_names, train=False)
         returns_dict = True
     else:
         train_t, eval_t, returns_dict = module.train(), copy.deepcopy(module).eval(), False
-    params, buffers = split_state(train_t)
-    params = {k: v.to(device) for k, v in params.items()}
-    buffers = {k: v.to(device) for k, v in buffers.items()}
-    # The templates keep no weights: every call gets them from the caller's dicts.
-    train_t.to("meta")
-    eval_t.to("meta")
     spec = {"arch": arch, "num_classes": num_classes, "image_size": image_size,
             "widths": list(widths), "batch_norm": batch_norm}
     model = Model(arch=arch, num_classes=num_classes, feature_names=feature_names, train_template=train_t,

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# fkd bench at the seed notebook's scale on one GPU: 224 px, batch 64, ResNet-18 teacher (random
+# weights), seed_cnn student (the notebook's DeeperStudentCNN), synthetic images of that shape: no
+# download, no network. Prints one table per run, most important first; the whole script stops
+# itself after BUDGET seconds (default 285, under 5 minutes), compilation included.
+#
+#   bash bench/gpu.sh                 # from anywhere; it runs from the repository root
+#   STEPS=50 BUDGET=600 bash bench/gpu.sh
+#
+# Written for a machine whose python3 has torch, torchvision and fkd's dependencies (attrs, click,
+# numpy) but not fkd itself: the repository root goes on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+STEPS="${STEPS:-30}"
+BUDGET="${BUDGET:-285}"
+CONFIG=configs/bench/notebook224.toml
+
+"$PY" - <<'PYEOF' || exit 1
+import torch, torchvision
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}")
+if not torch.cuda.is_available():
+    raise SystemExit("bench/gpu.sh needs a CUDA device")
+print("device:", torch.cuda.get_device_name(0))
+PYEOF
+
+bench() {  # bench TITLE ARGS...: one run and its table, within what is left of the budget
+    local title="$1"; shift
+    local left=$((BUDGET - SECONDS))
+    echo
+    echo "=== ${title}"
+    if [ "$left" -lt 30 ]; then
+        echo "(skipped: ${left} s of the ${BUDGET} s budget left)"
+        return
+    fi
+    local start=$SECONDS
+    timeout "$left" "$PY" cli.py bench --config "$CONFIG" --device cuda --steps "$STEPS" "$@"
+    local rc=$?
+    [ $rc -eq 124 ] && echo "(stopped at the ${BUDGET} s budget; raise BUDGET or run this line alone)"
+    [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "(exit code $rc)"
+    echo "(${title}: $((SECONDS - start)) s, model building and torch.compile included)"
+}
+
+# 1. Feature KD as in the notebook (0.7 CE + 0.3 hint, student block2 <- teacher layer1), fp32, every
+#    variant; compiled, student_only and cached are compiled (configs/bench/notebook224.toml: compile on).
+bench "feature KD, fp32" --variants imperative,functional,compiled,student_only,cached
+# 2. The CUDA fast path: bf16 autocast + channels_last, the imperative baseline with the same settings.
+bench "feature KD, bf16 + channels_last" --variants imperative,compiled \
+    --set train.precision=bf16 --set train.channels_last=true
+# 3. Logit KD (Hinton et al.: T = 2, 0.7 KD + 0.3 CE), fp32.
+bench "logit KD, fp32" --variants imperative,functional,compiled --set distill.method=logit
+echo
+echo "total: ${SECONDS} s"

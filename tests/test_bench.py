@@ -1,0 +1,189 @@
+"""fkd.bench and its imperative baseline: rows, JSON lines, and the same loss on both sides.
+
+No timing is asserted: the numbers depend on the machine. What is asserted is that the benchmark is
+apples to apples (the imperative baseline computes fkd's objective on the same weights and batch) and
+that its output has the promised shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fkd import cli
+from fkd import objective as objective_lib
+from fkd.bench import VARIANTS, resolve_variants, run_bench
+from fkd.config import load_config
+from fkd.distill import feature_shapes
+from fkd.errors import ConfigError
+from fkd.imperative import ImperativeDistiller
+from fkd.models import build_model
+from fkd.objective import Objective
+from fkd.optim import apply_updates, sgd
+from fkd.pytree import tree_map
+
+REQUIRED = ("variant", "ms_per_step", "images_per_s", "peak_mem_mb")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Nothing here is timed; one thread keeps these tests fast when other processes share the CPU
+    # (two OpenMP threads on a busy two-core machine can run 100x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, method="feature", extra=()):
+    """A tiny config: small_cnn student, ResNet-18 teacher (features by hook), 16 px synthetic data."""
+    path = tmp_path / "bench.toml"
+    path.write_text(
+        """
+name = "bench-tiny"
+device = "cpu"
+[data]
+name = "synthetic"
+image_size = 16
+batch_size = 8
+synthetic_size = 16
+synthetic_classes = 4
+num_workers = 0
+[teacher]
+arch = "resnet18"
+[student]
+arch = "small_cnn"
+widths = [4, 8]
+[train.optimizer]
+name = "adam"
+learning_rate = 1e-2
+[distill]
+method = "%s"
+student_features = ["block1", "block2"]
+teacher_features = ["layer1", "layer1"]
+beta = 2.0
+""" % method
+    )
+    return load_config(path, list(extra)), path
+
+
+def test_run_bench_returns_rows_with_positive_numbers_and_equal_first_losses(tmp_path):
+    cfg, _ = tiny(tmp_path)
+    report = run_bench(cfg, "cpu", steps=2, warmup=1,
+                       variants=["cached", "imperative", "functional", "student_only"])
+    rows = {r["variant"]: r for r in report.rows}
+    assert list(rows) == ["imperative", "functional", "student_only", "cached"]  # canonical order
+    for r in report.rows:
+        assert set(REQUIRED) <= set(r)
+        for key in ("ms_per_step", "images_per_s", "peak_mem_mb"):
+            assert r[key] > 0 and math.isfinite(r[key])
+    assert rows["imperative"]["ratio"] == pytest.approx(1.0)
+    # Same weights, same batch, same objective: the first step's loss agrees across the styles.
+    assert rows["functional"]["first_loss"] == pytest.approx(rows["imperative"]["first_loss"], abs=1e-5)
+    assert rows["cached"]["first_loss"] == pytest.approx(rows["imperative"]["first_loss"], abs=1e-5)
+    assert rows["student_only"]["compiled"] is False and rows["cached"]["compiled"] is False
+    table = report.table()
+    assert "imperative" in table and "cached / student_only" in table
+
+
+def _both_losses(cfg, x, y):
+    """fkd's objective and the imperative baseline's loss on the same weights and batch."""
+    obj = objective_lib.from_config(cfg.distill)
+    s_names = cfg.distill.student_features if obj.needs_features else ()
+    t_names = cfg.distill.teacher_features if obj.needs_features else ()
+    student, sp, sb = build_model("small_cnn", 4, 16, s_names, widths=(4, 8), seed=0)
+    teacher, tp, tb = build_model("resnet18", 4, 16, t_names, seed=1)
+    regs = {}
+    if obj.needs_features:
+        regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu"))
+    with torch.no_grad():
+        t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
+    s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)
+    fkd_loss, _ = obj(s_logits, s_feats, y, t_logits, t_feats, regs)
+    imp = ImperativeDistiller(obj, student, {"params": sp, "buffers": sb}, cfg.train.optimizer, teacher=teacher,
+                              teacher_vars={"params": tp, "buffers": tb}, regressors=regs)
+    return fkd_loss, imp.loss(x, y), imp, (student, sp, sb, teacher, tp, tb, regs, obj)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("feature", ()),
+    ("logit", ()),
+    ("attention", ()),
+    ("combined", ("distill.weights={ce = 0.5, logit = 0.25, feature = 1.0, attention = 3.0}",)),
+])
+def test_imperative_baseline_computes_fkds_objective(tmp_path, method, extra):
+    cfg, _ = tiny(tmp_path, method, extra)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    fkd_loss, imp_loss, _, _ = _both_losses(cfg, x, y)
+    assert imp_loss.item() == pytest.approx(fkd_loss.item(), abs=1e-5, rel=1e-5)
+
+
+def test_imperative_step_matches_fkds_step_with_sgd(tmp_path):
+    # One SGD step on each side, then the loss again: gradients (hooks, regressors, interpolation)
+    # and the update agree, not only the forward pass.
+    cfg, _ = tiny(tmp_path, "feature", ("train.optimizer.name=sgd", "train.optimizer.learning_rate=0.1"))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    _, _, imp, (student, sp, sb, teacher, tp, tb, regs, obj) = _both_losses(cfg, x, y)
+    imp.train_step(x, y)
+
+    def loss_fn(trainable):
+        with torch.no_grad():
+            t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
+        s_logits, s_feats, _ = student.apply(trainable["model"], sb, x, train=True)
+        return obj(s_logits, s_feats, y, t_logits, t_feats, trainable["regressors"])[0]
+
+    trainable = {"model": sp, "regressors": regs}
+    grads = torch.func.grad(loss_fn)(trainable)
+    opt = sgd(0.1)
+    updates, _ = opt.update(grads, opt.init(trainable), trainable)
+    after = apply_updates(trainable, updates)
+    # BatchNorm's running stats are not used in train mode, so the buffers need not be threaded here.
+    assert imp.loss(x, y).item() == pytest.approx(loss_fn(after).item(), abs=1e-5, rel=1e-5)
+    moved = tree_map(lambda a, b: (a - b).abs().max(), after["model"], sp)
+    assert max(v.item() for v in moved.values()) > 0
+
+
+def test_hook_on_a_module_called_twice_is_refused(tmp_path):
+    # ResNet's BasicBlock calls its one ReLU twice; a hook would see the second call, fkd the first.
+    cfg, _ = tiny(tmp_path, "feature", ('distill.teacher_features=["layer1.0.relu", "layer1"]',))
+    with pytest.raises(ConfigError, match="called 2 times"):
+        run_bench(cfg, "cpu", steps=1, warmup=1, variants=["imperative"])
+
+
+def test_variant_selection():
+    feature = Objective({"ce": 0.7, "feature": 0.3}, pairs=(("block2", "layer1"),))
+    assert resolve_variants(None, feature) == VARIANTS
+    assert "cached" not in resolve_variants(None, Objective({"ce": 1.0}))
+    assert resolve_variants(["functional", "imperative"], feature) == ("imperative", "functional")
+    with pytest.raises(ConfigError, match="unknown bench variant 'eager'"):
+        resolve_variants(["eager"], feature)
+    with pytest.raises(ConfigError, match="cached"):
+        resolve_variants(["cached"], Objective({"ce": 1.0}))
+
+
+def test_cli_json_is_one_object_per_line_and_variant(tiny_config):
+    # conftest's tiny config: small_cnn teacher and student, synthetic 16 px; 20 steps is the CLI's minimum.
+    path = tiny_config("feature")
+    result = CliRunner().invoke(cli.main, ["bench", "--config", str(path), "--device", "cpu", "--json",
+                                           "--variants", "imperative,functional,cached", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]
+    assert [r["variant"] for r in rows] == ["imperative", "functional", "cached"]
+    for r in rows:
+        assert set(REQUIRED) <= set(r) and r["ms_per_step"] > 0 and r["steps"] == 20
+        assert r["device"] == "cpu"
+
+
+def test_cli_refuses_fewer_than_20_steps_and_unknown_variants(tiny_config):
+    path = tiny_config("feature")
+    result = CliRunner().invoke(cli.main, ["bench", "--config", str(path), "--steps", "5"])
+    assert result.exit_code == 2 and "20" in result.output
+    result = CliRunner().invoke(cli.main, ["bench", "--config", str(path), "--variants", "fast"])
+    assert result.exit_code == 2 and "valid variants" in result.output
