@@ -289,3 +289,14 @@ def test_param_count_and_size_bytes_of_resnet18(resnet18_fx):
     assert n_bn == 20
     assert buffer_bytes == 8 * n_bn + 4 * sum(b.numel() for k, b in buffers.items() if not k.endswith("tracked"))
     assert size_bytes(params, buffers) == 4 * RESNET18_PARAMS_10_CLASSES + buffer_bytes
+
+
+def test_model_with_auxiliary_heads_applies_in_both_modes():
+    # googlenet's auxiliary classifiers are unused by the logits: FX prunes them, fkd skips their weights
+    model, params, buffers = build_model("googlenet", 5, 64, ["inception3a"])
+    assert any(k.startswith("aux1.") for k in params) and model.pruned
+    x = torch.randn(2, 3, 64, 64)
+    for train in (True, False):
+        logits, feats, new_buffers = model.apply(params, buffers, x, train=train)
+        assert logits.shape == (2, 5) and feats["inception3a"].shape[:2] == (2, 256)
+        assert set(new_buffers) == set(buffers)

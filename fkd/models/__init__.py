@@ -43,6 +43,10 @@ def available_features(module: nn.Module) -> list[str]:
     return list(own) if own is not None else feature_node_names(module)
 
 
+def _state_names(module: nn.Module) -> set[str]:
+    return {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -82,7 +86,7 @@ def build_model(
     # The templates keep no weights (every call gets them from the caller's dicts), so they are
     # built on the meta device: copying and tracing them costs no memory.
     module.to("meta")
-    if own is None and feature_names:
+    if own is None:  # torchvision: an FX graph per mode returning {logits, features} as one dict
         train_t = with_features(copy.deepcopy(module), feature_names, train=True)
         eval_t = with_features(module, feature_names, train=False)
         returns_dict = True
@@ -90,6 +94,9 @@ def build_model(
         train_t, eval_t, returns_dict = module.train(), copy.deepcopy(module).eval(), False
     spec = {"arch": arch, "num_classes": num_classes, "image_size": image_size,
             "widths": list(widths), "batch_norm": batch_norm}
+    names = set(params) | set(buffers)
+    pruned = {mode: frozenset(names - _state_names(t)) for mode, t in ((True, train_t), (False, eval_t))}
     model = Model(arch=arch, num_classes=num_classes, feature_names=feature_names, train_template=train_t,
-                  eval_template=eval_t, returns_dict=returns_dict, image_size=image_size, spec=spec)
+                  eval_template=eval_t, returns_dict=returns_dict, image_size=image_size, spec=spec,
+                  pruned={mode: p for mode, p in pruned.items() if p})
     return model, params, buffers

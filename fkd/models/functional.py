@@ -49,6 +49,9 @@ class Model:
     returns_dict: bool
     image_size: int
     spec: dict = attrs.field(factory=dict)  # what build_model needs to rebuild this model (for checkpoints)
+    # Names an FX template pruned (e.g. an auxiliary head its graph never reaches), per mode; such
+    # entries of params/buffers are left out of that template's call. Empty for almost every model.
+    pruned: dict = attrs.field(factory=dict)
 
     def apply(
         self, params: Params, buffers: Params, x: torch.Tensor, *, train: bool
@@ -61,7 +64,13 @@ class Model:
         template = self.train_template if train else self.eval_template
         # BatchNorm writes its running stats in place: give it copies, return them.
         new_buffers = {k: v.clone() for k, v in buffers.items()} if train else buffers
+        pruned = self.pruned.get(train, ())
+        if pruned:
+            params = {k: v for k, v in params.items() if k not in pruned}
+            new_buffers = {k: v for k, v in new_buffers.items() if k not in pruned}
         out = functional_call(template, (params, new_buffers), (x,), strict=False)
+        if pruned and train:
+            new_buffers = {**buffers, **new_buffers}
         logits, features = self._split(out)
         return logits, features, new_buffers
 

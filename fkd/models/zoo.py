@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torchvision
 from torch import nn
@@ -60,10 +62,17 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
         setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
+def _eval_nodes(module: nn.Module) -> list[str]:
+    with warnings.catch_warnings():
+        # models with auxiliary heads trace fewer nodes in eval mode; fkd picks one mode per graph
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        return get_graph_node_names(module)[1]
+
+
 def feature_node_names(module: nn.Module) -> list[str]:
     """Names usable as features: submodule names (``layer1``: that block's output) and FX node names
     (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph)."""
-    nodes = get_graph_node_names(module)[1]
+    nodes = _eval_nodes(module)
     names: list[str] = []
     for node in nodes:
         parts = node.split(".")
@@ -89,8 +98,10 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
         )
     module.train(train)
     return_nodes = {n: n for n in feature_names}
-    return_nodes[get_graph_node_names(module)[1][-1]] = LOGITS
-    extractor = create_feature_extractor(module, return_nodes=return_nodes)
+    return_nodes[_eval_nodes(module)[-1]] = LOGITS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        extractor = create_feature_extractor(module, return_nodes=return_nodes)
     return extractor.train(train)
 
 
