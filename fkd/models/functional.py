@@ -64,13 +64,12 @@ class Model:
         template = self.train_template if train else self.eval_template
         # BatchNorm writes its running stats in place: give it copies, return them.
         new_buffers = {k: v.clone() for k, v in buffers.items()} if train else buffers
+        call_params, call_buffers = params, new_buffers
         pruned = self.pruned.get(train, ())
-        if pruned:
-            params = {k: v for k, v in params.items() if k not in pruned}
-            new_buffers = {k: v for k, v in new_buffers.items() if k not in pruned}
-        out = functional_call(template, (params, new_buffers), (x,), strict=False)
-        if pruned and train:
-            new_buffers = {**buffers, **new_buffers}
+        if pruned:  # same tensors, minus the ones this graph does not have
+            call_params = {k: v for k, v in params.items() if k not in pruned}
+            call_buffers = {k: v for k, v in new_buffers.items() if k not in pruned}
+        out = functional_call(template, (call_params, call_buffers), (x,), strict=False)
         logits, features = self._split(out)
         return logits, features, new_buffers
 
