@@ -15,12 +15,18 @@ Every variant trains the same student (same initial weights) on the same batch o
 on a GPU they are compared with ``compiled`` and on a CPU with ``functional``. ``train.precision`` (bf16
 autocast) and ``train.channels_last`` (CUDA only) apply to every variant, the imperative one included.
 
-Timing: ``warmup`` steps first (``torch.compile`` compiles there; their wall time is reported as
-``warmup_s``), then ``steps`` timed steps; the figure is the median. On CUDA each step is timed with CUDA
-events recorded on the stream (no host sync inside the timed loop), on the CPU with ``perf_counter``.
+Timing, in two passes. First each variant alone: built, ``warmup`` untimed steps (``torch.compile``
+compiles here; their wall time is ``warmup_s``, the first step's loss ``first_loss``), its peak memory
+read, then freed. Then all variants together, rebuilt from the same initial weights (a compiled step
+comes from ``torch.compile``'s cache): one more untimed step each, then rounds in which every variant
+takes a block of up to five consecutive timed steps, the starting variant moving on each round, until
+each has taken ``steps``: a change in the machine's load or clock during the run touches all variants
+alike. The figure is the median. On CUDA
+each step is timed with CUDA events recorded on the stream (no host sync inside the timed rounds), on
+the CPU with ``perf_counter``.
 
-Peak memory (``peak_mem_mb``): on CUDA ``torch.cuda.max_memory_allocated`` with the peak reset before
-each variant is built (it includes what all variants share: the data, the batch, the teacher's weights).
+Peak memory (``peak_mem_mb``), from the first pass: on CUDA ``torch.cuda.max_memory_allocated`` with the
+peak reset before each variant is built (it includes what all variants share: the data, the batch, the teacher's weights).
 On Linux CPUs it is the process's peak resident set (``VmHWM``), reset per variant through
 ``/proc/self/clear_refs``: the whole process (Python, torch, the data) at its highest during that
 variant. Where the reset is refused it is the process peak since start, and the table says so.
@@ -87,7 +93,8 @@ class BenchReport:
             f"(random weights)",
             f"device {c['device']} ({c['threads']} threads, load avg {c['loadavg']}), batch {c['batch_size']} x "
             f"3x{c['image_size']}x{c['image_size']}, precision {c['precision']}, channels_last "
-            f"{c['channels_last']}; median of {c['steps']} steps after {c['warmup']} warm-up",
+            f"{c['channels_last']}; median of {c['steps']} steps per variant, timed in interleaved rounds after "
+            f"{c['warmup']} warm-up step(s)",
         ]
         mem_header = {"cuda_max_allocated": "peak MB (cuda alloc)", "rss_per_variant": "peak RSS MB",
                       "rss_process": "proc peak RSS MB"}[c["mem_kind"]]
@@ -291,30 +298,52 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(runner: _Runner, device: torch.device, steps: int, warmup: int) -> tuple[list[float], float, float]:
-    """Per-step milliseconds of ``steps`` timed steps, the warm-up's seconds, the first step's loss."""
+def _warm_up(runner: _Runner, device: torch.device, warmup: int) -> tuple[float, float]:
+    """Run ``warmup`` untimed steps -> ``(their wall seconds, the first step's loss)``."""
     _synchronize(device)
     t0 = time.perf_counter()
     first_loss = float(runner.step_once())  # a host sync, outside the timed steps
     for _ in range(warmup - 1):
         runner.step_once()
     _synchronize(device)
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            runner.step_once()
-            events[i + 1].record()
+    return time.perf_counter() - t0, first_loss
+
+
+BLOCK_STEPS = 5  # consecutive steps per variant in a round: enough for it to reach its steady state
+
+
+def _interleaved_times(runners: dict, device: torch.device, steps: int) -> dict[str, list[float]]:
+    """Milliseconds of ``steps`` steps per runner, taken in rounds.
+
+    Each round runs every variant for up to :data:`BLOCK_STEPS` consecutive steps (a variant's first
+    step after another's is slower: caches and the allocator hold the other's tensors; the median
+    drops it), the first variant moving on each round, so that a change in the machine's load or clock
+    during the run touches all variants alike.
+    """
+    names = list(runners)
+    cuda = device.type == "cuda"
+    samples: dict[str, list] = {n: [] for n in names}
+    done, r = 0, 0
+    while done < steps:
+        block = min(BLOCK_STEPS, steps - done)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(block):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    runners[name].step_once()
+                    end.record()
+                    samples[name].append((start, end))
+                else:
+                    t = time.perf_counter()
+                    runners[name].step_once()
+                    samples[name].append((time.perf_counter() - t) * 1e3)
+        done += block
+        r += 1
+    if cuda:
         torch.cuda.synchronize(device)
-        times = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
-    else:
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            runner.step_once()
-            times.append((time.perf_counter() - t) * 1e3)
-    return times, warmup_s, first_loss
+        return {n: [a.elapsed_time(b) for a, b in samples[n]] for n in names}
+    return samples
 
 
 def resolve_variants(variants, objective: Objective) -> tuple[str, ...]:
@@ -360,28 +389,42 @@ def run_bench(
         loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
     setup = _setup(cfg, device, warmup + steps)
     memory = _PeakMemory(device)
-    rows = []
+    # Pass 1, one variant at a time: build, warm up (torch.compile compiles here), read its peak memory.
+    warm: dict[str, dict] = {}
     for name in names:
         memory.start()
         runner = _build_runner(name, setup)
-        echo(f"bench: {name}: {warmup} warm-up step(s){' (compiling)' if runner.compiled else ''}, then {steps} timed")
+        echo(f"bench: {name}: {warmup} warm-up step(s){' (compiling)' if runner.compiled else ''}")
         try:
-            times, warmup_s, first_loss = _time_steps(runner, device, steps, warmup)
+            warmup_s, first_loss = _warm_up(runner, device, warmup)
         finally:
             runner.close()
-        ms = statistics.median(times)
+        warm[name] = {"peak_mem_mb": memory.peak_mb(), "first_loss": first_loss, "warmup_s": warmup_s,
+                      "compiled": runner.compiled}
+        del runner
+    # Pass 2, all variants together: rebuilt from the same initial weights (a compiled step is found
+    # in torch.compile's cache), one more warm-up step each, then the timed steps in rounds.
+    echo(f"bench: timing {steps} steps of each variant, in rounds")
+    runners = {name: _build_runner(name, setup) for name in names}
+    try:
+        for runner in runners.values():
+            runner.step_once()
+        times = _interleaved_times(runners, device, steps)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    del runners
+    rows = []
+    for name in names:
+        ms = statistics.median(times[name])
         rows.append({
             "variant": name,
             "ms_per_step": ms,
             "images_per_s": setup.x.shape[0] / (ms / 1e3),
-            "peak_mem_mb": memory.peak_mb(),
-            "first_loss": first_loss,
-            "warmup_s": warmup_s,
-            "compiled": runner.compiled,
+            **warm[name],
             "steps": steps,
-            "ms_min": min(times),
+            "ms_min": min(times[name]),
         })
-        del runner
     base = next((r["ms_per_step"] for r in rows if r["variant"] == "imperative"), None)
     for r in rows:
         r["ratio"] = None if base is None else r["ms_per_step"] / base
