@@ -21,15 +21,14 @@ read, then freed. Then all variants together, rebuilt from the same initial weig
 comes from ``torch.compile``'s cache): one more untimed step each, then rounds in which every variant
 takes a block of up to five consecutive timed steps, the starting variant moving on each round, until
 each has taken ``steps``: a change in the machine's load or clock during the run touches all variants
-alike. The figure is the median. On CUDA
-each step is timed with CUDA events recorded on the stream (no host sync inside the timed rounds), on
-the CPU with ``perf_counter``.
+alike. The figure is the median. On CUDA each step is timed with CUDA events recorded on the stream (no
+host sync inside the timed rounds), on the CPU with ``perf_counter``.
 
 Peak memory (``peak_mem_mb``), from the first pass: on CUDA ``torch.cuda.max_memory_allocated`` with the
-peak reset before each variant is built (it includes what all variants share: the data, the batch, the teacher's weights).
-On Linux CPUs it is the process's peak resident set (``VmHWM``), reset per variant through
-``/proc/self/clear_refs``: the whole process (Python, torch, the data) at its highest during that
-variant. Where the reset is refused it is the process peak since start, and the table says so.
+peak reset before each variant is built (it includes what all variants share: the data, the batch, the
+teacher's weights). On Linux CPUs it is the process's peak resident set (``VmHWM``), reset per variant
+through ``/proc/self/clear_refs``: the whole process (Python, torch, the data) at its highest during
+that variant. Where the reset is refused it is the process peak since start, and the table says so.
 
 The teacher has random weights (``teacher.weights`` and its checkpoint are ignored): the cost of a step
 does not depend on their values, and the benchmark runs offline. The cache holds the teacher's outputs
@@ -89,8 +88,8 @@ class BenchReport:
         """A fixed-width table with a header line saying what was measured and how."""
         c = self.context
         head = [
-            f"bench {c['config']}: {c['method']} ({c['weights']}), student {c['student']}, teacher {c['teacher']} "
-            f"(random weights)",
+            f"bench {c['config']}: {c['method']} ({c['weights']}), student {c['student']}, teacher {c['teacher']}"
+            + (" (random weights)" if c["teacher"] != "none" else ""),
             f"device {c['device']} ({c['threads']} threads, load avg {c['loadavg']}), batch {c['batch_size']} x "
             f"3x{c['image_size']}x{c['image_size']}, precision {c['precision']}, channels_last "
             f"{c['channels_last']}; median of {c['steps']} steps per variant, timed in interleaved rounds after "
@@ -112,7 +111,8 @@ class BenchReport:
         lines.insert(1, "-" * len(lines[0]))
         by = {r["variant"]: r for r in self.rows}
         if "cached" in by and "student_only" in by:
-            lines.append(f"cached / student_only = {by['cached']['ms_per_step'] / by['student_only']['ms_per_step']:.2f}")
+            floor = by["cached"]["ms_per_step"] / by["student_only"]["ms_per_step"]
+            lines.append(f"cached / student_only = {floor:.2f}")
         mem_note = {
             "cuda_max_allocated": "peak memory: torch.cuda.max_memory_allocated, reset before each variant",
             "rss_per_variant": "peak memory: the process's peak RSS (VmHWM) during each variant, reset between",
@@ -293,6 +293,13 @@ class _PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process peak
 
 
+def _compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -409,7 +416,10 @@ def run_bench(
     try:
         for runner in runners.values():
             runner.step_once()
+        graphs = _compiled_graphs()
         times = _interleaved_times(runners, device, steps)
+        if _compiled_graphs() != graphs:
+            echo("bench: warning: torch.compile compiled again during the timed steps; raise --warmup")
     finally:
         for runner in runners.values():
             runner.close()

@@ -13,7 +13,8 @@
 * ``teacher_vars`` is ``{"params": ..., "buffers": ...}`` of the teacher: an input, never updated and
   never part of the student's state.
 
-Inside: the teacher runs in eval mode without gradients; ``torch.func.grad_and_value`` differentiates the
+Inside: the teacher runs in eval mode without gradients (without a logit term, only up to its last
+feature: see :meth:`fkd.models.Model.features_fn`); ``torch.func.grad_and_value`` differentiates the
 objective w.r.t. the trainable pytree; the optimizer's ``update`` and ``apply_updates`` produce the new
 params. No ``.backward()``, no ``torch.optim``, no in-place change to anything the caller passed.
 
@@ -121,6 +122,11 @@ def make_train_step(
     """
     device_type = torch.device(device).type if device is not None else "cpu"
     layout = to_channels_last if channels_last else (lambda tree: tree)
+    # Without a logit term only the teacher's features are used: run it only as far as they need
+    # (an FX teacher is cut after its last feature; torch.compile would drop the rest anyway).
+    teacher_features_only = None
+    if teacher is not None and objective.needs_teacher and not objective.weights.get("logit", 0):
+        teacher_features_only = teacher.features_fn()
 
     def teacher_outputs(batch, x, teacher_vars):
         if "teacher_logits" in batch:
@@ -130,6 +136,9 @@ def make_train_step(
         if teacher is None or teacher_vars is None:
             raise ValueError("the objective needs the teacher: pass teacher= and teacher_vars, or cached outputs")
         with torch.no_grad(), _autocast(device_type, precision):
+            if teacher_features_only is not None:
+                features = teacher_features_only(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
+                return None, {k: v.float() for k, v in features.items()}
             logits, features, _ = teacher.apply(layout(teacher_vars["params"]), teacher_vars["buffers"], x, train=False)
         return logits.float(), {k: v.float() for k, v in features.items()}
 

@@ -99,7 +99,8 @@ def _both_losses(cfg, x, y):
     teacher, tp, tb = build_model("resnet18", 4, 16, t_names, seed=1)
     regs = {}
     if obj.needs_features:
-        regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu"))
+        regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"),
+                                   feature_shapes(teacher, tp, tb, 16, "cpu"))
     with torch.no_grad():
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
     s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)

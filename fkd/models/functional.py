@@ -15,10 +15,13 @@ buffer updates and torch.func transforms do not mix).
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import weakref
+from typing import Any, Callable
 
 import attrs
 import torch
+import torch.fx
 from torch import nn
 from torch.func import functional_call
 
@@ -73,6 +76,30 @@ class Model:
         logits, features = self._split(out)
         return logits, features, new_buffers
 
+    def features_fn(self) -> Callable[[Params, Params, torch.Tensor], dict[str, torch.Tensor]]:
+        """``fn(params, buffers, x) -> {name: feature}``: the eval-mode features without the logits.
+
+        For an FX extractor (a torchvision model) the graph is cut after the last requested feature by
+        dead-code elimination, so the layers behind it never run: a teacher whose logits the objective
+        does not use (feature or attention distillation) stops there -- ResNet-18 asked for ``layer1``
+        runs its stem and ``layer1`` only, about 40% of its forward. The features are the same tensors
+        :meth:`apply` returns. fkd's own CNNs run their whole forward and drop the logits.
+
+        Build it once, outside a compiled function (it traces nothing itself, but copies the graph).
+        """
+        if not (self.returns_dict and self.feature_names and isinstance(self.eval_template, torch.fx.GraphModule)):
+            return lambda params, buffers, x: self.apply(params, buffers, x, train=False)[1]
+        template, names = _cut_after_features(self.eval_template, self.feature_names)
+        feature_names = self.feature_names
+
+        def features(params: Params, buffers: Params, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            used_params = {k: v for k, v in params.items() if k in names}
+            used_buffers = {k: v for k, v in buffers.items() if k in names}
+            out = functional_call(template, (used_params, used_buffers), (x,), strict=False)
+            return {n: out[n] for n in feature_names}
+
+        return features
+
     def _split(self, out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.returns_dict:
             return out[LOGITS], {n: out[n] for n in self.feature_names}
@@ -80,6 +107,33 @@ class Model:
             logits, features = out
             return logits, {n: features[n] for n in self.feature_names}
         return out, {}
+
+
+# One cut template per (extractor, features): a step rebuilt around the same model then finds its
+# compiled graph in torch.compile's cache (each GraphModule has a class of its own, which it guards on).
+_CUT_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cut_after_features(
+    extractor: torch.fx.GraphModule, feature_names: tuple[str, ...]
+) -> tuple[torch.fx.GraphModule, frozenset]:
+    """A copy of an FX feature extractor that returns only ``feature_names`` (its dead code removed),
+    and the names of the weights it still uses."""
+    key = tuple(dict.fromkeys(feature_names))
+    cached = _CUT_TEMPLATES.setdefault(extractor, {})
+    if key not in cached:
+        graph = copy.deepcopy(extractor.graph)
+        output = next(node for node in graph.nodes if node.op == "output")
+        returned = output.args[0]
+        output.args = ({n: returned[n] for n in key},)
+        cut = torch.fx.GraphModule(extractor, graph)
+        cut.graph.eliminate_dead_code()
+        cut.recompile()
+        cut.delete_all_unused_submodules()  # so only the weights it calls are passed in
+        cut.train(extractor.training)
+        names = frozenset(k for k, _ in cut.named_parameters()) | frozenset(k for k, _ in cut.named_buffers())
+        cached[key] = (cut, names)
+    return cached[key]
 
 
 def split_state(module: nn.Module) -> tuple[Params, Params]:
