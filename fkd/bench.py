@@ -3,7 +3,7 @@
 Every variant trains the same student (same initial weights) on the same batch on the same device:
 
 ================  ==================================================================================
-``imperative``    the baseline users would otherwise write (:mod:`fkd.imperative`): ``nn.Module``,
+``imperative``    the baseline users would otherwise write (``bench/imperative.py``): ``nn.Module``,
                   forward hooks, ``loss.backward()``, ``torch.optim`` (foreach), teacher under no_grad
 ``functional``    :func:`fkd.step.make_train_step`, eager
 ``compiled``      the same step under ``torch.compile`` (``train.compile_mode``), on any device
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -54,12 +55,29 @@ from fkd.cache import TeacherCache, compute_outputs
 from fkd.config import Config
 from fkd.data import load_data
 from fkd.distill import build_student, feature_shapes
-from fkd.errors import ConfigError
-from fkd.imperative import ImperativeDistiller
+from fkd.errors import ConfigError, FkdError
 from fkd.models import build_model
 from fkd.objective import Objective
 from fkd.step import init_train_state, make_train_step, should_compile, to_channels_last
 from fkd.training import optimizer_from_config
+
+BASELINE = Path(__file__).resolve().parents[1] / "bench" / "imperative.py"
+
+
+def load_imperative_baseline():
+    """The notebook-style baseline, ``bench/imperative.py`` in the repository.
+
+    It lives outside the ``fkd`` package on purpose: it captures features with forward hooks, as the
+    notebook does, and the package itself never registers a hook.
+    """
+    if not BASELINE.is_file():
+        raise FkdError(f"the imperative baseline ({BASELINE}) is missing: run the bench from a clone of the "
+                       "fkd repository, or leave 'imperative' out of --variants.")
+    spec = importlib.util.spec_from_file_location("fkd_bench_imperative", BASELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 VARIANTS = ("imperative", "functional", "compiled", "student_only", "cached")
 MIN_CLI_STEPS = 20
@@ -181,7 +199,7 @@ class _Runner:
 
 
 def _imperative(s: _Setup) -> _Runner:
-    distiller = ImperativeDistiller(
+    distiller = load_imperative_baseline().ImperativeDistiller(
         s.objective, s.student, s.student_vars, s.cfg.train.optimizer, teacher=s.teacher,
         teacher_vars=s.teacher_vars, regressors=s.regressors, schedule=s.schedule,
         precision=s.cfg.train.precision, channels_last=s.channels_last, device=s.device)

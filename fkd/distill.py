@@ -24,7 +24,7 @@ from fkd.fit import fit
 from fkd.loop import LoopSpec, steps_per_epoch
 from fkd.models import build_model, param_count, size_bytes
 from fkd.rundir import RunDir, plot_curves
-from fkd.step import init_train_state, make_train_step
+from fkd.step import init_train_state, make_train_step, to_channels_last
 from fkd.teacher import build_teacher, fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.training import cpu_latency_ms, current_lr, evaluate_model, optimizer_from_config
 
@@ -106,10 +106,14 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
 
     nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
     opt, schedule = optimizer_from_config(cfg.train.optimizer, max(nb, 1), cfg.train.epochs)
-    state = init_train_state(params, buffers, opt, regressors=regressors)
     tr = cfg.train
+    channels_last = tr.channels_last and device.type == "cuda"
+    layout = to_channels_last if channels_last else (lambda tree: tree)
+    state = layout(init_train_state(params, buffers, opt, regressors=regressors))
+    if teacher_vars is not None:
+        teacher_vars = layout(teacher_vars)
     step = make_train_step(student, obj, opt, teacher=teacher, precision=tr.precision, compile=tr.compile,
-                           compile_mode=tr.compile_mode, device=device)
+                           compile_mode=tr.compile_mode, channels_last=channels_last, device=device)
 
     def evaluate(st: dict) -> float:
         return evaluate_model(student, st["params"]["model"], st["buffers"], data.test,

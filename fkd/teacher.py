@@ -26,7 +26,7 @@ from fkd.loop import LoopSpec, steps_per_epoch
 from fkd.models import Model, build_model, head_prefix, param_count, size_bytes
 from fkd.objective import Objective
 from fkd.rundir import RunDir, ensure_writable, plot_curves
-from fkd.step import init_train_state, make_train_step
+from fkd.step import init_train_state, make_train_step, to_channels_last
 from fkd.training import current_lr, evaluate_model, optimizer_from_config
 
 
@@ -75,10 +75,12 @@ def fit_teacher(
     trainable, frozen = _split_trainable(model, params, t.mode)
     nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
     opt, schedule = optimizer_from_config(t.train.optimizer, max(nb, 1), t.train.epochs)
+    channels_last = t.train.channels_last and device.type == "cuda"
     state = init_train_state(trainable, buffers, opt, frozen=frozen)
+    state = to_channels_last(state) if channels_last else state
     step = make_train_step(
         model, Objective({"ce": 1.0}), opt, train_mode=t.mode != "linear_probe", precision=t.train.precision,
-        compile=t.train.compile, compile_mode=t.train.compile_mode, device=device,
+        compile=t.train.compile, compile_mode=t.train.compile_mode, channels_last=channels_last, device=device,
     )
 
     def weights_of(st: dict) -> dict:

@@ -20,7 +20,7 @@ from fkd.bench import VARIANTS, resolve_variants, run_bench
 from fkd.config import load_config
 from fkd.distill import feature_shapes
 from fkd.errors import ConfigError
-from fkd.imperative import ImperativeDistiller
+from fkd.bench import load_imperative_baseline
 from fkd.models import build_model
 from fkd.objective import Objective
 from fkd.optim import apply_updates, sgd
@@ -105,7 +105,7 @@ def _both_losses(cfg, x, y):
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
     s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)
     fkd_loss, _ = obj(s_logits, s_feats, y, t_logits, t_feats, regs)
-    imp = ImperativeDistiller(obj, student, {"params": sp, "buffers": sb}, cfg.train.optimizer, teacher=teacher,
+    imp = load_imperative_baseline().ImperativeDistiller(obj, student, {"params": sp, "buffers": sb}, cfg.train.optimizer, teacher=teacher,
                               teacher_vars={"params": tp, "buffers": tb}, regressors=regs)
     return fkd_loss, imp.loss(x, y), imp, (student, sp, sb, teacher, tp, tb, regs, obj)
 

@@ -364,7 +364,6 @@ GLOBAL_HOOK_DICTS = (
     "_global_backward_pre_hooks",
 )
 # The hook-based imperative baseline that fkd's benchmark compares against; nothing else may use hooks.
-HOOKS_ALLOWED_IN = {"imperative.py"}
 
 
 def assert_no_hooks(*modules: nn.Module) -> None:
@@ -408,8 +407,6 @@ def test_no_source_file_registers_module_hooks():
     files = sorted(root.rglob("*.py"))
     assert len(files) > 10
     for path in files:
-        if path.name in HOOKS_ALLOWED_IN:
-            continue
         text = path.read_text()
         for needle in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
                        "register_backward_hook", "register_module_forward"):
