@@ -146,6 +146,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                                                  cfg.data.image_size),
         "baseline_test_acc": find_baseline(run, data.fingerprint, cfg),
         "epochs": cfg.train.epochs,
+        "seed": cfg.seed,
     }
     if teacher is not None:
         t_params = param_count(teacher_vars["params"])
@@ -166,7 +167,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
 
 
 def find_baseline(run: RunDir, fingerprint: str, cfg: Config) -> float | None:
-    """Test accuracy of a finished baseline run (method ``none``, same data and student) beside this one."""
+    """Test accuracy of a finished baseline run beside this one: method ``none``, same data, student,
+    epochs and seed (so the comparison isolates the distillation loss)."""
     if cfg.distill.method == "none":
         return None
     for summary_path in sorted(run.path.parent.glob("*/summary.json")):
@@ -175,7 +177,8 @@ def find_baseline(run: RunDir, fingerprint: str, cfg: Config) -> float | None:
         except (OSError, ValueError):
             continue
         if (s.get("method") == "none" and s.get("data_fingerprint") == fingerprint
-                and s.get("student_arch") == cfg.student.arch):
+                and s.get("student_arch") == cfg.student.arch and s.get("epochs") == cfg.train.epochs
+                and s.get("seed") == cfg.seed):
             return s.get("student_test_acc")
     return None
 
