@@ -88,6 +88,9 @@ def main():
     Quickstart (offline, CPU, about a minute):
       python cli.py distill --config configs/feature.toml
     """
+    from fkd.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
 
 
 @main.command()
