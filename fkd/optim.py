@@ -293,8 +293,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
         u <- u * min(1, max_norm / (global_norm(u) + 1e-6))
 
-    the formula of ``torch.nn.utils.clip_grad_norm_``. The factor stays a tensor (no ``.item()``, no
-    host synchronisation); updates already within the bound are multiplied by exactly 1. State ``{}``.
+    the formula of ``torch.nn.utils.clip_grad_norm_``. The factor stays a tensor (never read on the
+    host, so no synchronisation); updates already within the bound are multiplied by exactly 1. State ``{}``.
     """
     max_norm = float(max_norm)
     if max_norm <= 0:

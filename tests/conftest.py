@@ -77,6 +77,16 @@ def tiny_config(tmp_path):
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: nothing in it is timed, and two OpenMP threads on a busy
+    two-core machine can run 100x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_torch_home(tmp_path_factory, monkeypatch):
     # torchvision's weight cache points into a temp folder: tests never see (or fill) the user's cache.

@@ -29,14 +29,7 @@ from fkd.pytree import tree_map
 REQUIRED = ("variant", "ms_per_step", "images_per_s", "peak_mem_mb")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Nothing here is timed; one thread keeps these tests fast when other processes share the CPU
-    # (two OpenMP threads on a busy two-core machine can run 100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, method="feature", extra=()):

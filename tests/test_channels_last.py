@@ -13,13 +13,7 @@ from fkd.pytree import tree_leaves
 from fkd.step import init_train_state, make_train_step, to_channels_last
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Not timed; one thread keeps the test fast when other processes share a small CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_to_channels_last_converts_only_4d_tensors_and_is_free_when_done():

@@ -70,7 +70,7 @@ def test_distill_each_method_end_to_end(tiny_config, tmp_path, method):
     if method in ("feature", "attention"):
         assert all(f"train_{method}" in r for r in records)
     # the resolved config in the run directory reads back to the config that ran
-    assert load_config(out / "config.toml") == load_config(cfg, [f'name="tiny"'])
+    assert load_config(out / "config.toml") == load_config(cfg, ['name="tiny"'])
     assert (out / "curves.png").stat().st_size > 1000
     state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")
     assert state["epoch"] == 2 and state["batch"] == 0

@@ -23,6 +23,7 @@ from fkd.losses import (
     soft_target_kl,
     weighted_sum,
 )
+from tests.notebook_reference import blended_distillation_loss, feature_distillation_loss
 
 F64 = torch.float64
 
@@ -40,24 +41,6 @@ def logits_and_labels(b=5, c=7, seed=0):
     t = randn(b, c, seed=seed + 1) * 3
     y = torch.randint(0, c, (b,), generator=gen(seed + 2))
     return s, t, y
-
-
-# --- the seed notebook's functions, copied verbatim as references ------------------------------
-
-
-def blended_distillation_loss(student_logits, teacher_logits, labels, T=2.0, alpha=0.7):
-    soft_targets = F.softmax(teacher_logits / T, dim=1)
-    student_log_probs = F.log_softmax(student_logits / T, dim=1)
-    soft_loss = F.kl_div(student_log_probs, soft_targets, reduction='batchmean') * (T * T)
-    hard_loss = F.cross_entropy(student_logits, labels)
-    return alpha * soft_loss + (1.0 - alpha) * hard_loss
-
-
-def feature_distillation_loss(student_out, teacher_out, student_feat, teacher_feat, labels,
-                              alpha=0.7, beta=0.3):
-    ce_loss = F.cross_entropy(student_out, labels)
-    feat_loss = F.mse_loss(student_feat, teacher_feat.detach())
-    return alpha * ce_loss + beta * feat_loss
 
 
 # --- independent numpy references (float64, explicit loops where it matters) -------------------

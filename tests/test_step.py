@@ -26,17 +26,9 @@ from fkd.models.students import SeedCNN, SmallCNN
 from fkd.objective import Objective, from_config
 from fkd.pytree import tree_leaves, tree_map
 from fkd.step import init_train_state, make_eval_step, make_train_step
+from tests.notebook_reference import blended_distillation_loss
 
 SIDE = 16
-
-
-def blended_distillation_loss(student_logits, teacher_logits, labels, T=2.0, alpha=0.7):
-    """The seed notebook's loss, copied verbatim (docstring and comments aside)."""
-    soft_targets = F.softmax(teacher_logits / T, dim=1)
-    student_log_probs = F.log_softmax(student_logits / T, dim=1)
-    soft_loss = F.kl_div(student_log_probs, soft_targets, reduction='batchmean') * (T * T)
-    hard_loss = F.cross_entropy(student_logits, labels)
-    return alpha * soft_loss + (1.0 - alpha) * hard_loss
 
 
 def make_batch(b: int = 4, side: int = SIDE, seed: int = 0, classes: int = 10) -> dict:

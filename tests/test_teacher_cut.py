@@ -14,12 +14,7 @@ from fkd.pytree import tree_leaves
 from fkd.step import init_train_state, make_train_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountConvs(TorchDispatchMode):
