@@ -169,23 +169,35 @@ def show_config(config_path, overrides, keys):
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--device", default="auto", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Evaluate on this config's data instead of the config saved with the checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of that config, e.g. --set data.root=/mnt/data (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the report to DIR/evaluation.json.")
+@click.option("--seed", type=int, help="Accepted for symmetry; evaluation is deterministic.")
+@click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
 @friendly_errors
-def evaluate(path, device, as_json):
+def evaluate(path, config_path, overrides, out, seed, device, as_json):
     """Test accuracy, per-class accuracy, parameter count, size and CPU latency of PATH.
 
-    PATH is a run directory or a checkpoint file written by fkd.
+    PATH is a run directory or a checkpoint file written by fkd; the data come from the config
+    saved with it unless --config / --set say otherwise.
 
     \b
     Examples:
       python cli.py evaluate runs/feature
       python cli.py evaluate runs/digits-teacher/teacher.pt --json
+      python cli.py evaluate runs/stl10-logit --set data.root=/mnt/datasets --out reports/stl10-logit
     """
-    from fkd.evaluate import evaluate_path
+    from fkd.evaluate import evaluate_path, write_report
     from fkd.training import resolve_device
 
-    result = evaluate_path(path, resolve_device(device))
+    result = evaluate_path(path, resolve_device(device or "auto"), config_path=config_path,
+                           overrides=list(overrides), seed=seed)
+    if out is not None:
+        click.echo(f"report written to {write_report(result, out)}", err=True)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -212,8 +224,10 @@ def evaluate(path, device, as_json):
               help="Comma-separated subset of imperative, functional, compiled, student_only, cached "
                    "(default: all that apply).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line and variant instead of a table.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the JSON lines to DIR/bench.jsonl.")
 @friendly_errors
-def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json):
+def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json, out):
     """Time one training step: fkd's functional step against the imperative baseline.
 
     \b
@@ -242,6 +256,12 @@ def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json
     chosen = variants.split(",") if variants else None
     report = run_bench(cfg, resolve_device(cfg.device), steps=steps, warmup=warmup, variants=chosen,
                        config_name=str(config_path or "defaults"), echo=lambda m: click.echo(m, err=True))
+    if out is not None:
+        from fkd.rundir import ensure_writable, write_text_atomic
+
+        ensure_writable(out, what="the bench output folder", fix="pick another with --out")
+        write_text_atomic(out / "bench.jsonl", "".join(line + "\n" for line in report.json_lines()))
+        click.echo(f"results written to {out / 'bench.jsonl'}", err=True)
     click.echo("\n".join(report.json_lines()) if as_json else report.table())
 
 

@@ -7,16 +7,19 @@ data to evaluate on).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
+import attrs
 import torch
 
 from fkd.checkpoint import load_checkpoint
-from fkd.config import from_dict
+from fkd.config import apply_overrides, from_dict, read_toml
 from fkd.data import load_data
 from fkd.errors import CheckpointError
 from fkd.models import build_model, param_count, size_bytes
+from fkd.rundir import ensure_writable, write_text_atomic
 from fkd.training import cpu_latency_ms, evaluate_model
 
 
@@ -41,16 +44,21 @@ def _weights(data: dict) -> tuple[dict, dict]:
     return {**state["frozen"], **state["params"]["model"]}, state["buffers"]
 
 
-def evaluate_path(path: str | Path, device: torch.device, *, data_overrides: dict | None = None) -> dict:
-    """Evaluate the model saved at ``path`` on its config's test split."""
+def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | Path | None = None,
+                  overrides: list[str] = (), seed: int | None = None) -> dict:
+    """Evaluate the model saved at ``path`` on the test split of its config.
+
+    The config is the one saved in the checkpoint, or ``config_path``; ``overrides`` (``key=value``)
+    apply on top, e.g. ``data.root=...`` when the data moved.
+    """
     ckpt = resolve_checkpoint(path)
     data = load_checkpoint(ckpt)
     if data.get("kind") not in ("teacher", "student_run", "teacher_run"):
         raise CheckpointError(f"'{ckpt}' is a {data.get('kind')} file, not a model checkpoint.")
-    raw = tomllib.loads(data["config"])
-    if data_overrides:
-        raw.setdefault("data", {}).update(data_overrides)
-    cfg = from_dict(raw)
+    raw = read_toml(config_path) if config_path is not None else tomllib.loads(data["config"])
+    cfg = from_dict(apply_overrides(raw, list(overrides)))
+    if seed is not None:
+        cfg = attrs.evolve(cfg, seed=seed)
     spec = data["model"] if "model" in data else None
     if spec is None:  # a teacher run's latest.pt: the teacher architecture of its config
         t = cfg.teacher
@@ -76,3 +84,12 @@ def evaluate_path(path: str | Path, device: torch.device, *, data_overrides: dic
         "size_bytes": size_bytes(params, buffers),
         "cpu_latency_ms": cpu_latency_ms(model, params, buffers, cfg.data.image_size),
     }
+
+
+def write_report(result: dict, out: str | Path) -> Path:
+    """Write an evaluation report to ``out/evaluation.json`` (atomically); returns its path."""
+    out = Path(out)
+    ensure_writable(out, what="the report folder", fix="pick another with --out")
+    path = out / "evaluation.json"
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    return path

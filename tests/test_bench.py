@@ -161,11 +161,12 @@ def test_variant_selection():
         resolve_variants(["cached"], Objective({"ce": 1.0}))
 
 
-def test_cli_json_is_one_object_per_line_and_variant(tiny_config):
+def test_cli_json_is_one_object_per_line_and_variant(tiny_config, tmp_path):
     # conftest's tiny config: small_cnn teacher and student, synthetic 16 px; 20 steps is the CLI's minimum.
     path = tiny_config("feature")
     result = CliRunner().invoke(cli.main, ["bench", "--config", str(path), "--device", "cpu", "--json",
-                                           "--variants", "imperative,functional,cached", "--warmup", "1"])
+                                           "--variants", "imperative,functional,cached", "--warmup", "1",
+                                           "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     rows = [json.loads(line) for line in lines]
@@ -173,6 +174,8 @@ def test_cli_json_is_one_object_per_line_and_variant(tiny_config):
     for r in rows:
         assert set(REQUIRED) <= set(r) and r["ms_per_step"] > 0 and r["steps"] == 20
         assert r["device"] == "cpu"
+    saved = [json.loads(line) for line in (tmp_path / "b" / "bench.jsonl").read_text().splitlines()]
+    assert saved == rows
 
 
 def test_cli_refuses_fewer_than_20_steps_and_unknown_variants(tiny_config):

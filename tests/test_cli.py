@@ -203,3 +203,15 @@ def test_config_command_prints_resolved_config_and_keys(tiny_config):
     assert tomllib.loads(result.output)["distill"]["temperature"] == 4.0
     keys = invoke("config", "--keys")
     assert keys.exit_code == 0 and "distill.temperature" in keys.output and "softmax temperature" in keys.output
+
+
+def test_evaluate_with_overrides_and_report_file(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("distill", "--config", tiny_config("logit"), "--out", out, "--quiet").exit_code == 0
+    result = invoke("evaluate", out, "--device", "cpu", "--json", "--set", "data.eval_batch_size=7",
+                    "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert written["test_acc"] == json.loads(result.output.splitlines()[-1])["test_acc"]
+    bad = invoke("evaluate", out, "--set", "data.name=nothing")
+    assert bad.exit_code == 2 and "data.name must be one of" in bad.output
