@@ -157,8 +157,8 @@ def _interrupt_after(monkeypatch, n_steps, signum=signal.SIGTERM):
     wrap_distill_step(monkeypatch, maybe_signal)
 
 
-@pytest.mark.parametrize("extra", ["", "flip = true"])
-def test_interrupt_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra, signum", [("", signal.SIGTERM), ("flip = true", signal.SIGINT)])
+def test_interrupt_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, extra, signum):
     cfg = tiny_config("feature")
     if extra:  # random augmentation too: its randomness must be replayed exactly
         cfg.write_text(cfg.read_text().replace("[data]\n", f"[data]\n{extra}\n"))
@@ -167,9 +167,9 @@ def test_interrupt_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, 
 
     cut = tmp_path / "cut"
     with monkeypatch.context() as m:
-        _interrupt_after(m, 8)  # 6 steps per epoch: stops mid-way through epoch 2
+        _interrupt_after(m, 8, signum)  # 6 steps per epoch: stops mid-way through epoch 2
         result = invoke("distill", "--config", cfg, "--out", cut, "--quiet")
-    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert result.exit_code == 128 + signum, result.output
     assert "--resume" in result.output and "Traceback" not in result.output
     saved = load_checkpoint(cut / "checkpoints" / "latest.pt", "student_run")
     assert (saved["epoch"], saved["batch"]) == (1, 2)
