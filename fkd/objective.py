@@ -130,6 +130,9 @@ def check_pairs(objective: Objective, student_shapes: dict, teacher_shapes: dict
 def from_config(distill) -> Objective:
     """Build the objective a :class:`fkd.config.DistillConfig` describes."""
     weights = distill.term_weights()
+    if len(distill.student_features) != len(distill.teacher_features):
+        raise ConfigError("distill.student_features and distill.teacher_features are paired by position; "
+                          "give them the same number of names.")
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
     if any(term in ("feature", "attention") and w for term, w in weights.items()) and not pairs:
         raise ConfigError("feature and attention terms need distill.student_features and distill.teacher_features.")
