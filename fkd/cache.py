@@ -9,7 +9,7 @@ consistent"), so it runs live and nothing is cached.
 Where the outputs live (``teacher.cache``):
 
 * ``memory`` -- float32 tensors on the training device;
-* ``disk``   -- float16 under ``teacher.cache_dir/<key>.pt``, memory-mapped, reused by later runs;
+* ``disk``   -- float16 under ``teacher.cache_dir/teacher-<key>.pt``, memory-mapped, reused by later runs;
 * ``auto``   -- a disk cache with the same key when one exists, else memory when the outputs take at
   most ``MEMORY_LIMIT_BYTES``, else disk;
 * ``off``    -- never cache.
@@ -119,7 +119,7 @@ def build_cache(
 
 
 def _load(path: Path, device: torch.device, n: int) -> TeacherCache:
-    data = load_checkpoint(path, "teacher_cache")
+    data = load_checkpoint(path, "teacher_cache", mmap=True)  # rows are read as batches ask for them
     if data["logits"].shape[0] != n:
         raise CheckpointError(f"teacher cache {path} has {data['logits'].shape[0]} rows, expected {n}")
     return TeacherCache(data["logits"], data["features"], str(path), device)

@@ -29,15 +29,20 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], kind: str) -> Pat
     return atomic_write(path, lambda f: torch.save(data, f))
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read an fkd checkpoint safely; raise :class:`CheckpointError` with a fix for every failure."""
+def load_checkpoint(
+    path: str | Path, kind: str | None = None, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """Read an fkd checkpoint safely; raise :class:`CheckpointError` with a fix for every failure.
+
+    ``mmap=True`` maps the tensors from the file instead of reading them into memory (large caches).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path or train it first.")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
         raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or not a torch file).")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"'{path}' holds objects other than tensors and plain data, so it was not loaded "
