@@ -112,6 +112,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train loss")
+    terms = [k for k in records[0] if k.startswith("train_") and k not in ("train_loss", "train_acc")]
+    if len(terms) > 1:  # a weighted sum: show its terms too (unweighted)
+        for key in terms:
+            ax_loss.plot(epochs, [r.get(key) for r in records], linestyle="--", label=key.removeprefix("train_"))
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
