@@ -480,3 +480,26 @@ def test_cuda_batches_equal_cpu_batches():
         for (xg, yg, ig), (xc, yc, ic) in zip(collect(cuda.train, 8, **run), collect(cpu.train, 8, **run)):
             assert torch.equal(yg, yc) and torch.equal(ig, ic) and torch.equal(as_uint8(xg), as_uint8(xc))
             torch.testing.assert_close(xg, xc, rtol=0, atol=1e-6)
+
+
+def test_imagefolder_fingerprint_changes_when_an_image_is_replaced(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from fkd.config import DataConfig
+    from fkd.data import load_data
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (12, 12), (40 * i, 80, 120)).save(folder / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, num_workers=0)
+    before = load_data(cfg).fingerprint
+    assert load_data(cfg).fingerprint == before
+    target = tmp_path / "train" / "a" / "0.png"
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(target)
+    os.utime(target, ns=(1, 1))  # a different modification time, whatever the clock
+    assert load_data(cfg).fingerprint != before

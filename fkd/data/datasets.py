@@ -13,6 +13,7 @@ raises :class:`~fkd.errors.DataError` with one sentence naming the path and the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tarfile
@@ -292,5 +293,15 @@ def _read_imagefolder(cfg: DataConfig, view_size: int) -> Splits:
         splits.append(Split(dataset, torch.as_tensor(dataset.targets, dtype=torch.int64)))
     return Splits(
         train=splits[0], test=splits[1], class_names=list(splits[0].dataset.classes),
-        identity={"source": "imagefolder", "root": str(root.resolve())},
+        identity={"source": "imagefolder", "root": str(root.resolve()), "files": _files_digest(splits[0].dataset)},
     )
+
+
+def _files_digest(dataset: ImageFolder) -> str:
+    """SHA-256 over every training image's path, size and modification time: an image replaced in place
+    changes the data fingerprint, so a disk cache of teacher outputs for the old files is not reused."""
+    h = hashlib.sha256()
+    for path, _ in dataset.samples:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
