@@ -79,12 +79,12 @@ def cache_key(teacher_checkpoint: str | Path, data_fingerprint: str, feature_nam
 
 def compute_outputs(teacher, variables: dict, source, *, batch_size: int, precision: str, device) -> tuple:
     """One eval-mode pass of the teacher over ``source`` in dataset order -> ``(logits, features)``."""
-    from fkd.step import _autocast  # the step's autocast policy, so cached == live outputs
+    from fkd.step import precision_autocast  # the step's policy, so cached == live outputs
 
     logits, feats = [], {n: [] for n in teacher.feature_names}
     with torch.no_grad():
         for x, _, _ in source.batches(batch_size, shuffle=False):
-            with _autocast(torch.device(device).type, precision):
+            with precision_autocast(torch.device(device).type, precision):
                 out, f, _ = teacher.apply(variables["params"], variables["buffers"], x, train=False)
             logits.append(out.float())
             for n in feats:

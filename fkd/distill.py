@@ -26,7 +26,7 @@ from fkd.models import build_model, param_count, size_bytes
 from fkd.rundir import RunDir, plot_curves
 from fkd.step import init_train_state, make_train_step, to_channels_last
 from fkd.teacher import build_teacher, fit_teacher, load_teacher, teacher_checkpoint_path
-from fkd.training import cpu_latency_ms, current_lr, evaluate_model, optimizer_from_config
+from fkd.training import cpu_latency_ms, current_lr, make_evaluator, optimizer_from_config
 
 
 def feature_shapes(model, params: dict, buffers: dict, image_size: int, device) -> dict:
@@ -115,22 +115,20 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     step = make_train_step(student, obj, opt, teacher=teacher, precision=tr.precision, compile=tr.compile,
                            compile_mode=tr.compile_mode, channels_last=channels_last, device=device)
 
-    def evaluate(st: dict) -> float:
-        return evaluate_model(student, st["params"]["model"], st["buffers"], data.test,
-                              batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes,
-                              device=device)["accuracy"]
+    evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
+                              batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
     spec = LoopSpec("student", tr.epochs, cfg.data.batch_size, cfg.seed, cfg.data.augments, tr.log_every,
                     tr.checkpoint_every, quiet)
     echo(f"student {cfg.student.arch}, method {cfg.distill.method} "
          f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
     state = fit(run, kind="student_run", spec=spec, step=step, state=state, source=data.train, device=device,
-                resume=resume, config_text=dumps(cfg), evaluate=evaluate, teacher_vars=teacher_vars,
+                resume=resume, config_text=dumps(cfg), evaluate=lambda st: evaluate(st)["accuracy"],
+                teacher_vars=teacher_vars,
                 batch_extras=batch_extras, learning_rate=lambda st: current_lr(schedule, st),
                 extra_payload=lambda st: {"model": dict(student.spec)})
 
-    final = evaluate_model(student, state["params"]["model"], state["buffers"], data.test,
-                           batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+    final = evaluate(state)
     s_params = param_count(state["params"]["model"])
     summary = {
         "kind": "student",

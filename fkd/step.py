@@ -78,7 +78,8 @@ def to_channels_last(tree: Any) -> Any:
     return tree_map(convert, tree)
 
 
-def _autocast(device_type: str, precision: str):
+def precision_autocast(device_type: str, precision: str):
+    """bf16 autocast when ``precision == "bf16"``, else a no-op context: the step's precision policy."""
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -135,7 +136,7 @@ def make_train_step(
             return None, {}
         if teacher is None or teacher_vars is None:
             raise ValueError("the objective needs the teacher: pass teacher= and teacher_vars, or cached outputs")
-        with torch.no_grad(), _autocast(device_type, precision):
+        with torch.no_grad(), precision_autocast(device_type, precision):
             if teacher_features_only is not None:
                 features = teacher_features_only(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
                 return None, {k: v.float() for k, v in features.items()}
@@ -149,7 +150,7 @@ def make_train_step(
         def loss_fn(trainable):
             trainable = layout(trainable)
             weights = {**layout(state["frozen"]), **trainable["model"]}
-            with _autocast(device_type, precision):
+            with precision_autocast(device_type, precision):
                 logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
             logits = logits.float()
             features = {k: v.float() for k, v in features.items()}
@@ -198,7 +199,7 @@ def make_eval_step(
     device_type = torch.device(device).type if device is not None else "cpu"
 
     def eval_step(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), _autocast(device_type, precision):
+        with torch.no_grad(), precision_autocast(device_type, precision):
             logits, _, _ = model.apply(params, buffers, x, train=False)
         logits = logits.float()
         return {"logits": logits, "correct": (logits.argmax(dim=-1) == y).sum()}

@@ -27,7 +27,7 @@ from fkd.models import Model, build_model, head_prefix, param_count, size_bytes
 from fkd.objective import Objective
 from fkd.rundir import RunDir, ensure_writable, plot_curves
 from fkd.step import init_train_state, make_train_step, to_channels_last
-from fkd.training import current_lr, evaluate_model, optimizer_from_config
+from fkd.training import current_lr, make_evaluator, optimizer_from_config
 
 
 def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
@@ -86,17 +86,15 @@ def fit_teacher(
     def weights_of(st: dict) -> dict:
         return {**st["frozen"], **st["params"]["model"]}
 
-    def evaluate(st: dict) -> float:
-        return evaluate_model(model, weights_of(st), st["buffers"], data.test, batch_size=cfg.data.eval_batch_size,
-                              num_classes=data.num_classes, device=device)["accuracy"]
+    evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
+                              batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
     spec = LoopSpec("teacher", t.train.epochs, cfg.data.batch_size, cfg.seed, cfg.data.augments,
                     t.train.log_every, t.train.checkpoint_every, quiet)
     state = fit(run, kind="teacher_run", spec=spec, step=step, state=state, source=data.train, device=device,
-                resume=resume, config_text=dumps(cfg), evaluate=evaluate,
+                resume=resume, config_text=dumps(cfg), evaluate=lambda st: evaluate(st)["accuracy"],
                 learning_rate=lambda st: current_lr(schedule, st))
-    final = evaluate_model(model, weights_of(state), state["buffers"], data.test,
-                           batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+    final = evaluate(state)
     save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
     summary = {
         "kind": "teacher",

@@ -99,6 +99,25 @@ def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: in
     return {"accuracy": correct / max(count, 1), "per_class": per_class, "correct": correct, "count": count}
 
 
+def make_evaluator(model, source, weights_of, *, batch_size: int, num_classes: int, device: torch.device):
+    """``evaluate(state) -> evaluate_model(...)`` result for the weights ``weights_of(state) -> (params, buffers)``.
+
+    The last result is remembered for the state object it was computed for, so the end-of-run summary
+    reuses the final epoch's evaluation instead of running the test set again.
+    """
+    last: dict = {}
+
+    def evaluate(state: dict) -> dict:
+        if last.get("state") is not state:
+            params, buffers = weights_of(state)
+            result = evaluate_model(model, params, buffers, source, batch_size=batch_size,
+                                    num_classes=num_classes, device=device)
+            last.update(state=state, result=result)
+        return last["result"]
+
+    return evaluate
+
+
 def cpu_latency_ms(model, params: dict, buffers: dict, image_size: int, *, repeats: int = 20) -> float:
     """Median CPU latency of one image (batch 1, eval mode, fp32), in milliseconds."""
     cpu = torch.device("cpu")
