@@ -16,7 +16,8 @@ The loss is the config's objective rewritten with ``torch.nn.functional`` as the
 (``F.kl_div(..., reduction="batchmean") * T * T``, ``F.mse_loss`` after a ``nn.Conv2d`` 1x1 regressor
 and ``F.interpolate``, attention maps as in Zagoruyko & Komodakis' reference code). It is an
 independent implementation on purpose: ``tests/test_bench.py`` checks that it equals
-:class:`fkd.objective.Objective` on the same weights and batch, so the benchmark is apples to apples.
+:class:`fkd.objective.Objective` on the same weights and batch, so the benchmark is apples to apples. A
+term it cannot express (:data:`IMPERATIVE_TERMS`) makes the bench skip the imperative variant.
 """
 
 from __future__ import annotations
@@ -30,21 +31,17 @@ from torch import nn
 
 from fkd.config import OptimizerConfig
 from fkd.errors import ConfigError
-from fkd.models import Model
-from fkd.models.students import SeedCNN, SmallCNN
-from fkd.models.zoo import build_torchvision
-from fkd.objective import Objective, pair_key
+from fkd.models import Model, build_module
+from fkd.objective import Objective
+from fkd.terms import pair_key
 
 
 def module_from(model: Model, params: dict, buffers: dict, device) -> nn.Module:
     """A real ``nn.Module`` of ``model``'s architecture holding copies of ``params`` and ``buffers``."""
     spec = model.spec
-    if spec["arch"] == "seed_cnn":
-        module = SeedCNN(spec["num_classes"], spec["image_size"])
-    elif spec["arch"] == "small_cnn":
-        module = SmallCNN(spec["num_classes"], tuple(spec["widths"]), spec["batch_norm"])
-    else:
-        module = build_torchvision(spec["arch"], spec["num_classes"], "none")
+    # the same lookup as fkd.models.build_model: a registered architecture, else a torchvision classifier
+    module = build_module(spec["arch"], spec["num_classes"], spec["image_size"], widths=spec["widths"],
+                          batch_norm=spec["batch_norm"])
     # fkd's parameter names are the module's own (FX extractors keep them), so the state dict loads as is.
     module.load_state_dict({**params, **buffers}, strict=True)
     return module.to(device)
@@ -127,6 +124,50 @@ def attention_map(feat: torch.Tensor, p: float, size=None) -> torch.Tensor:
     return F.normalize(q.flatten(1))
 
 
+def _cross_entropy(term, s_logits, s_feats, labels, t_logits, t_feats, regressors):
+    return F.cross_entropy(s_logits, labels)
+
+
+def _soft_target_kl(term, s_logits, s_feats, labels, t_logits, t_feats, regressors):
+    T = term.temperature
+    soft = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1), reduction="batchmean")
+    return soft * (T * T)
+
+
+def _fitnets_hint(term, s_logits, s_feats, labels, t_logits, t_feats, regressors):
+    hints = []
+    for s, t in term.pairs:
+        f_t = t_feats[t]
+        regressed = regressors[pair_key(s, t)](s_feats[s])
+        if regressed.ndim == 4 and regressed.shape[-2:] != f_t.shape[-2:]:
+            regressed = F.interpolate(regressed, size=f_t.shape[-2:], mode="bilinear", align_corners=False)
+        hints.append(F.mse_loss(regressed, f_t.detach()))
+    return sum(hints) / len(hints)
+
+
+def _attention_transfer(term, s_logits, s_feats, labels, t_logits, t_feats, regressors):
+    return sum(
+        (attention_map(s_feats[s], term.p, t_feats[t].shape[-2:]) - attention_map(t_feats[t].detach(), term.p))
+        .pow(2).mean()
+        for s, t in term.pairs
+    )
+
+
+#: The loss terms this baseline can express, by registered name. A term missing here is not timed
+#: imperatively (see :func:`unsupported_terms`): timing another loss would make the comparison meaningless.
+IMPERATIVE_TERMS: dict[str, Callable] = {
+    "ce": _cross_entropy,
+    "logit": _soft_target_kl,
+    "feature": _fitnets_hint,
+    "attention": _attention_transfer,
+}
+
+
+def unsupported_terms(objective: Objective) -> list[str]:
+    """The objective's terms this baseline cannot express (the bench then skips the imperative variant)."""
+    return [t.name for t in objective.terms if t.name not in IMPERATIVE_TERMS]
+
+
 def distillation_loss(
     objective: Objective,
     s_logits: torch.Tensor,
@@ -137,30 +178,10 @@ def distillation_loss(
     regressors: dict[str, nn.Module],
 ) -> torch.Tensor:
     """The objective written the notebook's way: ``sum_k w_k * term_k`` with ``torch.nn.functional``."""
-    w = {k: v for k, v in objective.weights.items() if v != 0}
     loss = torch.zeros((), device=s_logits.device)
-    if "ce" in w:
-        loss = loss + w["ce"] * F.cross_entropy(s_logits, labels)
-    if "logit" in w:
-        T = objective.temperature
-        soft = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1), reduction="batchmean")
-        loss = loss + w["logit"] * soft * (T * T)
-    if "feature" in w:
-        hints = []
-        for s, t in objective.pairs:
-            f_t = t_feats[t]
-            regressed = regressors[pair_key(s, t)](s_feats[s])
-            if regressed.ndim == 4 and regressed.shape[-2:] != f_t.shape[-2:]:
-                regressed = F.interpolate(regressed, size=f_t.shape[-2:], mode="bilinear", align_corners=False)
-            hints.append(F.mse_loss(regressed, f_t.detach()))
-        loss = loss + w["feature"] * (sum(hints) / len(hints))
-    if "attention" in w:
-        p = objective.attention_p
-        at = sum(
-            (attention_map(s_feats[s], p, t_feats[t].shape[-2:]) - attention_map(t_feats[t].detach(), p)).pow(2).mean()
-            for s, t in objective.pairs
-        )
-        loss = loss + w["attention"] * at
+    for t in objective.terms:
+        loss = loss + t.weight * IMPERATIVE_TERMS[t.name](t.term, s_logits, s_feats, labels, t_logits, t_feats,
+                                                          regressors)
     return loss
 
 
@@ -182,18 +203,32 @@ def regressor_modules(regressors: dict, device) -> dict[str, nn.Module]:
     return modules
 
 
+TORCH_OPTIMIZERS: dict[str, Callable[[list, OptimizerConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, cfg: torch.optim.SGD(
+        params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay, foreach=True),
+    "adam": lambda params, cfg: torch.optim.Adam(
+        params, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        foreach=True),
+    "adamw": lambda params, cfg: torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        foreach=True),
+}
+"""The ``torch.optim`` counterpart of each optimizer in :data:`fkd.optim.OPTIMIZERS`."""
+
+
 def torch_optimizer(cfg: OptimizerConfig, parameters, schedule=None):
-    """``torch.optim`` counterpart of :func:`fkd.training.optimizer_from_config` (foreach kernels)."""
+    """``torch.optim`` counterpart of :func:`fkd.optim.optimizer_from_config` (foreach kernels).
+
+    An optimizer with no counterpart in :data:`TORCH_OPTIMIZERS` is a :class:`ConfigError`: timing a
+    different optimizer than fkd's would make the comparison meaningless.
+    """
+    if cfg.name not in TORCH_OPTIMIZERS:
+        raise ConfigError(f"the imperative baseline has no torch.optim counterpart of optimizer '{cfg.name}'; "
+                          f"it knows {', '.join(TORCH_OPTIMIZERS)}: add one to TORCH_OPTIMIZERS in "
+                          "bench/imperative.py or pick one of those.")
     params = list(parameters)
-    if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                              weight_decay=cfg.weight_decay, foreach=True)
-    elif cfg.name == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
-                               weight_decay=cfg.weight_decay, foreach=True)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, foreach=True)
+    opt = TORCH_OPTIMIZERS[cfg.name](params, cfg)
     scheduler = None
     if schedule is not None and cfg.schedule != "constant":
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -204,7 +239,8 @@ def torch_optimizer(cfg: OptimizerConfig, parameters, schedule=None):
 class ImperativeDistiller:
     """Student, teacher (with hooks), regressors and ``torch.optim``: one ``train_step`` per batch.
 
-    Built from fkd's functional pieces so that both sides start from identical weights.
+    Built from fkd's functional pieces so that both sides start from identical weights; ``regressors``
+    are the ``feature`` term's params (``objective.init(...)[0]["feature"]``).
     """
 
     def __init__(
@@ -231,6 +267,10 @@ class ImperativeDistiller:
         self.regressors = regressor_modules(regressors or {}, device)
         probe = torch.zeros(1, 3, student.image_size, student.image_size, device=device)
         self.teacher = None
+        unsupported = unsupported_terms(objective)
+        if unsupported:
+            raise ConfigError(f"the imperative baseline cannot express the loss term(s) {', '.join(unsupported)}; "
+                              f"it knows {', '.join(IMPERATIVE_TERMS)}.")
         if objective.needs_teacher:
             if teacher is None or teacher_vars is None:
                 raise ValueError("the objective needs the teacher: pass teacher and teacher_vars")
@@ -241,10 +281,9 @@ class ImperativeDistiller:
             for module in (self.student, self.teacher, *self.regressors.values()):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        s_names = tuple(s for s, _ in objective.pairs) if objective.needs_features else ()
-        t_names = tuple(t for _, t in objective.pairs) if objective.needs_features else ()
-        self.student_tap = FeatureTap(self.student, s_names)
-        self.teacher_tap = FeatureTap(self.teacher, t_names, probe) if self.teacher is not None else None
+        self.student_tap = FeatureTap(self.student, objective.student_feature_names)
+        self.teacher_tap = (FeatureTap(self.teacher, objective.teacher_feature_names, probe)
+                            if self.teacher is not None else None)
         self.trainable = list(self.student.parameters()) + [
             p for module in self.regressors.values() for p in module.parameters()]
         self.clip_norm = optimizer.clip_norm

@@ -69,7 +69,7 @@ def run_options(fn):
 
 def _setup(config_path, overrides, out, seed, device):
     from fkd.rundir import RunDir
-    from fkd.training import resolve_device
+    from fkd.device import resolve_device
 
     cfg = load_config(config_path, overrides, seed=seed, device=device)
     run = RunDir(out if out is not None else Path("runs") / cfg.name)
@@ -113,7 +113,7 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet):
     from fkd.teacher import fit_teacher
 
     cfg, run, dev = _setup(config_path, overrides, out, seed, device)
-    data = load_data(cfg.data, device=dev, seed=cfg.seed)
+    data = load_data(cfg.data, device=dev)
     fit_teacher(cfg, data, dev, run, resume=resume, quiet=quiet, echo=click.echo)
 
 
@@ -175,11 +175,10 @@ def show_config(config_path, overrides, keys):
               help="Override a key of that config, e.g. --set data.root=/mnt/data (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the report to DIR/evaluation.json.")
-@click.option("--seed", type=int, help="Accepted for symmetry; evaluation is deterministic.")
 @click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
 @friendly_errors
-def evaluate(path, config_path, overrides, out, seed, device, as_json):
+def evaluate(path, config_path, overrides, out, device, as_json):
     """Test accuracy, per-class accuracy, parameter count, size and CPU latency of PATH.
 
     PATH is a run directory or a checkpoint file written by fkd; the data come from the config
@@ -192,10 +191,10 @@ def evaluate(path, config_path, overrides, out, seed, device, as_json):
       python cli.py evaluate runs/stl10-logit --set data.root=/mnt/datasets --out reports/stl10-logit
     """
     from fkd.evaluate import evaluate_path, write_report
-    from fkd.training import resolve_device
+    from fkd.device import resolve_device
 
     result = evaluate_path(path, resolve_device(device or "auto"), config_path=config_path,
-                           overrides=list(overrides), seed=seed)
+                           overrides=list(overrides))
     if out is not None:
         click.echo(f"report written to {write_report(result, out)}", err=True)
     if as_json:
@@ -230,6 +229,9 @@ def evaluate(path, config_path, overrides, out, seed, device, as_json):
 def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json, out):
     """Time one training step: fkd's functional step against the imperative baseline.
 
+    Runs from a clone of the repository: the harness and the baseline live in its bench/ folder,
+    not in the installed package.
+
     \b
     Variants (same student weights, same batch, same device):
       imperative    nn.Module + forward hooks + loss.backward() + torch.optim
@@ -249,8 +251,10 @@ def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json
       python cli.py bench --config configs/bench/notebook224.toml --set train.precision=bf16 \\
           --set train.channels_last=true --set data.batch_size=128
     """
-    from fkd.bench import run_bench
-    from fkd.training import resolve_device
+    from fkd.clone_files import load_clone_module
+
+    run_bench = load_clone_module("bench/harness.py", "the benchmark harness").run_bench
+    from fkd.device import resolve_device
 
     cfg = load_config(config_path, overrides, seed=seed, device=device)
     chosen = variants.split(",") if variants else None

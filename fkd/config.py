@@ -18,6 +18,7 @@ values raise :class:`~fkd.errors.ConfigError` naming the dotted key, e.g.
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import tomllib
 import typing
@@ -63,8 +64,14 @@ def _non_negative(inst, attribute, value):
         raise ValueError(f"must be >= 0 (got {value!r})")
 
 
-def _field(default, *validators, help: str = ""):
-    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+def _field(default, *validators, help: str = "", registry: str = ""):
+    """An attrs field with its ``help`` for ``fkd config --keys``.
+
+    ``registry`` (``"module:NAME"``) says the value names an entry of that :class:`~fkd.registry.Registry`;
+    :func:`from_dict` checks it and ``--keys`` lists the names. The registry is imported only then, never
+    when this module is, so that reading a config does not import torchvision up front.
+    """
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "registry": registry}}
     if validators:
         kwargs["validator"] = list(validators)
     if isinstance(default, (list, dict)):
@@ -76,16 +83,14 @@ def _field(default, *validators, help: str = ""):
 
 # --- schema ----------------------------------------------------------------------------------
 
-DATASETS = ("digits", "stl10", "cifar10", "cifar100", "imagefolder", "synthetic")
-METHODS = ("none", "logit", "feature", "attention", "combined")
-LOSS_TERMS = ("ce", "logit", "feature", "attention")
+METHODS = ("none", "logit", "feature", "attention", "combined", "terms")  # fkd.objective.METHODS
 
 
 @attrs.frozen
 class DataConfig:
     """Where images come from and how they are shaped."""
 
-    name: str = _field("digits", _one_of(*DATASETS), help="data set")
+    name: str = _field("digits", help="data set", registry="fkd.data.datasets:DATASETS")
     root: str = _field("data", help="folder holding downloaded / user data")
     image_size: int = _field(32, _at_least(8), help="side of the square images the models see")
     resize: int = _field(0, _at_least(0), help="resize shorter side to this before cropping (0: image_size)")
@@ -103,17 +108,27 @@ class DataConfig:
     synthetic_size: int = _field(256, _at_least(1), help="synthetic: images per split")
     synthetic_classes: int = _field(10, _at_least(2), help="synthetic: number of classes")
 
+    def __attrs_post_init__(self) -> None:
+        # Views of side resize cannot be cropped to image_size. Checked here, the one place, so that a
+        # config file and a DataConfig built in code fail alike, before any data are read.
+        if self.resize and self.resize < self.image_size:
+            raise ConfigError(f"data.resize = {self.resize} is smaller than data.image_size = {self.image_size}; "
+                              "set data.resize to 0 or to at least image_size.")
+
     @property
     def augments(self) -> bool:
-        """True when the training view is random (so teacher outputs cannot be cached)."""
-        return self.flip or self.crop == "random"
+        """True when the training view is random (so teacher outputs cannot be cached): whether the
+        training :class:`~fkd.data.transforms.BatchTransform` ``is_random``."""
+        from fkd.data.transforms import BatchTransform
+
+        return BatchTransform.for_split(self, train=True).is_random
 
 
 @attrs.frozen
 class OptimizerConfig:
     """An optimizer from :mod:`fkd.optim` and its learning-rate schedule."""
 
-    name: str = _field("adam", _one_of("sgd", "adam", "adamw"), help="optimizer")
+    name: str = _field("adam", help="optimizer", registry="fkd.optim:OPTIMIZERS")
     learning_rate: float = _field(1e-3, _positive, help="peak learning rate")
     momentum: float = _field(0.0, _unit_interval, help="sgd momentum")
     nesterov: bool = _field(False, help="sgd Nesterov momentum")
@@ -121,10 +136,8 @@ class OptimizerConfig:
     b1: float = _field(0.9, _unit_interval, help="adam beta1")
     b2: float = _field(0.999, _unit_interval, help="adam beta2")
     eps: float = _field(1e-8, _positive, help="adam epsilon")
-    schedule: str = _field(
-        "constant", _one_of("constant", "cosine", "warmup_cosine", "multistep", "one_cycle"),
-        help="learning-rate schedule over the whole run",
-    )
+    schedule: str = _field("constant", help="learning-rate schedule over the whole run",
+                           registry="fkd.schedules:SCHEDULES")
     warmup_epochs: float = _field(0.0, _non_negative, help="warmup_cosine: warmup length in epochs")
     milestones: list = _field([], help="multistep: epochs at which the rate is multiplied by gamma")
     gamma: float = _field(0.1, _positive, help="multistep: decay factor")
@@ -180,47 +193,32 @@ class TeacherConfig:
 
 @attrs.frozen
 class DistillConfig:
-    """Which distillation loss trains the student.
+    """Which distillation loss trains the student: a weighted sum of registered loss terms.
 
-    ``method`` picks the loss weights (``combined`` takes them from ``weights``):
+    ``method = "terms"`` takes the terms from ``[distill.terms.<name>]`` tables (``weight`` and that
+    term's keys; ``fkd config --keys`` lists them). The other methods are presets that expand to terms
+    (see :mod:`fkd.objective`):
 
     ============  ===============================================================
     none          CE                                  (the baseline student)
     logit         alpha * KD_T + (1 - alpha) * CE    (Hinton et al. 2015)
     feature       alpha * CE + beta * hint           (FitNets; the notebook's weights)
     attention     CE + beta * AT                     (Zagoruyko & Komodakis 2017)
-    combined      sum of weights[term] * term over ce, logit, feature, attention
+    combined      sum of weights[term] * term
     ============  ===============================================================
     """
 
-    method: str = _field("logit", _one_of(*METHODS), help="distillation loss")
-    temperature: float = _field(2.0, _positive, help="softmax temperature T of the KD term")
+    method: str = _field("logit", _one_of(*METHODS), help="distillation loss: a preset, or 'terms' for [distill.terms]")
+    temperature: float = _field(2.0, _positive, help="presets: softmax temperature T of the KD term")
     alpha: float = _field(0.7, _unit_interval, help="logit: weight of KD; feature: weight of CE")
     beta: float = _field(0.3, _non_negative, help="feature / attention: weight of that term")
     student_features: list = _field([], help="student feature names, paired by position")
     teacher_features: list = _field([], help="teacher feature (FX node) names, paired by position")
     weights: dict = _field({}, help="combined: weight per term (ce, logit, feature, attention)")
-    attention_p: float = _field(2.0, _positive, help="attention: power p of the attention map")
-
-    def term_weights(self) -> dict[str, float]:
-        """The loss weights of each term this method uses, e.g. ``{"ce": 0.3, "logit": 0.7}``."""
-        if self.method == "none":
-            return {"ce": 1.0}
-        if self.method == "logit":
-            return {"ce": 1.0 - self.alpha, "logit": self.alpha}
-        if self.method == "feature":
-            return {"ce": self.alpha, "feature": self.beta}
-        if self.method == "attention":
-            return {"ce": 1.0, "attention": self.beta}
-        return {k: float(v) for k, v in self.weights.items()}
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(k != "ce" and w != 0 for k, w in self.term_weights().items())
-
-    @property
-    def uses_features(self) -> bool:
-        return any(k in ("feature", "attention") and w != 0 for k, w in self.term_weights().items())
+    attention_p: float = _field(2.0, _positive, help="presets: power p of the attention map")
+    terms: dict = _field({}, help="method = 'terms': one [distill.terms.<name>] table per loss term")
+    imports: list = _field([], help="your own term files (.py) or modules to import; this RUNS their code, "
+                                    "so name only files you trust")
 
 
 @attrs.frozen
@@ -249,7 +247,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if attrs.has(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table ([{key}]), not {value!r}.")
-        return _build(tp, value, key + ".")
+        return build_attrs(tp, value, key + ".")
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -270,7 +268,8 @@ def _suggest(name: str, valid: list[str]) -> str:
     return f"valid keys: {', '.join(valid)}."
 
 
-def _build(cls, raw: dict, prefix: str = ""):
+def build_attrs(cls, raw: dict, prefix: str = ""):
+    """An attrs instance of ``cls`` from a raw table, every key and value checked (errors name ``prefix + key``)."""
     fields = {f.name: f for f in attrs.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -299,62 +298,64 @@ def _failing_field(cls, kwargs) -> str:
 
 
 def _check_model_name(key: str, arch: str) -> None:
-    from fkd.models import STUDENT_ARCHS, torchvision_names  # torchvision is slow to import: only here
+    from fkd.models import model_builder  # torchvision is slow to import: only here
 
-    if arch not in STUDENT_ARCHS and arch not in torchvision_names():
-        close = difflib.get_close_matches(arch, [*STUDENT_ARCHS, *torchvision_names()], n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
-            "use seed_cnn, small_cnn or a torchvision classifier (resnet18, mobilenet_v3_small, efficientnet_b0, ...).")
-        raise ConfigError(f"{key} = '{arch}' is not a known model; {hint}")
+    model_builder(arch, key=key)
+
+
+def _registry(f: attrs.Attribute):
+    """The :class:`~fkd.registry.Registry` a field's value names (imported now), or None."""
+    where = f.metadata.get("registry")
+    if not where:
+        return None
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_registered_names(obj: Any, prefix: str = "") -> None:
+    """Every field naming a registry entry (``data.name``, ``train.optimizer.schedule``, ...) names a
+    registered one; otherwise a :class:`ConfigError` listing the valid names."""
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if attrs.has(type(value)):
+            _check_registered_names(value, f"{prefix}{f.name}.")
+        elif (registry := _registry(f)) is not None:
+            registry.get(value, key=prefix + f.name)
 
 
 def _check_whole(cfg: Config) -> Config:
     """Validation that spans fields."""
+    _check_registered_names(cfg)
     _check_model_name("student.arch", cfg.student.arch)
     _check_model_name("teacher.arch", cfg.teacher.arch)
-    if cfg.data.resize and cfg.data.resize < cfg.data.image_size:
-        raise ConfigError(f"data.resize = {cfg.data.resize} is smaller than data.image_size = {cfg.data.image_size}; "
-                          "set data.resize to 0 or to at least image_size.")
     if cfg.data.test_fraction >= 1:
         raise ConfigError(f"data.test_fraction must be below 1 (got {cfg.data.test_fraction}).")
     d = cfg.distill
-    if d.method == "combined":
-        if not d.weights:
-            raise ConfigError("distill.method = 'combined' needs [distill.weights], e.g. {ce = 0.5, logit = 0.5}.")
-        for k, v in d.weights.items():
-            if k not in LOSS_TERMS:
-                raise ConfigError(
-                    f"unknown loss term '{k}' in distill.weights; valid terms: {', '.join(LOSS_TERMS)}."
-                )
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"distill.weights.{k} must be a number >= 0 (got {v!r}).")
-    if d.uses_features:
-        if not d.student_features or not d.teacher_features:
-            raise ConfigError(
-                f"distill.method = '{d.method}' matches features: set distill.student_features and "
-                "distill.teacher_features (e.g. ['block2'] and ['layer1'])."
-            )
-        if len(d.student_features) != len(d.teacher_features):
-            raise ConfigError(
-                f"distill.student_features has {len(d.student_features)} names but distill.teacher_features "
-                f"has {len(d.teacher_features)}; they are paired by position, so give the same number."
-            )
     for key, names in (("distill.student_features", d.student_features),
-                       ("distill.teacher_features", d.teacher_features)):
+                       ("distill.teacher_features", d.teacher_features), ("distill.imports", d.imports)):
         if not all(isinstance(n, str) for n in names):
             raise ConfigError(f"{key} must be a list of strings (got {names!r}).")
+    from fkd.objective import from_config  # imports torch and the user's term files: only here
+
+    from_config(d)  # unknown terms, keys, values and unpaired features fail here, before any run
     for key, widths in (("student.widths", cfg.student.widths), ("teacher.widths", cfg.teacher.widths)):
         if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ConfigError(f"{key} must be a non-empty list of positive integers (got {widths!r}).")
+    from fkd.optim import OPTIMIZER_KEYS, OPTIMIZERS
+    from fkd.schedules import SCHEDULE_KEYS, SCHEDULES
+
     for opt_key, opt in (("train.optimizer", cfg.train.optimizer), ("teacher.train.optimizer", cfg.teacher.train.optimizer)):
         if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in opt.milestones):
             raise ConfigError(f"{opt_key}.milestones must be a list of positive epoch numbers (got {opt.milestones!r}).")
+        # a key the chosen optimizer or schedule does not take (momentum with adam) would do nothing: refuse it
+        OPTIMIZERS.keywords_for(opt.name, opt, OPTIMIZER_KEYS, prefix=opt_key)
+        SCHEDULES.keywords_for(opt.schedule, opt, SCHEDULE_KEYS, prefix=opt_key)
     return cfg
 
 
 def from_dict(raw: dict) -> Config:
     """Build and validate a :class:`Config` from a parsed TOML dict."""
-    return _check_whole(_build(Config, raw))
+    return _check_whole(build_attrs(Config, raw))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -377,7 +378,7 @@ def _check_key_path(path: list[str]) -> None:
     for i, part in enumerate(path):
         if cls is None or not attrs.has(cls):
             if cls is dict:
-                return  # free-form table (distill.weights)
+                return  # free-form table (distill.weights, distill.terms: checked when the objective is built)
             raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is not a table.")
         fields = {f.name: f for f in attrs.fields(cls)}
         if part not in fields:
@@ -433,11 +434,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **top
 # --- writing ---------------------------------------------------------------------------------
 
 
-def to_dict(cfg: Any) -> dict:
-    """The config as plain dicts (the inverse of :func:`from_dict`)."""
-    return attrs.asdict(cfg, recurse=True)
-
-
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -462,15 +458,25 @@ def dumps(cfg: Config) -> str:
         nested = []
         for f in attrs.fields(type(obj)):
             value = getattr(obj, f.name)
-            if attrs.has(type(value)):
+            if attrs.has(type(value)) or _is_table_of_tables(value):
                 nested.append((f.name, value))
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
         for name, value in nested:
-            table(value, f"{prefix}.{name}" if prefix else name)
+            path = f"{prefix}.{name}" if prefix else name
+            if attrs.has(type(value)):
+                table(value, path)
+            else:  # [distill.terms.<name>] tables, one per term
+                for key, sub in value.items():
+                    lines.append(f"\n[{path}.{key}]")
+                    lines.extend(f"{k} = {_toml_value(v)}" for k, v in sub.items())
 
     table(cfg, "")
     return "\n".join(lines) + "\n"
+
+
+def _is_table_of_tables(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())
 
 
 def _validators(f: attrs.Attribute) -> list:
@@ -492,8 +498,27 @@ def help_text(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
         else:
             meaning = f.metadata.get("help", "")
             choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
+            if (registry := _registry(f)) is not None:
+                choices += registry.names()
             if choices:
                 meaning += f": {' | '.join(choices)}"
             rows.append((prefix + f.name, _toml_value(default), meaning))
+    if cls is Config:
+        rows.extend(_term_rows())
+    return rows
+
+
+def _term_rows() -> list[tuple[str, str, str]]:
+    """``distill.terms.<name>.<key>`` rows for every registered loss term."""
+    from fkd.terms import TERMS, config_fields
+
+    rows = []
+    for name in TERMS.names():
+        cls = TERMS.get(name)
+        rows.append((f"distill.terms.{name}.weight", "1.0", f"weight of the '{name}' term: {cls.summary}"))
+        for f in config_fields(cls):
+            choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
+            meaning = f.metadata.get("help", "") + (f": {' | '.join(choices)}" if choices else "")
+            rows.append((f"distill.terms.{name}.{f.name}", _toml_value(f.default), meaning))
     return rows
 

@@ -1,10 +1,12 @@
 """``fkd distill``: train a student against a teacher, end to end.
 
-1. load the data; 2. load the teacher checkpoint (fitting it first when it is missing and
-``teacher.fit_if_missing`` allows); 3. build the student and, for feature terms, one FitNets regressor
-per feature pair (shapes probed with one forward pass); 4. cache the teacher's outputs when the
-training view is deterministic; 5. train with :func:`fkd.fit.fit`; 6. write ``summary.json`` and
-``curves.png`` and print a teacher-vs-student table.
+1. load the data; 2. build the objective from ``[distill]`` and the student, and check every feature
+name and pair (shapes probed with one forward pass) before anything is written; 3. load the teacher
+checkpoint when a term consumes the teacher (fitting it first when it is missing and
+``teacher.fit_if_missing`` allows); 4. initialise the terms' parameters and state (FitNets
+regressors, memories); 5. cache the teacher's outputs when the training view is deterministic;
+6. train with :func:`fkd.fit.fit`; 7. write ``summary.json`` and ``curves.png`` and print a
+teacher-vs-student table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import attrs
 import torch
 
 from fkd import objective as objective_lib
@@ -20,29 +23,17 @@ from fkd.cache import build_cache, cache_key
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.errors import CheckpointError
+from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
-from fkd.loop import LoopSpec, steps_per_epoch
-from fkd.models import build_model, param_count, size_bytes
+from fkd.loop import steps_per_epoch
+from fkd.models import param_count, size_bytes
+from fkd.models.from_config import build_student, build_teacher
+from fkd.models.functional import feature_shapes
+from fkd.objective import Objective
 from fkd.rundir import RunDir, plot_curves
-from fkd.step import init_train_state, make_train_step, to_channels_last
-from fkd.teacher import build_teacher, fit_teacher, load_teacher, teacher_checkpoint_path
-from fkd.training import cpu_latency_ms, current_lr, make_evaluator, optimizer_from_config
-
-
-def feature_shapes(model, params: dict, buffers: dict, image_size: int, device) -> dict:
-    """``{feature name: shape without batch}`` from one eval-mode forward pass of a zero image."""
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    with torch.no_grad():
-        _, feats, _ = model.apply(params, buffers, x, train=False)
-    return {k: tuple(v.shape[1:]) for k, v in feats.items()}
-
-
-def build_student(cfg: Config, num_classes: int, device):
-    """The student of ``cfg`` -> ``(model, params, buffers)``, returning the configured features."""
-    s = cfg.student
-    names = cfg.distill.student_features if cfg.distill.uses_features else ()
-    return build_model(s.arch, num_classes, cfg.data.image_size, names, widths=s.widths,
-                       batch_norm=s.batch_norm, seed=cfg.seed, device=device)
+from fkd.run_setup import build_training
+from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
+from fkd.terms import Shapes
 
 
 def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
@@ -62,41 +53,56 @@ def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: 
     return path
 
 
-def preflight(cfg: Config, num_classes: int, device) -> tuple:
-    """Build the student and check every name and feature pair before anything is trained or written.
+@attrs.frozen(eq=False)
+class Preflight:
+    """The objective, the student and the shapes the terms are sized by, all checked."""
+
+    objective: Objective
+    student: object
+    params: dict
+    buffers: dict
+    shapes: Shapes
+
+
+def preflight(cfg: Config, num_classes: int, num_examples: int, device) -> Preflight:
+    """Build the objective and the student and check every term against the real shapes.
 
     Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
-    Returns ``(student, params, buffers, objective, student_shapes, teacher_shapes)``.
+    The teacher is built with random weights on the CPU only to read its feature shapes.
     """
     obj = objective_lib.from_config(cfg.distill)
-    student, params, buffers = build_student(cfg, num_classes, device)
+    student, params, buffers = build_student(cfg, num_classes, obj.student_feature_names, device=device)
     s_shapes = t_shapes = {}
     if obj.needs_features:
         s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
-        teacher, t_params, t_buffers = build_teacher(cfg, num_classes, cfg.distill.teacher_features)
+    if obj.needs_teacher_features:
+        teacher, t_params, t_buffers = build_teacher(cfg, num_classes, obj.teacher_feature_names)
         t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
-        objective_lib.check_pairs(obj, s_shapes, t_shapes)
-    return student, params, buffers, obj, s_shapes, t_shapes
+    shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
+    obj.check(shapes)
+    return Preflight(obj, student, params, buffers, shapes)
 
 
 def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool = False, quiet: bool = False,
                 echo: Callable = print) -> dict:
     """Distill per ``cfg`` into ``run``; returns the summary written to ``summary.json``."""
-    data = load_data(cfg.data, device=device, seed=cfg.seed)
-    student, params, buffers, obj, s_shapes, t_shapes = preflight(cfg, data.num_classes, device)
+    data = load_data(cfg.data, device=device)
+    pre = preflight(cfg, data.num_classes, len(data.train), device)
+    obj, student = pre.objective, pre.student
     run.prepare()
     teacher = teacher_vars = None
     teacher_acc = None
     if obj.needs_teacher:
         t_path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
-        t_names = cfg.distill.teacher_features if obj.needs_features else ()
-        teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes, t_names, device)
+        teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes, obj.teacher_feature_names,
+                                                          device)
     run.write_config(cfg)
-    regressors = obj.init_regressors(s_shapes, t_shapes, seed=cfg.seed, device=device) if obj.needs_features else {}
+    objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
 
+    augment = cfg.data.augments
     batch_extras = None
     cache_note = "off"
-    if obj.needs_teacher and cfg.teacher.cache != "off" and not cfg.data.augments:
+    if obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
         key = cache_key(t_path, data.fingerprint, teacher.feature_names, cfg.train.precision)
         cache = build_cache(teacher, teacher_vars, data.train, mode=cfg.teacher.cache, key=key,
                             cache_dir=cfg.teacher.cache_dir, batch_size=cfg.data.eval_batch_size,
@@ -104,28 +110,22 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         batch_extras = cache.lookup
         cache_note = cache.where
 
-    nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
-    opt, schedule = optimizer_from_config(cfg.train.optimizer, max(nb, 1), cfg.train.epochs)
-    tr = cfg.train
-    channels_last = tr.channels_last and device.type == "cuda"
-    layout = to_channels_last if channels_last else (lambda tree: tree)
-    state = layout(init_train_state(params, buffers, opt, regressors=regressors))
+    training = build_training(
+        student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
+        objective_state=objective_state, teacher=teacher,
+        steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
+        seed=cfg.seed, augment=augment, device=device, quiet=quiet)
     if teacher_vars is not None:
-        teacher_vars = layout(teacher_vars)
-    step = make_train_step(student, obj, opt, teacher=teacher, precision=tr.precision, compile=tr.compile,
-                           compile_mode=tr.compile_mode, channels_last=channels_last, device=device)
-
+        teacher_vars = training.layout(teacher_vars)
     evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                               batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-    spec = LoopSpec("student", tr.epochs, cfg.data.batch_size, cfg.seed, cfg.data.augments, tr.log_every,
-                    tr.checkpoint_every, quiet)
     echo(f"student {cfg.student.arch}, method {cfg.distill.method} "
          f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
-    state = fit(run, kind="student_run", spec=spec, step=step, state=state, source=data.train, device=device,
-                resume=resume, config_text=dumps(cfg), evaluate=lambda st: evaluate(st)["accuracy"],
-                teacher_vars=teacher_vars,
-                batch_extras=batch_extras, learning_rate=lambda st: current_lr(schedule, st),
+    state = fit(run, kind="student_run", spec=training.spec, step=training.step, state=training.state,
+                source=data.train, device=device, resume=resume, config_text=dumps(cfg),
+                evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
+                batch_extras=batch_extras, learning_rate=training.learning_rate,
                 extra_payload=lambda st: {"model": dict(student.spec)})
 
     final = evaluate(state)
@@ -133,6 +133,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     summary = {
         "kind": "student",
         "method": cfg.distill.method,
+        "terms": obj.weights,
         "data": cfg.data.name,
         "data_fingerprint": data.fingerprint,
         "student_arch": cfg.student.arch,

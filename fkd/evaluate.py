@@ -1,17 +1,20 @@
-"""``fkd evaluate PATH``: accuracy, per-class accuracy, size and CPU latency of a trained model.
+"""Evaluation: accuracy over a split, CPU latency, and ``fkd evaluate PATH`` for a saved model.
 
-PATH is a run directory (its ``checkpoints/latest.pt`` and ``config.toml``; for a teacher run, its
-``teacher.pt`` when present) or a checkpoint file (teacher or student; the config inside it says which
-data to evaluate on).
+:func:`evaluate_model` is the test pass of every run (teacher fit and distillation call it through
+:func:`make_evaluator` at each epoch end). ``fkd evaluate PATH`` reports accuracy, per-class accuracy,
+size and CPU latency of a trained model: PATH is a run directory (its ``checkpoints/latest.pt`` and
+``config.toml``; for a teacher run, its ``teacher.pt`` when present) or a checkpoint file (teacher or
+student; the config inside it says which data to evaluate on).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from pathlib import Path
 
-import attrs
+import numpy as np
 import torch
 
 from fkd.checkpoint import load_checkpoint
@@ -20,7 +23,66 @@ from fkd.data import load_data
 from fkd.errors import CheckpointError
 from fkd.models import build_model, param_count, size_bytes
 from fkd.rundir import ensure_writable, write_text_atomic
-from fkd.training import cpu_latency_ms, evaluate_model
+from fkd.step import make_eval_step
+
+
+def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: int, num_classes: int,
+                   device: torch.device, precision: str = "fp32") -> dict:
+    """Accuracy over a whole split: ``{"accuracy", "per_class", "correct", "count"}``.
+
+    ``per_class`` is a list of per-class accuracies (None for classes with no test images).
+    """
+    eval_step = make_eval_step(model, precision=precision, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for x, y, _ in source.batches(batch_size, shuffle=False):
+        logits = eval_step(params, buffers, x, y)["logits"]
+        pred = logits.argmax(dim=-1)
+        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
+            num_classes, num_classes
+        )
+    confusion = confusion.cpu().numpy()
+    per_class_total = confusion.sum(axis=1)
+    correct = int(np.trace(confusion))
+    count = int(confusion.sum())
+    per_class = [
+        float(confusion[i, i] / per_class_total[i]) if per_class_total[i] else None for i in range(num_classes)
+    ]
+    return {"accuracy": correct / max(count, 1), "per_class": per_class, "correct": correct, "count": count}
+
+
+def make_evaluator(model, source, weights_of, *, batch_size: int, num_classes: int, device: torch.device):
+    """``evaluate(state) -> evaluate_model(...)`` result for the weights ``weights_of(state) -> (params, buffers)``.
+
+    The last result is remembered for the state object it was computed for, so the end-of-run summary
+    reuses the final epoch's evaluation instead of running the test set again.
+    """
+    last: dict = {}
+
+    def evaluate(state: dict) -> dict:
+        if last.get("state") is not state:
+            params, buffers = weights_of(state)
+            result = evaluate_model(model, params, buffers, source, batch_size=batch_size,
+                                    num_classes=num_classes, device=device)
+            last.update(state=state, result=result)
+        return last["result"]
+
+    return evaluate
+
+
+def cpu_latency_ms(model, params: dict, buffers: dict, image_size: int, *, repeats: int = 20) -> float:
+    """Median CPU latency of one image (batch 1, eval mode, fp32), in milliseconds."""
+    cpu = torch.device("cpu")
+    p = {k: v.to(cpu) for k, v in params.items()}
+    b = {k: v.to(cpu) for k, v in buffers.items()}
+    x = torch.zeros(1, 3, image_size, image_size)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model.apply(p, b, x, train=False)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -45,7 +107,7 @@ def _weights(data: dict) -> tuple[dict, dict]:
 
 
 def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | Path | None = None,
-                  overrides: list[str] = (), seed: int | None = None) -> dict:
+                  overrides: list[str] = ()) -> dict:
     """Evaluate the model saved at ``path`` on the test split of its config.
 
     The config is the one saved in the checkpoint, or ``config_path``; ``overrides`` (``key=value``)
@@ -57,14 +119,12 @@ def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | 
         raise CheckpointError(f"'{ckpt}' is a {data.get('kind')} file, not a model checkpoint.")
     raw = read_toml(config_path) if config_path is not None else tomllib.loads(data["config"])
     cfg = from_dict(apply_overrides(raw, list(overrides)))
-    if seed is not None:
-        cfg = attrs.evolve(cfg, seed=seed)
     spec = data["model"] if "model" in data else None
     if spec is None:  # a teacher run's latest.pt: the teacher architecture of its config
         t = cfg.teacher
         spec = {"arch": t.arch, "num_classes": None, "image_size": cfg.data.image_size, "widths": t.widths,
                 "batch_norm": t.batch_norm}
-    bundle = load_data(cfg.data, device=device, seed=cfg.seed)
+    bundle = load_data(cfg.data, device=device)
     num_classes = spec["num_classes"] or bundle.num_classes
     model, _, _ = build_model(spec["arch"], num_classes, cfg.data.image_size, widths=spec["widths"],
                               batch_norm=spec["batch_norm"])

@@ -15,7 +15,7 @@ import torch
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.errors import CheckpointError, FkdError
 from fkd.loop import LoopSpec, run_epochs
-from fkd.pytree import tree_map, tree_to
+from fkd.pytree import tree_map, tree_signature, tree_to
 from fkd.rundir import RunDir
 
 
@@ -68,6 +68,7 @@ def fit(
                 f"the run in '{run.path}' was started with a different config; resume it with its own "
                 f"config ({run.config_path}) or start a new run with --out."
             )
+        _check_same_structure(saved["state"], state, run)
         state = tree_to(saved["state"], device)
         start_epoch, start_batch = int(saved["epoch"]), int(saved["batch"])
         _set_rng_state(saved["rng"])
@@ -100,3 +101,19 @@ def _config_key(config_text: str) -> str:
     """The config with the epoch counts removed: what must match for a resume."""
     lines = [line for line in config_text.splitlines() if not line.startswith("epochs = ")]
     return "\n".join(lines)
+
+
+def _check_same_structure(saved: dict, fresh: dict, run: RunDir) -> None:
+    """A checkpoint's state must have the fresh state's leaves, shapes and dtypes (else the step would fail)."""
+    have, want = tree_signature(saved), tree_signature(fresh)
+    if have.keys() != want.keys():
+        diff = sorted(set(have) ^ set(want))
+        raise CheckpointError(
+            f"the checkpoint in '{run.path}' holds a train state of another layout (e.g. '{diff[0]}'), written "
+            "by another fkd version or objective; start a new run with --out."
+        )
+    for path, sig in want.items():
+        if have[path] != sig:
+            raise CheckpointError(f"the checkpoint in '{run.path}' holds '{path}' as {have[path]}, but this run "
+                                  f"needs {sig}; start a new run with --out.")
+

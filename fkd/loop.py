@@ -119,7 +119,7 @@ def run_epochs(
             batches = source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=first,
                                      augment=spec.augment, drop_last=True)
             for x, y, idx in batches:
-                batch = {"x": x, "y": y}
+                batch = {"x": x, "y": y, "idx": idx}
                 if batch_extras is not None:
                     batch.update(batch_extras(idx))
                 state, metrics = step(state, batch, teacher_vars)

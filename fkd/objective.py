@@ -1,139 +1,239 @@
-"""The distillation objective: a weighted sum of named loss terms over student and teacher outputs.
+"""The distillation objective: ``loss = sum_k w_k * term_k``, over registered loss terms with their own state.
 
-Terms (all from :mod:`fkd.losses`):
+An :class:`Objective` combines terms (:mod:`fkd.terms`) the way optax's ``chain`` combines transforms:
+``init`` gathers each term's ``(params, state)`` under its name, and a call applies every term to the
+same inputs and returns the weighted loss, one metric per term and every term's new state. Weights are
+Python floats fixed when the objective is built; a zero-weight term is dropped, so it is never computed
+and nothing branches on tensor values.
 
-* ``ce``        -- cross-entropy with the labels;
-* ``logit``     -- ``soft_target_kl`` at temperature T (Hinton et al. 2015);
-* ``feature``   -- FitNets hint per (student, teacher) feature pair, averaged over pairs (Romero et al. 2015);
-* ``attention`` -- attention transfer over the feature pairs (Zagoruyko & Komodakis 2017).
+Where an objective comes from (:func:`from_config`):
 
-``loss = sum_k w_k * term_k``. Weights are plain Python floats fixed when the objective is built, so
-a zero-weight term is never computed and nothing branches on tensor values.
+* ``distill.method = "terms"``: one ``[distill.terms.<name>]`` table per term, with ``weight`` (default
+  1) and that term's own keys;
+* the presets, which expand to the same tables (and give the same losses as before terms existed):
+
+  ============  ===================================================================
+  ``none``      ce 1                                     (the baseline student)
+  ``logit``     ce ``1 - alpha``, logit ``alpha`` at T = ``temperature``  (Hinton et al. 2015)
+  ``feature``   ce ``alpha``, feature ``beta``           (FitNets; the notebook's weights)
+  ``attention`` ce 1, attention ``beta`` with p = ``attention_p``  (Zagoruyko & Komodakis 2017)
+  ``combined``  ``weights[term]`` per term, with ``temperature`` / ``attention_p``
+  ============  ===================================================================
+
+Feature terms match ``distill.student_features[i]`` with ``distill.teacher_features[i]``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import attrs
 import torch
 
 from fkd import losses
 from fkd.errors import ConfigError
+from fkd.pytree import tree_to
+from fkd.registry import Registry
+from fkd.terms import TERMS, Shapes, Term, TermInputs, config_fields
 
-Regressors = dict[str, dict[str, torch.Tensor]]
 
+@attrs.frozen
+class WeightedTerm:
+    """One term of an objective: its name (the metric and the key of its params/state), weight, unit."""
 
-def pair_key(student_name: str, teacher_name: str) -> str:
-    """The regressor key of a feature pair, e.g. ``"block2->layer1"``."""
-    return f"{student_name}->{teacher_name}"
+    name: str
+    weight: float
+    term: Term
 
 
 @attrs.frozen
 class Objective:
-    """``objective(...) -> (loss, metrics)``; see the module docstring.
+    """``objective(params, state, inputs) -> (loss, metrics, new_state)``; see the module docstring."""
 
-    Attributes:
-        weights: ``{term: weight}`` over ``ce``, ``logit``, ``feature``, ``attention``.
-        temperature: T of the ``logit`` term.
-        pairs: ``((student_feature, teacher_feature), ...)`` matched by the feature terms.
-        attention_p: the power p of attention maps.
-    """
+    terms: tuple = ()
 
-    weights: dict
-    temperature: float = 2.0
-    pairs: tuple = ()
-    attention_p: float = 2.0
+    @property
+    def weights(self) -> dict[str, float]:
+        """``{term name: weight}`` in the objective's order."""
+        return {t.name: t.weight for t in self.terms}
+
+    def _consumed(self, what: str) -> bool:
+        return any(what in t.term.consumes for t in self.terms)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self._consumed("teacher_logits")
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        return self._consumed("teacher_features")
 
     @property
     def needs_teacher(self) -> bool:
-        return any(term != "ce" and w != 0 for term, w in self.weights.items())
+        return self.needs_teacher_logits or self.needs_teacher_features
 
     @property
     def needs_features(self) -> bool:
-        return any(term in ("feature", "attention") and w != 0 for term, w in self.weights.items())
+        """Whether any term reads features (the models must return them, the pairs must match)."""
+        return self._consumed("student_features") or self.needs_teacher_features
+
+    def _feature_names(self, side: int) -> tuple[str, ...]:
+        names = [pair[side] for t in self.terms for pair in getattr(t.term, "pairs", ())]
+        return tuple(dict.fromkeys(names))
 
     @property
-    def needs_regressors(self) -> bool:
-        return self.weights.get("feature", 0) != 0
+    def student_feature_names(self) -> tuple[str, ...]:
+        """The student features the terms read, in first-use order."""
+        return self._feature_names(0) if self._consumed("student_features") else ()
 
-    def init_regressors(
-        self, student_shapes: dict, teacher_shapes: dict, *, seed: int = 0, device="cpu"
-    ) -> Regressors:
-        """One FitNets regressor per pair, mapping student channels to teacher channels.
+    @property
+    def teacher_feature_names(self) -> tuple[str, ...]:
+        """The teacher features the terms read, in first-use order."""
+        return self._feature_names(1) if self.needs_teacher_features else ()
 
-        ``*_shapes`` map feature names to shapes without the batch dim: ``(C, H, W)`` or ``(C,)``.
-        Pairs that cannot be matched (one spatial, the other not) raise :class:`ConfigError`.
+    def check(self, shapes: Shapes) -> None:
+        """Every term's :meth:`~fkd.terms.Term.check` (unmatchable feature pairs fail here, before training)."""
+        for t in self.terms:
+            t.term.check(shapes)
+
+    def init(self, shapes: Shapes, *, seed: int = 0, device="cpu") -> tuple[dict, dict]:
+        """``({name: params}, {name: state})`` of every term.
+
+        Each term draws from its own CPU generator seeded with ``seed``, so its values do not depend on
+        the other terms or the device.
         """
-        check_pairs(self, student_shapes, teacher_shapes)
-        if not self.needs_regressors:
-            return {}
-        gen = torch.Generator().manual_seed(seed)
-        out = {}
-        for s, t in self.pairs:
-            s_shape, t_shape = student_shapes[s], teacher_shapes[t]
-            reg = losses.init_regressor(s_shape[0], t_shape[0], generator=gen, spatial=len(s_shape) == 3)
-            out[pair_key(s, t)] = {k: v.to(device) for k, v in reg.items()}
-        return out
+        self.check(shapes)
+        params, state = {}, {}
+        for t in self.terms:
+            p, s = t.term.init(shapes, torch.Generator().manual_seed(seed))
+            params[t.name], state[t.name] = tree_to(p, device), tree_to(s, device)
+        return params, state
 
-    def __call__(
-        self,
-        student_logits: torch.Tensor,
-        student_features: dict,
-        labels: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_features: dict | None = None,
-        regressors: Regressors | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted loss and per-term metrics (detached 0-d tensors, never synced to the host)."""
-        terms: dict[str, torch.Tensor] = {}
-        w = {k: v for k, v in self.weights.items() if v != 0}
-        if "ce" in w:
-            terms["ce"] = losses.cross_entropy(student_logits, labels)
-        if "logit" in w:
-            terms["logit"] = losses.soft_target_kl(student_logits, teacher_logits, self.temperature)
-        if "feature" in w:
-            hints = [
-                losses.fitnet_hint(student_features[s], teacher_features[t], regressors[pair_key(s, t)])
-                for s, t in self.pairs
-            ]
-            terms["feature"] = torch.stack(hints).mean()
-        if "attention" in w:
-            terms["attention"] = losses.attention_transfer(
-                [student_features[s] for s, _ in self.pairs],
-                [teacher_features[t] for _, t in self.pairs],
-                p=self.attention_p,
-            )
-        return losses.weighted_sum(terms, w)
+    def __call__(self, params: dict, state: dict, inputs: TermInputs) -> tuple[torch.Tensor, dict, dict]:
+        """Weighted loss, per-term metrics (detached 0-d tensors, never synced) and each term's new state."""
+        values, new_state = {}, {}
+        for t in self.terms:
+            values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), inputs)
+            if term_state or t.name in state:  # the same structure as ``state`` (stateless terms may be absent)
+                new_state[t.name] = term_state
+        loss, metrics = losses.weighted_sum(values, self.weights)
+        return loss, metrics, new_state
 
 
-def check_pairs(objective: Objective, student_shapes: dict, teacher_shapes: dict) -> None:
-    """Raise :class:`ConfigError` when a feature pair cannot be matched, saying why."""
-    if not objective.needs_features:
-        return
-    for s, t in objective.pairs:
-        s_shape, t_shape = tuple(student_shapes[s]), tuple(teacher_shapes[t])
-        if len(s_shape) not in (1, 3) or len(t_shape) not in (1, 3):
-            raise ConfigError(
-                f"cannot match student feature '{s}' {s_shape} with teacher feature '{t}' {t_shape}: "
-                "features must be (C,) vectors or (C, H, W) maps."
-            )
-        if len(s_shape) != len(t_shape):
-            raise ConfigError(
-                f"cannot match student feature '{s}' of shape {s_shape} with teacher feature '{t}' of shape "
-                f"{t_shape}: one is a spatial map, the other a vector; pick features of the same kind."
-            )
-        if objective.weights.get("attention", 0) and len(s_shape) != 3:
-            raise ConfigError(
-                f"attention transfer needs spatial maps, but '{s}' and '{t}' are vectors; pick conv features."
-            )
+# --- building objectives ----------------------------------------------------------------------------
+
+
+def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.terms") -> Objective:
+    """An objective from ``{term name: {"weight": w, **hyper-parameters}}``.
+
+    Names are looked up in :data:`fkd.terms.TERMS`; unknown names, unknown keys and invalid values are
+    :class:`ConfigError` naming the dotted key (``where.<name>.<key>``) and the valid choices. Terms
+    that match features get ``pairs``.
+    """
+    from fkd.config import build_attrs  # config imports this module lazily; keep the cycle one-way
+
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{where} must be a table of term tables, e.g. [{where}.ce] weight = 1.0.")
+    terms = []
+    for name, table in tables.items():
+        if name not in TERMS:
+            raise ConfigError(f"unknown loss term '{name}' in {where}; valid terms: {', '.join(TERMS.names())}.")
+        cls = TERMS.get(name)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}.{name} must be a table ([{where}.{name}] with weight and the term's keys).")
+        keys = dict(table)
+        weight = keys.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"{where}.{name}.weight must be a number >= 0 (got {weight!r}).")
+        valid = [f.name for f in config_fields(cls)]
+        for key in keys:
+            if key not in valid:
+                raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: "
+                                  f"{', '.join(['weight', *valid])}.")
+        term = build_attrs(cls, keys, f"{where}.{name}.")
+        if "pairs" in attrs.fields_dict(cls):
+            term = attrs.evolve(term, pairs=tuple(pairs))
+        if weight != 0:
+            terms.append(WeightedTerm(name, float(weight), term))
+    if not terms:
+        raise ConfigError(f"every term in {where} has weight 0; give at least one term a positive weight.")
+    return Objective(tuple(terms))
+
+
+def from_weights(weights: dict[str, float], *, pairs: tuple = (), **hyper) -> Objective:
+    """An objective from ``{term: weight}``, each term taking the ``hyper`` keys it has.
+
+    ``from_weights({"ce": 0.3, "logit": 0.7}, temperature=4.0)``; ``from_weights({"ce": 0.7,
+    "feature": 0.3}, pairs=(("block2", "layer1"),))``. A ``hyper`` key no term takes is an error.
+    """
+    tables, used = {}, set()
+    for name, w in weights.items():
+        names = {f.name for f in config_fields(TERMS.get(name))} if name in TERMS else set()
+        mine = {k: v for k, v in hyper.items() if k in names}
+        used |= set(mine)
+        tables[name] = {"weight": w, **mine}
+    unused = sorted(set(hyper) - used)
+    if unused:
+        raise ConfigError(f"no term of {sorted(weights)} takes {', '.join(unused)}.")
+    return build(tables, pairs=pairs, where="weights")
+
+
+#: ``distill.method`` -> ``DistillConfig -> term tables``; ``method = "terms"`` takes the tables as written.
+METHODS = Registry("distillation method", "distill.method")
+METHODS.register("none", lambda d: {"ce": {"weight": 1.0}})
+METHODS.register("logit", lambda d: {"ce": {"weight": 1.0 - d.alpha},
+                                     "logit": {"weight": d.alpha, "temperature": d.temperature}})
+METHODS.register("feature", lambda d: {"ce": {"weight": d.alpha}, "feature": {"weight": d.beta}})
+METHODS.register("attention", lambda d: {"ce": {"weight": 1.0}, "attention": {"weight": d.beta, "p": d.attention_p}})
+METHODS.register("combined", lambda d: _combined_tables(d))
+METHODS.register("terms", lambda d: d.terms)
+
+_PRESET_KEYS: dict[str, Callable] = {
+    "logit": lambda d: {"temperature": d.temperature},
+    "attention": lambda d: {"p": d.attention_p},
+}
+
+
+def _combined_tables(d) -> dict:
+    if not d.weights:
+        raise ConfigError("distill.method = 'combined' needs [distill.weights], e.g. {ce = 0.5, logit = 0.5}.")
+    tables = {}
+    for name, w in d.weights.items():
+        if name not in TERMS:
+            raise ConfigError(f"unknown loss term '{name}' in distill.weights; valid terms: {', '.join(TERMS.names())}.")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"distill.weights.{name} must be a number >= 0 (got {w!r}).")
+        tables[name] = {"weight": float(w), **_PRESET_KEYS.get(name, lambda d: {})(d)}
+    return tables
+
+
+def term_tables(distill) -> dict[str, dict]:
+    """The ``{term: {"weight", ...}}`` tables a :class:`fkd.config.DistillConfig` stands for."""
+    if distill.method != "terms" and distill.terms:
+        raise ConfigError(f"[distill.terms] is set, but distill.method = '{distill.method}' is a preset that "
+                          "ignores it; set distill.method = 'terms' to train with your term tables.")
+    if distill.method == "terms" and not distill.terms:
+        raise ConfigError("distill.method = 'terms' needs at least one [distill.terms.<name>] table, "
+                          "e.g. [distill.terms.ce] weight = 1.0.")
+    return METHODS.get(distill.method)(distill)
 
 
 def from_config(distill) -> Objective:
-    """Build the objective a :class:`fkd.config.DistillConfig` describes."""
-    weights = distill.term_weights()
+    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first)."""
+    from fkd.terms.imports import import_terms
+
+    import_terms(list(distill.imports))
     if len(distill.student_features) != len(distill.teacher_features):
-        raise ConfigError("distill.student_features and distill.teacher_features are paired by position; "
-                          "give them the same number of names.")
+        raise ConfigError(
+            f"distill.student_features has {len(distill.student_features)} names but distill.teacher_features "
+            f"has {len(distill.teacher_features)}; they are paired by position, so give the same number."
+        )
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
-    if any(term in ("feature", "attention") and w for term, w in weights.items()) and not pairs:
-        raise ConfigError("feature and attention terms need distill.student_features and distill.teacher_features.")
-    return Objective(weights=weights, temperature=distill.temperature, pairs=pairs, attention_p=distill.attention_p)
+    where = "distill.weights" if distill.method == "combined" else "distill.terms"
+    objective = build(term_tables(distill), pairs=pairs, where=where)
+    if objective.needs_features and not pairs:
+        raise ConfigError(
+            f"distill.method = '{distill.method}' matches features: set distill.student_features and "
+            "distill.teacher_features (e.g. ['block2'] and ['layer1'])."
+        )
+    return objective

@@ -32,6 +32,11 @@ normalised step). Each named optimizer matches its ``torch.optim`` counterpart s
 ``learning_rate`` is a float or a schedule, ``schedule(count) -> 0-d tensor`` (see
 :mod:`fkd.schedules`).
 
+A config names its optimizer (``train.optimizer.name``) from the registry :data:`OPTIMIZERS`;
+:func:`optimizer_from_config` builds it with its schedule. A new optimizer is one function here, composed
+with :func:`chain` and decorated ``@OPTIMIZERS.register("name")``; the config keys it may take are its
+keyword parameters among :data:`OPTIMIZER_KEYS`.
+
 Arithmetic runs over the whole list of leaves at once with ``torch._foreach_*`` kernels (one call per
 operation, not one per tensor). ``vmap`` has no batching rules for those kernels, so under a functorch
 transform the same operation runs leaf by leaf instead; see :func:`_foreach`.
@@ -40,14 +45,18 @@ transform the same operation runs leaf by leaf instead; see :func:`_foreach`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
 from fkd.pytree import tree_leaves, tree_map, tree_unflatten_like
-from fkd.schedules import Schedule
+from fkd.registry import Registry
+from fkd.schedules import Schedule, learning_rate_schedule
+
+if TYPE_CHECKING:  # annotations only: fkd.config looks optimizer names up here, so imports go one way
+    from fkd.config import OptimizerConfig
 
 Params = Any  # a pytree of tensors; in fkd a flat dict[str, Tensor]
 Updates = Any  # same structure as Params
@@ -335,7 +344,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 # Optimizers
 # ---------------------------------------------------------------------------------------------------
 
+OPTIMIZERS = Registry("optimizer", "optimizer.name")
+"""``optimizer.name`` names: ``entry(learning_rate, **keys) -> GradientTransformation``, where ``keys`` are
+the entry's keyword parameters among :data:`OPTIMIZER_KEYS` (see :func:`optimizer_from_config`)."""
 
+OPTIMIZER_KEYS = ("momentum", "nesterov", "weight_decay", "b1", "b2", "eps")
+"""The keys of ``[train.optimizer]`` that only some optimizers take."""
+
+
+@OPTIMIZERS.register("sgd")
 def sgd(
     learning_rate: ScalarOrSchedule,
     momentum: float = 0.0,
@@ -360,6 +377,7 @@ def sgd(
     )
 
 
+@OPTIMIZERS.register("adam")
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -381,6 +399,7 @@ def adam(
     )
 
 
+@OPTIMIZERS.register("adamw")
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -410,8 +429,24 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return tree_unflatten_like(params, _foreach("add", p, u))
 
 
-OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
-    "sgd": sgd,
-    "adam": adam,
-    "adamw": adamw,
-}
+
+def optimizer_from_config(
+    cfg: OptimizerConfig, steps_per_epoch: int, epochs: int, *, key: str = "train.optimizer"
+) -> tuple[GradientTransformation, Schedule]:
+    """``(optimizer, schedule)`` for an ``[optimizer]`` table of a run config.
+
+    The optimizer is ``OPTIMIZERS.get(cfg.name)(schedule, **kwargs)`` with ``kwargs`` exactly those of
+    :data:`OPTIMIZER_KEYS` its signature accepts; the schedule is
+    :func:`~fkd.schedules.learning_rate_schedule` over ``epochs * steps_per_epoch`` steps. A key the
+    optimizer does not take, set to anything but its default, is a :class:`ConfigError` naming
+    ``<key>.<field>`` (``key`` is ``train.optimizer`` or ``teacher.train.optimizer``): momentum does
+    nothing to adam, and a silent no-op would hide the mistake. With ``clip_norm > 0``,
+    :func:`clip_by_global_norm` is chained first, whatever the optimizer, as
+    ``torch.nn.utils.clip_grad_norm_`` runs before ``optimizer.step()``.
+    """
+    schedule = learning_rate_schedule(cfg, steps_per_epoch, epochs, key=key)
+    kwargs = OPTIMIZERS.keywords_for(cfg.name, cfg, OPTIMIZER_KEYS, prefix=key)
+    opt = OPTIMIZERS.get(cfg.name)(schedule, **kwargs)
+    if cfg.clip_norm > 0:
+        opt = chain(clip_by_global_norm(cfg.clip_norm), opt)
+    return opt, schedule

@@ -55,11 +55,18 @@ def tree_to(tree: Tree, device: torch.device | str) -> Tree:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
-def tree_numel(tree: Tree) -> int:
-    """Total number of elements over all tensor leaves."""
-    return sum(t.numel() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
-
-
-def tree_nbytes(tree: Tree) -> int:
-    """Total storage in bytes over all tensor leaves (``numel * element_size``)."""
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+def tree_signature(tree: Tree, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted path: (shape, dtype)}`` of every tensor leaf: what two trees must share to be swapped."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(tree_signature(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(tree_signature(v, f"{prefix}{i}."))
+        return out
+    if isinstance(tree, torch.Tensor):
+        return {prefix.rstrip("."): (tuple(tree.shape), tree.dtype)}
+    return {prefix.rstrip("."): (type(tree).__name__,)}

@@ -80,9 +80,6 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
 
-    def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
-
 
 def ensure_writable(folder: Path, *, what: str, fix: str) -> None:
     """Create ``folder`` and write-test it; an :class:`FkdError` naming ``what`` and ``fix`` otherwise."""

@@ -13,17 +13,25 @@ depend only on the hyperparameters, which are fixed when the schedule is built.
 The step count starts at 0 and the optimizer evaluates ``schedule(count)`` before incrementing it, so
 the first update uses ``schedule(0)``: the same convention as optax and as
 ``torch.optim.lr_scheduler``, whose schedulers are stepped after ``optimizer.step()``.
+
+A config names its schedule (``train.optimizer.schedule``) from the registry :data:`SCHEDULES`, whose
+entries state the schedules above in epochs; :func:`learning_rate_schedule` builds the one a config asks for.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
+from fkd.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: fkd.config looks schedule names up here, so imports go one way
+    from fkd.config import OptimizerConfig
 
 Schedule = Callable[[Tensor], Tensor]
 
@@ -183,10 +191,79 @@ def one_cycle(
     return schedule
 
 
-SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "constant": constant,
-    "cosine": cosine_decay,
-    "warmup_cosine": warmup_cosine,
-    "multistep": multistep,
-    "one_cycle": one_cycle,
-}
+# ---------------------------------------------------------------------------------------------------
+# Schedules by name, from a config
+# ---------------------------------------------------------------------------------------------------
+
+SCHEDULES = Registry("schedule", "optimizer.schedule")
+"""``optimizer.schedule`` names. An entry is ``entry(learning_rate, steps_per_epoch, epochs, **keys) -> Schedule``:
+it turns the config's epochs into steps for one of the schedules above. ``keys`` are the entry's keyword-only
+parameters among :data:`SCHEDULE_KEYS`; the config may set only those (see :func:`learning_rate_schedule`)."""
+
+SCHEDULE_KEYS = ("warmup_epochs", "milestones", "gamma")
+"""The keys of ``[train.optimizer]`` that only some schedules take."""
+
+
+def _total_steps(steps_per_epoch: int, epochs: int) -> int:
+    """Optimizer steps in the whole run, at least 1."""
+    return max(steps_per_epoch * epochs, 1)
+
+
+@SCHEDULES.register("constant")
+def _constant_from_config(learning_rate: float, steps_per_epoch: int, epochs: int) -> Schedule:
+    """``learning_rate`` at every step."""
+    return constant(learning_rate)
+
+
+@SCHEDULES.register("cosine")
+def _cosine_from_config(learning_rate: float, steps_per_epoch: int, epochs: int) -> Schedule:
+    """Cosine decay from ``learning_rate`` to 0 over the whole run (:func:`cosine_decay`)."""
+    return cosine_decay(learning_rate, _total_steps(steps_per_epoch, epochs))
+
+
+@SCHEDULES.register("warmup_cosine")
+def _warmup_cosine_from_config(learning_rate: float, steps_per_epoch: int, epochs: int, *,
+                               warmup_epochs: float) -> Schedule:
+    """Linear warmup over ``round(warmup_epochs * steps_per_epoch)`` steps, then cosine decay to 0 at the
+    end of the run (:func:`warmup_cosine`)."""
+    total = _total_steps(steps_per_epoch, epochs)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if warmup >= total:
+        raise ConfigError(
+            f"optimizer.warmup_epochs = {warmup_epochs} covers the whole run of {epochs} epochs; lower it."
+        )
+    return warmup_cosine(learning_rate, warmup, total)
+
+
+@SCHEDULES.register("multistep")
+def _multistep_from_config(learning_rate: float, steps_per_epoch: int, epochs: int, *,
+                           milestones: Sequence[int], gamma: float) -> Schedule:
+    """``learning_rate`` multiplied by ``gamma`` at the start of each milestone epoch (:func:`multistep`)."""
+    return multistep(learning_rate, [m * steps_per_epoch for m in milestones], gamma)
+
+
+@SCHEDULES.register("one_cycle")
+def _one_cycle_from_config(learning_rate: float, steps_per_epoch: int, epochs: int) -> Schedule:
+    """The 1cycle policy over the whole run with ``learning_rate`` as its peak (:func:`one_cycle`)."""
+    return one_cycle(learning_rate, max(_total_steps(steps_per_epoch, epochs), 2))
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int, *,
+                           key: str = "train.optimizer") -> Schedule:
+    """The schedule ``cfg.schedule`` over ``epochs * steps_per_epoch`` optimizer steps, peaking at
+    ``cfg.learning_rate``.
+
+    ``key`` is where ``cfg`` sits in the run config (``train.optimizer`` or ``teacher.train.optimizer``),
+    for messages. A key of :data:`SCHEDULE_KEYS` the schedule does not take, set to anything but its
+    default, is a :class:`ConfigError` (``milestones`` do nothing to ``cosine``).
+    """
+    kwargs = SCHEDULES.keywords_for(cfg.schedule, cfg, SCHEDULE_KEYS, prefix=key)
+    return SCHEDULES.get(cfg.schedule)(cfg.learning_rate, steps_per_epoch, epochs, **kwargs)
+
+
+def current_lr(schedule: Schedule, state: dict) -> float:
+    """The learning rate the next step will use, ``schedule(state["step"])``, as a Python float.
+
+    A host sync: call it at epoch ends only.
+    """
+    return float(schedule(state["step"].cpu()))

@@ -4,22 +4,27 @@
 
     step(state, batch, teacher_vars=None) -> (state, metrics)
 
-* ``state`` (a dict pytree, see :func:`init_train_state`) holds the student's trainable ``params``
-  (the model's weights under ``"model"`` and FitNets regressors under ``"regressors"``), ``frozen``
-  weights (a linear probe's backbone), BatchNorm ``buffers``, the optimizer state, the ``step`` count and
-  ``bad_step`` (see below). Everything is a tensor, so the state can be saved, stacked and vmapped.
-* ``batch`` is ``{"x": (B, 3, H, W), "y": (B,)}``, optionally with cached teacher outputs
+* ``state`` (a dict pytree, see :func:`init_train_state`) holds the trainable ``params`` (the model's
+  weights under ``"model"``, the loss terms' learnable parameters -- FitNets regressors -- under
+  ``"objective"``), ``frozen`` weights (a linear probe's backbone), BatchNorm ``buffers``, the loss
+  terms' non-learnable ``objective`` state (``{term: state}``, e.g. a memory bank), the optimizer
+  state, the run's random ``key``, the ``step`` count and ``bad_step`` (see below). Everything is a
+  tensor, so the state can be saved, stacked and vmapped.
+* ``batch`` is ``{"x": (B, 3, H, W), "y": (B,), "idx": (B,)}`` (``idx``: each example's index in the
+  training set, for terms with per-example memory; optional), optionally with cached teacher outputs
   ``"teacher_logits"`` (B, K) and ``"teacher_features"`` ``{name: tensor}``.
 * ``teacher_vars`` is ``{"params": ..., "buffers": ...}`` of the teacher: an input, never updated and
   never part of the student's state.
 
-Inside: the teacher runs in eval mode without gradients (without a logit term, only up to its last
-feature: see :meth:`fkd.models.Model.features_fn`); ``torch.func.grad_and_value`` differentiates the
+Inside: the teacher runs in eval mode without gradients, only when a term consumes its outputs (and
+when no term reads its logits, only up to its last feature: see :meth:`fkd.models.Model.features_fn`);
+the terms get this step's random key ``prng.fold_in(state["key"], state["step"])`` (no global RNG, so
+eager, compiled, vmapped and resumed runs draw the same numbers); ``torch.func.grad_and_value`` differentiates the
 objective w.r.t. the trainable pytree; the optimizer's ``update`` and ``apply_updates`` produce the new
 params. No ``.backward()``, no ``torch.optim``, no in-place change to anything the caller passed.
 
-Non-finite losses: a step whose loss or gradients are not finite keeps the previous params, buffers and
-optimizer state (``torch.where``, no host sync) and records its index in ``state["bad_step"]`` (-1 while
+Non-finite losses: a step whose loss or gradients are not finite keeps the previous params, buffers,
+objective state and optimizer state (``torch.where``, no host sync) and records its index in ``state["bad_step"]`` (-1 while
 all is well). The training loop reads it at its sync points and stops with a message, so weights are
 never overwritten with NaNs and the loop never syncs per step.
 """
@@ -32,10 +37,12 @@ from typing import Any, Callable
 import torch
 from torch.func import grad_and_value
 
+from fkd import prng
 from fkd.models import Model
 from fkd.objective import Objective
 from fkd.optim import GradientTransformation, apply_updates, global_norm
 from fkd.pytree import tree_map
+from fkd.terms import TermInputs
 
 State = dict[str, Any]
 Metrics = dict[str, torch.Tensor]
@@ -46,17 +53,26 @@ def init_train_state(
     buffers: dict,
     optimizer: GradientTransformation,
     *,
-    regressors: dict | None = None,
+    objective_params: dict | None = None,
+    objective_state: dict | None = None,
     frozen: dict | None = None,
+    seed: int = 0,
 ) -> State:
-    """The initial train state; ``params`` are trainable, ``frozen`` are used but never updated."""
-    trainable = {"model": params, "regressors": regressors or {}}
+    """The initial train state (see the module docstring).
+
+    ``params`` are the model's trainable weights, ``frozen`` are used but never updated;
+    ``objective_params`` / ``objective_state`` come from :meth:`fkd.objective.Objective.init`; ``seed``
+    gives the run's random key (:func:`fkd.prng.key_from_seed`).
+    """
+    trainable = {"model": params, "objective": objective_params or {}}
     device = next(iter(params.values())).device
     return {
         "params": trainable,
         "frozen": frozen or {},
         "buffers": buffers,
+        "objective": objective_state or {},
         "opt_state": optimizer.init(trainable),
+        "key": prng.key_from_seed(seed, device),
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "bad_step": torch.full((), -1, dtype=torch.int64, device=device),
     }
@@ -112,7 +128,7 @@ def make_train_step(
             ``True``/``"on"`` forces it, ``False``/``"off"`` never compiles.
         compile_mode: ``torch.compile``'s ``mode``.
         channels_last: run the convolutions in ``torch.channels_last`` layout: the input batch, the
-            student's and teacher's 4-D weights and the regressors are converted inside the step (see
+            student's and teacher's 4-D weights and the terms' 4-D params are converted inside the step (see
             :func:`to_channels_last`; convert the initial state and ``teacher_vars`` once with it to
             avoid a copy per step). Values, and so the loss, are unchanged. The config's
             ``train.channels_last`` asks for it on CUDA only.
@@ -123,10 +139,10 @@ def make_train_step(
     """
     device_type = torch.device(device).type if device is not None else "cpu"
     layout = to_channels_last if channels_last else (lambda tree: tree)
-    # Without a logit term only the teacher's features are used: run it only as far as they need
-    # (an FX teacher is cut after its last feature; torch.compile would drop the rest anyway).
+    # When no term reads the teacher's logits, run it only as far as its features need (an FX teacher
+    # is cut after its last feature; torch.compile would drop the rest anyway).
     teacher_features_only = None
-    if teacher is not None and objective.needs_teacher and not objective.weights.get("logit", 0):
+    if teacher is not None and objective.needs_teacher_features and not objective.needs_teacher_logits:
         teacher_features_only = teacher.features_fn()
 
     def teacher_outputs(batch, x, teacher_vars):
@@ -146,6 +162,7 @@ def make_train_step(
     def step(state: State, batch: dict, teacher_vars: dict | None = None) -> tuple[State, Metrics]:
         x, y = layout(batch["x"]), batch["y"]
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
+        key = prng.fold_in(state["key"], state["step"])
 
         def loss_fn(trainable):
             trainable = layout(trainable)
@@ -154,10 +171,12 @@ def make_train_step(
                 logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
             logits = logits.float()
             features = {k: v.float() for k, v in features.items()}
-            loss, metrics = objective(logits, features, y, t_logits, t_features, trainable["regressors"])
-            return loss, (metrics, new_buffers, logits)
+            inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key)
+            loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs)
+            return loss, (metrics, new_buffers, logits, objective_state)
 
-        grads, (loss, (metrics, new_buffers, logits)) = grad_and_value(loss_fn, has_aux=True)(state["params"])
+        grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
+            state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = apply_updates(state["params"], updates)
 
@@ -168,7 +187,9 @@ def make_train_step(
             "params": tree_map(keep, params, state["params"]),
             "frozen": state["frozen"],
             "buffers": tree_map(keep, new_buffers, state["buffers"]),
+            "objective": tree_map(keep, objective_state, state["objective"]),
             "opt_state": tree_map(keep, opt_state, state["opt_state"]),
+            "key": state["key"],
             "step": state["step"] + 1,
             "bad_step": torch.where(
                 (state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"]

@@ -21,13 +21,14 @@ import torch
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
 from fkd.errors import CheckpointError, ConfigError
+from fkd.evaluate import make_evaluator
 from fkd.fit import fit
-from fkd.loop import LoopSpec, steps_per_epoch
-from fkd.models import Model, build_model, head_prefix, param_count, size_bytes
-from fkd.objective import Objective
+from fkd.loop import steps_per_epoch
+from fkd.models import Model, head_prefix, param_count, size_bytes
+from fkd.models.from_config import build_teacher
+from fkd.objective import from_weights
 from fkd.rundir import RunDir, ensure_writable, plot_curves
-from fkd.step import init_train_state, make_train_step, to_channels_last
-from fkd.training import current_lr, make_evaluator, optimizer_from_config
+from fkd.run_setup import build_training
 
 
 def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
@@ -37,15 +38,6 @@ def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
     if run is None:
         raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
     return run.path / "teacher.pt"
-
-
-def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: str = "none", device="cpu"):
-    """The teacher architecture of ``cfg`` -> ``(model, params, buffers)``."""
-    t = cfg.teacher
-    return build_model(
-        t.arch, num_classes, cfg.data.image_size, feature_names, widths=t.widths, batch_norm=t.batch_norm,
-        weights=weights, seed=cfg.seed, device=device,
-    )
 
 
 def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]:
@@ -73,15 +65,11 @@ def fit_teacher(
     _check_writable(ckpt_path)
     run.write_config(cfg)
     trainable, frozen = _split_trainable(model, params, t.mode)
-    nb = steps_per_epoch(len(data.train), cfg.data.batch_size)
-    opt, schedule = optimizer_from_config(t.train.optimizer, max(nb, 1), t.train.epochs)
-    channels_last = t.train.channels_last and device.type == "cuda"
-    state = init_train_state(trainable, buffers, opt, frozen=frozen)
-    state = to_channels_last(state) if channels_last else state
-    step = make_train_step(
-        model, Objective({"ce": 1.0}), opt, train_mode=t.mode != "linear_probe", precision=t.train.precision,
-        compile=t.train.compile, compile_mode=t.train.compile_mode, channels_last=channels_last, device=device,
-    )
+    training = build_training(
+        model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
+        train_mode=t.mode != "linear_probe", steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size),
+        batch_size=cfg.data.batch_size, seed=cfg.seed, augment=cfg.data.augments, device=device, label="teacher",
+        optimizer_key="teacher.train.optimizer", quiet=quiet)
 
     def weights_of(st: dict) -> dict:
         return {**st["frozen"], **st["params"]["model"]}
@@ -89,11 +77,9 @@ def fit_teacher(
     evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
                               batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-    spec = LoopSpec("teacher", t.train.epochs, cfg.data.batch_size, cfg.seed, cfg.data.augments,
-                    t.train.log_every, t.train.checkpoint_every, quiet)
-    state = fit(run, kind="teacher_run", spec=spec, step=step, state=state, source=data.train, device=device,
-                resume=resume, config_text=dumps(cfg), evaluate=lambda st: evaluate(st)["accuracy"],
-                learning_rate=lambda st: current_lr(schedule, st))
+    state = fit(run, kind="teacher_run", spec=training.spec, step=training.step, state=training.state,
+                source=data.train, device=device, resume=resume, config_text=dumps(cfg),
+                evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate)
     final = evaluate(state)
     save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
     summary = {

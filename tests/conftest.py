@@ -99,9 +99,9 @@ def wrap_distill_step(monkeypatch, before_call):
 
     ``before_call`` may return a replacement batch (or None to keep it).
     """
-    import fkd.distill
+    import fkd.run_setup
 
-    real = fkd.distill.make_train_step
+    real = fkd.run_setup.make_train_step
 
     def wrapped(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -114,4 +114,4 @@ def wrap_distill_step(monkeypatch, before_call):
 
         return counting
 
-    monkeypatch.setattr(fkd.distill, "make_train_step", wrapped)
+    monkeypatch.setattr(fkd.run_setup, "make_train_step", wrapped)

@@ -1,4 +1,4 @@
-"""fkd.bench and its imperative baseline: rows, JSON lines, and the same loss on both sides.
+"""bench/harness.py (``fkd bench``) and its imperative baseline: rows, JSON lines, and the same loss on both sides.
 
 No timing is asserted: the numbers depend on the machine. What is asserted is that the benchmark is
 apples to apples (the imperative baseline computes fkd's objective on the same weights and batch) and
@@ -16,15 +16,19 @@ from click.testing import CliRunner
 
 from fkd import cli
 from fkd import objective as objective_lib
-from fkd.bench import VARIANTS, resolve_variants, run_bench
+from fkd.clone_files import load_clone_module
 from fkd.config import load_config
-from fkd.distill import feature_shapes
 from fkd.errors import ConfigError
-from fkd.bench import load_imperative_baseline
 from fkd.models import build_model
-from fkd.objective import Objective
+from fkd.models.functional import feature_shapes
+from fkd.objective import from_weights
 from fkd.optim import apply_updates, sgd
 from fkd.pytree import tree_map
+from fkd.terms import Shapes, TermInputs
+
+harness = load_clone_module("bench/harness.py", "the benchmark harness")
+VARIANTS, resolve_variants, run_bench = harness.VARIANTS, harness.resolve_variants, harness.run_bench
+load_imperative_baseline = harness.load_imperative_baseline
 
 REQUIRED = ("variant", "ms_per_step", "images_per_s", "peak_mem_mb")
 
@@ -86,21 +90,22 @@ def test_run_bench_returns_rows_with_positive_numbers_and_equal_first_losses(tmp
 def _both_losses(cfg, x, y):
     """fkd's objective and the imperative baseline's loss on the same weights and batch."""
     obj = objective_lib.from_config(cfg.distill)
-    s_names = cfg.distill.student_features if obj.needs_features else ()
-    t_names = cfg.distill.teacher_features if obj.needs_features else ()
-    student, sp, sb = build_model("small_cnn", 4, 16, s_names, widths=(4, 8), seed=0)
-    teacher, tp, tb = build_model("resnet18", 4, 16, t_names, seed=1)
-    regs = {}
-    if obj.needs_features:
-        regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"),
-                                   feature_shapes(teacher, tp, tb, 16, "cpu"))
+    student, sp, sb = build_model("small_cnn", 4, 16, obj.student_feature_names, widths=(4, 8), seed=0)
+    teacher, tp, tb = build_model("resnet18", 4, 16, obj.teacher_feature_names, seed=1)
+    shapes = Shapes(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu"))
+    params, state = obj.init(shapes)
     with torch.no_grad():
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
     s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)
-    fkd_loss, _ = obj(s_logits, s_feats, y, t_logits, t_feats, regs)
-    imp = load_imperative_baseline().ImperativeDistiller(obj, student, {"params": sp, "buffers": sb}, cfg.train.optimizer, teacher=teacher,
-                              teacher_vars={"params": tp, "buffers": tb}, regressors=regs)
-    return fkd_loss, imp.loss(x, y), imp, (student, sp, sb, teacher, tp, tb, regs, obj)
+    fkd_loss, _, _ = obj(params, state, _inputs(s_logits, s_feats, y, t_logits, t_feats))
+    imp = load_imperative_baseline().ImperativeDistiller(
+        obj, student, {"params": sp, "buffers": sb}, cfg.train.optimizer, teacher=teacher,
+        teacher_vars={"params": tp, "buffers": tb}, regressors=params.get("feature", {}))
+    return fkd_loss, imp.loss(x, y), imp, (student, sp, sb, teacher, tp, tb, params, obj)
+
+
+def _inputs(s_logits, s_feats, y, t_logits, t_feats) -> TermInputs:
+    return TermInputs(s_logits, s_feats, y, t_logits, t_feats, None, torch.zeros((), dtype=torch.int64))
 
 
 @pytest.mark.parametrize("method, extra", [
@@ -130,9 +135,9 @@ def test_imperative_step_matches_fkds_step_with_sgd(tmp_path):
         with torch.no_grad():
             t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
         s_logits, s_feats, _ = student.apply(trainable["model"], sb, x, train=True)
-        return obj(s_logits, s_feats, y, t_logits, t_feats, trainable["regressors"])[0]
+        return obj(trainable["objective"], {}, _inputs(s_logits, s_feats, y, t_logits, t_feats))[0]
 
-    trainable = {"model": sp, "regressors": regs}
+    trainable = {"model": sp, "objective": regs}
     grads = torch.func.grad(loss_fn)(trainable)
     opt = sgd(0.1)
     updates, _ = opt.update(grads, opt.init(trainable), trainable)
@@ -151,14 +156,14 @@ def test_hook_on_a_module_called_twice_is_refused(tmp_path):
 
 
 def test_variant_selection():
-    feature = Objective({"ce": 0.7, "feature": 0.3}, pairs=(("block2", "layer1"),))
+    feature = from_weights({"ce": 0.7, "feature": 0.3}, pairs=(("block2", "layer1"),))
     assert resolve_variants(None, feature) == VARIANTS
-    assert "cached" not in resolve_variants(None, Objective({"ce": 1.0}))
+    assert "cached" not in resolve_variants(None, from_weights({"ce": 1.0}))
     assert resolve_variants(["functional", "imperative"], feature) == ("imperative", "functional")
     with pytest.raises(ConfigError, match="unknown bench variant 'eager'"):
         resolve_variants(["eager"], feature)
     with pytest.raises(ConfigError, match="cached"):
-        resolve_variants(["cached"], Objective({"ce": 1.0}))
+        resolve_variants(["cached"], from_weights({"ce": 1.0}))
 
 
 def test_cli_json_is_one_object_per_line_and_variant(tiny_config, tmp_path):
@@ -184,3 +189,13 @@ def test_cli_refuses_fewer_than_20_steps_and_unknown_variants(tiny_config):
     assert result.exit_code == 2 and "20" in result.output
     result = CliRunner().invoke(cli.main, ["bench", "--config", str(path), "--variants", "fast"])
     assert result.exit_code == 2 and "valid variants" in result.output
+
+
+def test_imperative_baseline_refuses_an_optimizer_it_has_no_counterpart_for():
+    from fkd.config import OptimizerConfig
+    from fkd.optim import OPTIMIZERS
+
+    imperative = load_imperative_baseline()
+    assert set(imperative.TORCH_OPTIMIZERS) == set(OPTIMIZERS.names())  # one torch.optim twin per optimizer
+    with pytest.raises(ConfigError, match="no torch.optim counterpart of optimizer 'lion'"):
+        imperative.torch_optimizer(OptimizerConfig(name="lion"), [torch.zeros(2, requires_grad=True)])

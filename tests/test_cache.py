@@ -12,7 +12,8 @@ from fkd.cache import build_cache, cache_key
 from fkd.checkpoint import load_checkpoint
 from fkd.config import load_config
 from fkd.data import load_data
-from fkd.teacher import build_teacher, save_teacher
+from fkd.models.from_config import build_teacher
+from fkd.teacher import save_teacher
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fkd.distill import feature_shapes
+from fkd.models.functional import feature_shapes
 from fkd.models import build_model
-from fkd.objective import Objective
+from fkd.objective import from_weights
+from fkd.terms import Shapes
 from fkd.optim import adam
 from fkd.pytree import tree_leaves
 from fkd.step import init_train_state, make_train_step, to_channels_last
@@ -31,14 +32,14 @@ def test_channels_last_step_gives_the_same_losses_on_cpu(converted_state):
     torch.manual_seed(0)
     student, sp, sb = build_model("small_cnn", 4, 16, ("block2",), widths=(4, 8), seed=0)
     teacher, tp, tb = build_model("resnet18", 4, 16, ("layer1",), seed=1)
-    obj = Objective({"ce": 0.7, "feature": 0.3, "logit": 0.5}, pairs=(("block2", "layer1"),))
-    regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu"))
+    obj = from_weights({"ce": 0.7, "feature": 0.3, "logit": 0.5}, pairs=(("block2", "layer1"),))
+    regs, _ = obj.init(Shapes(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu")))
     opt = adam(1e-2)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     teacher_vars = {"params": tp, "buffers": tb}
 
     def run(channels_last: bool):
-        state, tv = init_train_state(sp, sb, opt, regressors=regs), teacher_vars
+        state, tv = init_train_state(sp, sb, opt, objective_params=regs), teacher_vars
         if channels_last and converted_state:
             state, tv = to_channels_last(state), to_channels_last(teacher_vars)
         step = make_train_step(student, obj, opt, teacher=teacher, channels_last=channels_last, compile="off")

@@ -214,4 +214,4 @@ def test_evaluate_with_overrides_and_report_file(tiny_config, tmp_path):
     written = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     assert written["test_acc"] == json.loads(result.output.splitlines()[-1])["test_acc"]
     bad = invoke("evaluate", out, "--set", "data.name=nothing")
-    assert bad.exit_code == 2 and "data.name must be one of" in bad.output
+    assert bad.exit_code == 2 and "data.name = 'nothing' is not a known data set" in bad.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import attrs
 import pytest
 
 from fkd.config import Config, ConfigError, apply_overrides, dumps, from_dict, help_text, load_config, parse_override
+from fkd.objective import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
 
@@ -48,7 +51,7 @@ def test_stl10_config_is_the_notebooks_experiment():
         "seed_cnn", 10, "adam", 1e-3)
     assert (logit.distill.method, logit.distill.temperature, logit.distill.alpha) == ("logit", 2.0, 0.7)
     feature = load_config(root / "feature.toml").distill
-    assert feature.teacher_features == ["layer1"] and feature.term_weights() == {"ce": 0.7, "feature": 0.3}
+    assert feature.teacher_features == ["layer1"] and from_config(feature).weights == {"ce": 0.7, "feature": 0.3}
 
 
 def test_configs_are_frozen():
@@ -93,6 +96,20 @@ def test_cross_field_validation(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+def test_help_text_lists_the_registered_names():
+    meaning = {key: text for key, _, text in help_text()}
+    assert meaning["data.name"].endswith(": digits | synthetic | cifar10 | cifar100 | stl10 | imagefolder")
+    assert meaning["train.optimizer.name"].endswith(": sgd | adam | adamw")
+    assert meaning["teacher.train.optimizer.schedule"].endswith(
+        ": constant | cosine | warmup_cosine | multistep | one_cycle")
+
+
+def test_reading_the_config_module_imports_neither_torch_nor_torchvision():
+    code = "import sys, fkd.config; print('torch' in sys.modules, 'torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_help_text_covers_every_key():

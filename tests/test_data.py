@@ -29,9 +29,9 @@ from fkd.data import (
     load_data,
     square_view,
 )
-from fkd.data.datasets import digits_split
+from fkd.data.datasets import STL10_CLASSES, digits_split
 from fkd.data.transforms import crop_and_flip
-from fkd.errors import DataError
+from fkd.errors import ConfigError, DataError
 
 
 def config(**overrides) -> DataConfig:
@@ -157,7 +157,7 @@ def test_square_view_shapes_grayscale_and_batching():
 def test_digits_sizes_stratification_and_determinism():
     from sklearn.datasets import load_digits
 
-    bundle = load_data(config(name="digits"), seed=0)
+    bundle = load_data(config(name="digits"))
     assert (len(bundle.train), len(bundle.test)) == (1437, 360)
     assert bundle.num_classes == 10 and bundle.class_names == [str(d) for d in range(10)]
     assert bundle.in_channels == 3
@@ -165,8 +165,10 @@ def test_digits_sizes_stratification_and_determinism():
     all_counts = np.bincount(load_digits().target, minlength=10)
     test_counts = torch.bincount(bundle.test.labels, minlength=10).numpy()
     assert np.all(np.abs(test_counts - all_counts * 0.2) <= 1)
-    # The split belongs to the data set: the same whatever the run seed.
-    again = load_data(config(name="digits"), seed=7)
+    # The split belongs to the data set: the same whatever the global RNGs hold.
+    torch.manual_seed(7)
+    np.random.seed(7)
+    again = load_data(config(name="digits"))
     assert torch.equal(bundle.train.labels, again.train.labels)
     assert torch.equal(bundle.test.views, again.test.views)
     assert bundle.fingerprint == again.fingerprint
@@ -200,8 +202,20 @@ def test_train_limit_keeps_the_first_examples():
 
 
 def test_resize_smaller_than_image_size_is_an_error():
-    with pytest.raises(DataError, match="data.resize"):
-        load_data(config(name="synthetic", image_size=32, resize=28))
+    with pytest.raises(ConfigError, match="data.resize = 28 is smaller than data.image_size = 32"):
+        config(name="synthetic", image_size=32, resize=28)
+
+
+def test_unknown_data_set_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"data.name = 'cifar11' is not a known data set; did you mean "
+                                          r"'cifar10'\? valid: digits, synthetic, cifar10, cifar100, stl10, imagefolder\."):
+        load_data(config(name="cifar11"))
+
+
+def test_augments_is_the_training_transforms_randomness():
+    for settings, random in (({}, False), ({"flip": True}, True), ({"crop": "random"}, True)):
+        cfg = config(name="synthetic", **settings)
+        assert cfg.augments == BatchTransform.for_split(cfg, train=True).is_random == random
 
 
 # --- batches: shapes, normalisation, order --------------------------------------------------------
@@ -340,7 +354,6 @@ def test_fingerprint_tracks_the_training_view_only():
     base = dict(name="synthetic", synthetic_size=16)
     fp = load_data(config(**base)).fingerprint
     assert len(fp) == 64 and int(fp, 16) >= 0
-    assert fp == load_data(config(**base), seed=3).fingerprint
     assert fp == load_data(config(**base, crop="random", pad=2, flip=True, batch_size=3)).fingerprint
     for change in (dict(image_size=16), dict(normalize="none"), dict(train_limit=8), dict(synthetic_classes=4)):
         assert load_data(config(**base, **change)).fingerprint != fp, change
@@ -390,6 +403,20 @@ def test_stl10_standin_orientation_and_resize(tmp_path, no_md5):
     assert x.shape == (4, 3, 32, 32)
     expected = BatchTransform(32)(square_view(test_x, 32))
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_stl10_without_class_names_file_uses_stl10s_own_names(tmp_path, no_md5):
+    write_stl10(tmp_path)
+    (tmp_path / "stl10_binary" / "class_names.txt").unlink()  # torchvision then sets no `classes`
+    assert load_data(config(name="stl10", root=str(tmp_path), image_size=96)).class_names == list(STL10_CLASSES)
+
+
+def test_a_torchvision_data_set_without_class_names_is_never_given_another_sets_names(tmp_path, no_md5, monkeypatch):
+    write_cifar(tmp_path)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_load_meta", lambda self: None)  # no `classes` read
+    with pytest.raises(DataError, match="CIFAR-10 under .* lists no class names") as info:
+        load_data(config(name="cifar10", root=str(tmp_path)))
+    assert "airplane" not in str(info.value)
 
 
 @pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),

@@ -13,8 +13,10 @@ import torch
 import torchvision
 from torch import nn
 
+from fkd.config import load_config
 from fkd.errors import ConfigError
-from fkd.models import build_model, param_count, size_bytes
+from fkd.models import MODELS, build_model, build_module, model_builder, param_count, size_bytes
+from fkd.registry import accepted_keywords
 from fkd.models.students import SeedCNN, SmallCNN
 
 RESNET18_PARAMS_10_CLASSES = 11_181_642
@@ -167,6 +169,43 @@ def test_unknown_student_feature_raises_config_error_listing_valid_names():
 def test_unknown_arch_raises_config_error():
     with pytest.raises(ConfigError, match="resnet19"):
         build_model("resnet19", 10, 32)
+
+
+def test_registered_models_come_first_then_torchvision_and_unknown_names_get_close_matches():
+    assert MODELS.names() == ("seed_cnn", "small_cnn")
+    assert model_builder("small_cnn") is MODELS.get("small_cnn")
+    assert accepted_keywords(model_builder("small_cnn")) == ("num_classes", "image_size", "widths", "batch_norm")
+    assert accepted_keywords(model_builder("seed_cnn")) == ("num_classes", "image_size")
+    assert accepted_keywords(model_builder("resnet18")) == ("num_classes", "image_size", "weights")
+    with pytest.raises(ConfigError, match=r"^teacher.arch = 'smal_cnn' is not a known model; "
+                                          r"did you mean 'small_cnn' or 'seed_cnn'\?$"):
+        model_builder("smal_cnn", key="teacher.arch")
+    with pytest.raises(ConfigError, match="use seed_cnn, small_cnn or a torchvision classifier"):
+        model_builder("zzzz")
+    with pytest.raises(ConfigError, match="student.arch = 'resnet81' is not a known model; did you mean 'resnet18'"):
+        load_config(None, ['student.arch="resnet81"'])
+
+
+def test_each_builder_gets_only_the_options_it_takes():
+    options = dict(widths=[4, 8], batch_norm=False, weights="none")
+    assert isinstance(build_module("seed_cnn", 10, 32, **options), SeedCNN)
+    small = build_module("small_cnn", 10, 32, **options)
+    assert [b[0].out_channels for b in small.blocks] == [4, 8] and not any(
+        isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    assert isinstance(build_module("resnet18", 10, 32, **options), torchvision.models.ResNet)
+
+
+def test_a_registered_model_is_built_by_name_from_a_config():
+    @MODELS.register("test_tiny")
+    def tiny(num_classes: int, image_size: int, *, widths) -> nn.Module:
+        return SmallCNN(num_classes, widths[:1], batch_norm=False)
+
+    try:
+        cfg = load_config(None, ['student.arch="test_tiny"', "student.widths=[3]"])
+        model, params, _ = build_model(cfg.student.arch, 5, 16, ("block1",), widths=cfg.student.widths)
+        assert params["blocks.0.0.weight"].shape == (3, 3, 3, 3) and model.arch == "test_tiny"
+    finally:
+        MODELS._entries.pop("test_tiny")
 
 
 # --- apply is pure --------------------------------------------------------------------------------

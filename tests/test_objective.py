@@ -1,21 +1,25 @@
-"""Tests for fkd.objective: the loss weights of each distillation method, the objective's value against
-the hand-computed weighted sum of fkd.losses terms, and the FitNets regressors and pair checks."""
+"""Tests for fkd.objective: presets expand to term tables, the objective's value against the
+hand-computed weighted sum of fkd.losses terms, term parameters (FitNets regressors), pair checks, and
+the errors of [distill.terms] tables."""
 
 from __future__ import annotations
 
 from unittest import mock
 
+import attrs
 import pytest
 import torch
 
 from fkd import losses
 from fkd.config import DistillConfig
 from fkd.errors import ConfigError
-from fkd.objective import Objective, check_pairs, from_config, pair_key
+from fkd.objective import Objective, build, from_config, from_weights, term_tables
+from fkd.terms import TERMS, Shapes, Term, TermInputs, pair_key, register_term
 
 B, K = 4, 10
 STUDENT_SHAPES = {"block1": (4, 8, 8), "block2": (8, 4, 4), "pool": (8,)}
 TEACHER_SHAPES = {"layer1": (16, 8, 8), "layer2": (32, 2, 2), "avgpool": (32,)}
+SHAPES = Shapes(STUDENT_SHAPES, TEACHER_SHAPES, num_classes=K, num_examples=100)
 FEATURE_CFG = {"student_features": ["block1", "block2"], "teacher_features": ["layer1", "layer2"]}
 
 
@@ -29,38 +33,50 @@ def tensors(seed: int = 0):
     return s_logits, s_feats, y, t_logits, t_feats
 
 
-# --- term weights of each method ------------------------------------------------------------------
+def inputs(s_logits, s_feats, y, t_logits, t_feats) -> TermInputs:
+    return TermInputs(s_logits, s_feats, y, t_logits, t_feats, torch.arange(B), torch.zeros((), dtype=torch.int64))
 
 
-def test_term_weights_of_each_method():
-    def weights(method, **kw):
-        return DistillConfig(method=method, **kw).term_weights()
+def shapes(student=STUDENT_SHAPES, teacher=TEACHER_SHAPES) -> Shapes:
+    return Shapes(student, teacher, num_classes=K, num_examples=100)
 
-    assert weights("none") == {"ce": 1.0}
-    w = weights("logit", alpha=0.7)
-    assert w.keys() == {"ce", "logit"}
-    assert w["ce"] == pytest.approx(0.3) and w["logit"] == pytest.approx(0.7)
-    assert weights("feature") == {"ce": 0.7, "feature": 0.3}  # the notebook's 0.7 CE + 0.3 MSE
-    assert weights("feature", alpha=0.5, beta=2.0) == {"ce": 0.5, "feature": 2.0}
+
+# --- presets expand to term tables ------------------------------------------------------------------
+
+
+def test_presets_expand_to_term_tables():
+    def tables(method, **kw):
+        return term_tables(DistillConfig(method=method, **kw))
+
+    assert tables("none") == {"ce": {"weight": 1.0}}
+    t = tables("logit", alpha=0.7, temperature=3.0)
+    assert t["ce"]["weight"] == pytest.approx(0.3) and t["logit"] == {"weight": 0.7, "temperature": 3.0}
+    assert tables("feature") == {"ce": {"weight": 0.7}, "feature": {"weight": 0.3}}  # the notebook's 0.7 CE + 0.3 MSE
+    assert tables("feature", alpha=0.5, beta=2.0) == {"ce": {"weight": 0.5}, "feature": {"weight": 2.0}}
     # Zagoruyko & Komodakis: CE plus beta * AT; alpha is not used.
-    assert weights("attention", beta=250.0) == {"ce": 1.0, "attention": 250.0}
-    assert weights("attention", alpha=0.1, beta=250.0) == weights("attention", alpha=0.9, beta=250.0)
-    combined = weights("combined", weights={"ce": 1, "logit": 0.5, "feature": 0.25, "attention": 100})
-    assert combined == {"ce": 1.0, "logit": 0.5, "feature": 0.25, "attention": 100.0}
-    assert all(type(v) is float for v in combined.values())
+    assert tables("attention", beta=250.0) == {"ce": {"weight": 1.0}, "attention": {"weight": 250.0, "p": 2.0}}
+    assert tables("attention", alpha=0.1, beta=250.0) == tables("attention", alpha=0.9, beta=250.0)
+    combined = tables("combined", weights={"ce": 1, "logit": 0.5, "feature": 0.25, "attention": 100},
+                      temperature=4.0, attention_p=3.0)
+    assert combined == {"ce": {"weight": 1.0}, "logit": {"weight": 0.5, "temperature": 4.0},
+                        "feature": {"weight": 0.25}, "attention": {"weight": 100.0, "p": 3.0}}
+    assert all(type(t["weight"]) is float for t in combined.values())
+    written = {"ce": {"weight": 0.2}, "logit": {"weight": 0.8, "temperature": 5.0}}
+    assert tables("terms", terms=written) == written
 
 
 def test_from_config_carries_weights_temperature_pairs_and_p():
     cfg = DistillConfig(method="attention", beta=3.0, temperature=4.0, attention_p=1.5, **FEATURE_CFG)
     obj = from_config(cfg)
     assert obj.weights == {"ce": 1.0, "attention": 3.0}
-    assert obj.temperature == 4.0 and obj.attention_p == 1.5
-    assert obj.pairs == (("block1", "layer1"), ("block2", "layer2"))
-    assert obj.needs_teacher and obj.needs_features and not obj.needs_regressors
+    attention = obj.terms[1].term
+    assert attention.p == 1.5 and attention.pairs == (("block1", "layer1"), ("block2", "layer2"))
+    assert obj.student_feature_names == ("block1", "block2") and obj.teacher_feature_names == ("layer1", "layer2")
+    assert obj.needs_teacher and obj.needs_features and not obj.needs_teacher_logits
     base = from_config(DistillConfig(method="none"))
-    assert not base.needs_teacher and not base.needs_features and not base.needs_regressors
-    logit = from_config(DistillConfig(method="logit"))
-    assert logit.needs_teacher and not logit.needs_features
+    assert not base.needs_teacher and not base.needs_features and base.teacher_feature_names == ()
+    logit = from_config(DistillConfig(method="logit", temperature=4.0))
+    assert logit.needs_teacher_logits and not logit.needs_features and logit.terms[1].term.temperature == 4.0
 
 
 def test_from_config_needs_feature_pairs_for_feature_terms():
@@ -68,25 +84,69 @@ def test_from_config_needs_feature_pairs_for_feature_terms():
         from_config(DistillConfig(method="feature"))
     with pytest.raises(ConfigError, match="student_features"):
         from_config(DistillConfig(method="combined", weights={"ce": 1.0, "attention": 1.0}))
-    # A feature term with weight zero needs no pairs.
-    assert from_config(DistillConfig(method="combined", weights={"ce": 1.0, "feature": 0.0})).pairs == ()
+    # A feature term with weight zero is dropped, so it needs no pairs.
+    assert from_config(DistillConfig(method="combined", weights={"ce": 1.0, "feature": 0.0})).weights == {"ce": 1.0}
+
+
+# --- [distill.terms] tables ------------------------------------------------------------------------------
+
+
+def test_terms_tables_build_the_objective():
+    cfg = DistillConfig(method="terms", terms={"ce": {"weight": 0.25}, "logit": {"weight": 0.75, "temperature": 4.0}})
+    obj = from_config(cfg)
+    assert obj.weights == {"ce": 0.25, "logit": 0.75} and obj.terms[1].term.temperature == 4.0
+    # The same objective as the preset that says the same thing.
+    preset = from_config(DistillConfig(method="logit", alpha=0.75, temperature=4.0))
+    assert preset == obj
+
+
+@pytest.mark.parametrize("terms, message", [
+    ({"klx": {"weight": 1.0}}, "unknown loss term 'klx' in distill.terms; valid terms: ce, logit"),
+    ({"logit": {"temprature": 4.0}}, "unknown key 'temprature' in distill.terms.logit; valid keys: weight, temperature"),
+    ({"logit": {"temperature": 0.0}}, "distill.terms.logit.temperature must be > 0"),
+    ({"logit": {"temperature": "hot"}}, "distill.terms.logit.temperature must be a number"),
+    ({"ce": {"weight": -1.0}}, "distill.terms.ce.weight must be a number >= 0"),
+    ({"ce": {"weight": 0.0}}, "every term in distill.terms has weight 0"),
+    ({"ce": 1.0}, "distill.terms.ce must be a table"),
+    ({"feature": {"pairs": [["a", "b"]]}}, "unknown key 'pairs' in distill.terms.feature"),
+])
+def test_bad_term_tables_fail_with_the_dotted_key_and_the_valid_choices(terms, message):
+    with pytest.raises(ConfigError) as err:
+        from_config(DistillConfig(method="terms", terms=terms))
+    assert message in str(err.value)
+
+
+def test_terms_tables_and_method_must_agree():
+    with pytest.raises(ConfigError, match="set distill.method = 'terms'"):
+        from_config(DistillConfig(method="logit", terms={"ce": {"weight": 1.0}}))
+    with pytest.raises(ConfigError, match=r"needs at least one \[distill.terms.<name>\]"):
+        from_config(DistillConfig(method="terms"))
+
+
+def test_from_weights_gives_each_term_its_own_keys():
+    obj = from_weights({"ce": 0.5, "logit": 0.5, "attention": 2.0}, pairs=(("block1", "layer1"),),
+                       temperature=3.0, p=1.0)
+    assert obj.terms[1].term.temperature == 3.0 and obj.terms[2].term.p == 1.0
+    with pytest.raises(ConfigError, match="takes temperature"):
+        from_weights({"ce": 1.0}, temperature=3.0)
 
 
 # --- the objective's value ------------------------------------------------------------------------
 
 
-def expected_terms(obj: Objective, regressors, s_logits, s_feats, y, t_logits, t_feats) -> dict:
-    """Each term computed directly with fkd.losses, independently of Objective."""
+def expected_terms(cfg: DistillConfig, params, s_logits, s_feats, y, t_logits, t_feats) -> dict:
+    """Each term computed directly with fkd.losses, independently of Objective and the term classes."""
+    pairs = list(zip(cfg.student_features, cfg.teacher_features))
     terms = {
         "ce": losses.cross_entropy(s_logits, y),
-        "logit": losses.soft_target_kl(s_logits, t_logits, obj.temperature),
+        "logit": losses.soft_target_kl(s_logits, t_logits, cfg.temperature),
     }
-    if regressors:
-        hints = [losses.fitnet_hint(s_feats[s], t_feats[t], regressors[f"{s}->{t}"]) for s, t in obj.pairs]
+    if "feature" in params:
+        hints = [losses.fitnet_hint(s_feats[s], t_feats[t], params["feature"][f"{s}->{t}"]) for s, t in pairs]
         terms["feature"] = sum(hints) / len(hints)
-    if obj.pairs:
+    if pairs:
         terms["attention"] = sum(
-            losses.attention_transfer(s_feats[s], t_feats[t], p=obj.attention_p) for s, t in obj.pairs
+            losses.attention_transfer(s_feats[s], t_feats[t], p=cfg.attention_p) for s, t in pairs
         )
     return terms
 
@@ -106,12 +166,12 @@ METHOD_CONFIGS = {
 def test_objective_equals_the_hand_computed_weighted_sum(method):
     cfg = METHOD_CONFIGS[method]
     obj = from_config(cfg)
-    regressors = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=1)
+    params, state = obj.init(SHAPES, seed=1)
     s_logits, s_feats, y, t_logits, t_feats = tensors()
-    loss, metrics = obj(s_logits, s_feats, y, t_logits, t_feats, regressors)
+    loss, metrics, new_state = obj(params, state, inputs(s_logits, s_feats, y, t_logits, t_feats))
 
-    weights = cfg.term_weights()
-    terms = expected_terms(obj, regressors, s_logits, s_feats, y, t_logits, t_feats)
+    weights = {k: t["weight"] for k, t in term_tables(cfg).items()}
+    terms = expected_terms(cfg, params, s_logits, s_feats, y, t_logits, t_feats)
     expected = sum(w * terms[k] for k, w in weights.items())
     torch.testing.assert_close(loss, expected)
     assert metrics.keys() == {*weights, "loss"}
@@ -119,52 +179,69 @@ def test_objective_equals_the_hand_computed_weighted_sum(method):
         torch.testing.assert_close(metrics[k], terms[k], msg=k)
     torch.testing.assert_close(metrics["loss"], expected)
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    assert new_state == state == {k: {} for k in weights}  # the built-in terms keep no state
 
 
-def test_objective_is_differentiable_in_student_outputs_and_regressors():
+def test_objective_is_differentiable_in_student_outputs_and_term_params():
     obj = from_config(METHOD_CONFIGS["combined"])
-    regressors = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES)
+    params, state = obj.init(SHAPES)
     s_logits, s_feats, y, t_logits, t_feats = tensors()
 
-    def loss_of(s_logits, s_feats, regressors):
-        return obj(s_logits, s_feats, y, t_logits, t_feats, regressors)[0]
+    def loss_of(s_logits, s_feats, params):
+        return obj(params, state, inputs(s_logits, s_feats, y, t_logits, t_feats))[0]
 
-    g_logits, g_feats, g_regs = torch.func.grad(loss_of, argnums=(0, 1, 2))(s_logits, s_feats, regressors)
+    g_logits, g_feats, g_params = torch.func.grad(loss_of, argnums=(0, 1, 2))(s_logits, s_feats, params)
     assert g_logits.abs().sum() > 0
     assert g_feats["block1"].abs().sum() > 0 and g_feats["block2"].abs().sum() > 0
     assert g_feats["pool"].abs().sum() == 0  # not paired
-    assert all(g["weight"].abs().sum() > 0 for g in g_regs.values())
+    assert all(g["weight"].abs().sum() > 0 for g in g_params["feature"].values())
 
 
 def test_zero_weight_terms_are_not_computed():
-    obj = Objective(weights={"ce": 1.0, "logit": 0.0, "feature": 0.0, "attention": 0.0},
-                    pairs=(("block1", "layer1"),))
+    obj = from_weights({"ce": 1.0, "logit": 0.0, "feature": 0.0, "attention": 0.0}, pairs=(("block1", "layer1"),))
     s_logits, s_feats, y, _, _ = tensors()
-    assert not obj.needs_teacher and not obj.needs_features and not obj.needs_regressors
+    assert not obj.needs_teacher and not obj.needs_features and obj.init(SHAPES) == ({"ce": {}}, {"ce": {}})
 
     def never(*args, **kwargs):
         raise AssertionError("a zero-weight term was computed")
 
     with mock.patch.multiple(losses, soft_target_kl=never, fitnet_hint=never, attention_transfer=never):
-        # No teacher outputs and no regressors at all: nothing that needs them may run.
-        loss, metrics = obj(s_logits, s_feats, y, None, None, None)
+        # No teacher outputs and no term params at all: nothing that needs them may run.
+        loss, metrics, _ = obj({}, {}, inputs(s_logits, s_feats, y, None, {}))
     assert set(metrics) == {"ce", "loss"}
     torch.testing.assert_close(loss, losses.cross_entropy(s_logits, y))
 
-    obj = Objective(weights={"ce": 0.0, "logit": 1.0}, temperature=2.0)
+    obj = from_weights({"ce": 0.0, "logit": 1.0}, temperature=2.0)
     s_logits, s_feats, y, t_logits, _ = tensors()
     with mock.patch.object(losses, "cross_entropy", never):
-        loss, metrics = obj(s_logits, s_feats, y, t_logits, {}, {})
+        loss, metrics, _ = obj({}, {}, inputs(s_logits, s_feats, y, t_logits, {}))
     assert set(metrics) == {"logit", "loss"}
     torch.testing.assert_close(loss, losses.soft_target_kl(s_logits, t_logits, 2.0))
 
 
-# --- regressors and pair checks -------------------------------------------------------------------
+def test_what_the_teacher_must_provide_follows_from_what_the_terms_consume():
+    # A logits-only term under any name needs the teacher's logits (not only a term called "logit").
+    @register_term("test_scaled_kl")
+    @attrs.frozen
+    class ScaledKL(Term):
+        consumes = frozenset({"student_logits", "teacher_logits"})
+
+        def apply(self, params, state, inputs):
+            return 0.5 * losses.soft_target_kl(inputs.student_logits, inputs.teacher_logits, 1.0), state
+
+    obj = build({"ce": {"weight": 1.0}, "test_scaled_kl": {"weight": 1.0}})
+    assert obj.needs_teacher_logits and obj.needs_teacher and not obj.needs_teacher_features
+    features_only = from_weights({"ce": 1.0, "feature": 1.0}, pairs=(("block1", "layer1"),))
+    assert features_only.needs_teacher_features and not features_only.needs_teacher_logits
+    assert "test_scaled_kl" in TERMS.names()
+
+
+# --- FitNets regressors and pair checks ----------------------------------------------------------------
 
 
 def test_one_regressor_per_pair_with_conv_shapes():
     obj = from_config(METHOD_CONFIGS["feature"])
-    regs = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=0)
+    regs = obj.init(SHAPES, seed=0)[0]["feature"]
     assert set(regs) == {pair_key("block1", "layer1"), pair_key("block2", "layer2")} == {
         "block1->layer1", "block2->layer2"}
     assert regs["block1->layer1"]["weight"].shape == (16, 4, 1, 1)
@@ -176,68 +253,70 @@ def test_one_regressor_per_pair_with_conv_shapes():
 
 def test_regressors_are_deterministic_for_a_seed():
     obj = from_config(METHOD_CONFIGS["feature"])
-    a = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=7)
-    b = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=7)
-    c = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=8)
+    a, b, c = (obj.init(SHAPES, seed=s)[0]["feature"] for s in (7, 7, 8))
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES, seed=7)
+    obj.init(SHAPES, seed=7)
     assert torch.equal(torch.get_rng_state(), before)  # seeded by its own generator
     for key in a:
         for name in ("weight", "bias"):
             assert torch.equal(a[key][name], b[key][name])
             assert not torch.equal(a[key][name], c[key][name])
     # Two pairs with the same shapes still get different weights.
-    twin = Objective(weights={"feature": 1.0}, pairs=(("block1", "layer1"), ("block1", "layer1x")))
-    regs = twin.init_regressors(STUDENT_SHAPES, {**TEACHER_SHAPES, "layer1x": (16, 8, 8)})
+    twin = from_weights({"feature": 1.0}, pairs=(("block1", "layer1"), ("block1", "layer1x")))
+    regs = twin.init(shapes(teacher={**TEACHER_SHAPES, "layer1x": (16, 8, 8)}))[0]["feature"]
     assert not torch.equal(regs["block1->layer1"]["weight"], regs["block1->layer1x"]["weight"])
 
 
 def test_vector_pairs_get_linear_regressors():
-    obj = Objective(weights={"ce": 1.0, "feature": 1.0}, pairs=(("pool", "avgpool"),))
-    regs = obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES)
+    obj = from_weights({"ce": 1.0, "feature": 1.0}, pairs=(("pool", "avgpool"),))
+    params, state = obj.init(SHAPES)
+    regs = params["feature"]
     assert regs["pool->avgpool"]["weight"].shape == (32, 8)
     s_logits, s_feats, y, t_logits, t_feats = tensors()
-    loss, metrics = obj(s_logits, s_feats, y, t_logits, t_feats, regs)
+    _, metrics, _ = obj(params, state, inputs(s_logits, s_feats, y, t_logits, t_feats))
     torch.testing.assert_close(
         metrics["feature"], losses.fitnet_hint(s_feats["pool"], t_feats["avgpool"], regs["pool->avgpool"])
     )
 
 
-def test_no_regressors_without_a_feature_term():
+def test_no_params_without_a_feature_term():
     obj = from_config(METHOD_CONFIGS["attention"])
-    assert obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES) == {}
+    assert obj.init(SHAPES) == ({"ce": {}, "attention": {}}, {"ce": {}, "attention": {}})
 
 
 @pytest.mark.parametrize("pair", [("block1", "avgpool"), ("pool", "layer1")])
 def test_spatial_vector_mismatch_raises_config_error_saying_why(pair):
-    obj = Objective(weights={"ce": 1.0, "feature": 0.3}, pairs=(pair,))
+    obj = from_weights({"ce": 1.0, "feature": 0.3}, pairs=(pair,))
     with pytest.raises(ConfigError) as err:
-        obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES)
+        obj.init(SHAPES)
     msg = str(err.value)
     assert pair[0] in msg and pair[1] in msg
     assert "spatial" in msg and "vector" in msg
     with pytest.raises(ConfigError):
-        check_pairs(obj, STUDENT_SHAPES, TEACHER_SHAPES)
+        obj.check(SHAPES)
 
 
 def test_attention_with_vector_features_raises_config_error():
-    obj = Objective(weights={"ce": 1.0, "attention": 1.0}, pairs=(("pool", "avgpool"),))
+    obj = from_weights({"ce": 1.0, "attention": 1.0}, pairs=(("pool", "avgpool"),))
     with pytest.raises(ConfigError) as err:
-        check_pairs(obj, STUDENT_SHAPES, TEACHER_SHAPES)
+        obj.check(SHAPES)
     msg = str(err.value)
     assert "attention" in msg and "pool" in msg and "spatial" in msg
-    with pytest.raises(ConfigError, match="attention"):
-        obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES)
 
 
 def test_features_of_other_ranks_raise_config_error():
-    obj = Objective(weights={"feature": 1.0}, pairs=(("tokens", "layer1"),))
+    obj = from_weights({"feature": 1.0}, pairs=(("tokens", "layer1"),))
     with pytest.raises(ConfigError, match="tokens"):
-        check_pairs(obj, {"tokens": (16, 4)}, TEACHER_SHAPES)
+        obj.check(shapes(student={"tokens": (16, 4)}))
 
 
 def test_pairs_are_not_checked_when_no_term_uses_features():
-    obj = Objective(weights={"ce": 1.0, "feature": 0.0}, pairs=(("pool", "layer1"),))
-    check_pairs(obj, STUDENT_SHAPES, TEACHER_SHAPES)  # would be a mismatch, but nothing uses it
-    assert obj.init_regressors(STUDENT_SHAPES, TEACHER_SHAPES) == {}
+    obj = from_weights({"ce": 1.0, "feature": 0.0}, pairs=(("pool", "layer1"),))
+    obj.check(SHAPES)  # would be a mismatch, but nothing uses it
+    assert obj.init(SHAPES) == ({"ce": {}}, {"ce": {}})
+
+
+def test_objective_is_an_equal_value_for_equal_configs():
+    assert isinstance(from_config(METHOD_CONFIGS["feature"]), Objective)
+    assert from_config(METHOD_CONFIGS["feature"]) == from_config(METHOD_CONFIGS["feature"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
+from fkd.config import OptimizerConfig, load_config
 from fkd.errors import ConfigError
 from fkd.optim import (
     OPTIMIZERS,
@@ -23,6 +24,7 @@ from fkd.optim import (
     clip_by_global_norm,
     global_norm,
     identity,
+    optimizer_from_config,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
@@ -30,7 +32,15 @@ from fkd.optim import (
     trace,
 )
 from fkd.pytree import tree_clone, tree_leaves, tree_map
-from fkd.schedules import SCHEDULES, constant, cosine_decay, multistep, one_cycle, warmup_cosine
+from fkd.schedules import (
+    SCHEDULES,
+    constant,
+    cosine_decay,
+    learning_rate_schedule,
+    multistep,
+    one_cycle,
+    warmup_cosine,
+)
 
 F64 = torch.float64
 
@@ -220,7 +230,7 @@ def quadratic(params):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_converges_on_a_quadratic(name):
-    opt = OPTIMIZERS[name](learning_rate=0.1)  # the one line that differs between optimizers
+    opt = OPTIMIZERS.get(name)(learning_rate=0.1)  # the one line that differs between optimizers
     params = {k: torch.zeros_like(v) for k, v in TARGET.items()}
     state = opt.init(params)
     for _ in range(300):
@@ -446,15 +456,10 @@ def values(schedule, steps, dtype=F64):
     return torch.stack([schedule(torch.tensor(s, dtype=dtype)) for s in steps])
 
 
-def test_schedules_registry():
-    assert SCHEDULES == {
-        "constant": constant,
-        "cosine": cosine_decay,
-        "warmup_cosine": warmup_cosine,
-        "multistep": multistep,
-        "one_cycle": one_cycle,
-    }
-    assert set(OPTIMIZERS) == {"sgd", "adam", "adamw"}
+def test_registries_name_every_schedule_and_optimizer():
+    assert SCHEDULES.names() == ("constant", "cosine", "warmup_cosine", "multistep", "one_cycle")
+    assert OPTIMIZERS.names() == ("sgd", "adam", "adamw")
+    assert (OPTIMIZERS.get("sgd"), OPTIMIZERS.get("adam"), OPTIMIZERS.get("adamw")) == (sgd, adam, adamw)
 
 
 @pytest.mark.parametrize(
@@ -613,3 +618,110 @@ def test_add_decayed_weights_needs_params():
 
 def test_one_cycle_starts_at_max_over_div_factor():
     assert math.isclose(float(one_cycle(1.0, 100)(torch.tensor(0))), 1.0 / 25.0, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a config: the registries, the keys each entry takes, the schedules in epochs
+# ---------------------------------------------------------------------------------------------------
+
+STEPS_PER_EPOCH, EPOCHS = 7, 4  # 28 steps
+
+
+@pytest.mark.parametrize("settings, direct", [
+    ({"schedule": "constant"}, constant(0.1)),
+    ({"schedule": "cosine"}, cosine_decay(0.1, 28)),
+    ({"schedule": "warmup_cosine", "warmup_epochs": 1.5}, warmup_cosine(0.1, 10, 28)),  # round(1.5 * 7) = 10
+    ({"schedule": "multistep", "milestones": [1, 3], "gamma": 0.5}, multistep(0.1, [7, 21], 0.5)),
+    ({"schedule": "one_cycle"}, one_cycle(0.1, 28)),
+])
+def test_learning_rate_schedule_states_each_schedule_in_epochs(settings, direct):
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=0.1, **settings), STEPS_PER_EPOCH, EPOCHS)
+    steps = torch.arange(0, 40)
+    assert torch.equal(vmap(schedule)(steps), vmap(direct)(steps))
+
+
+def test_warmup_covering_the_whole_run_is_a_config_error():
+    with pytest.raises(ConfigError, match="warmup_epochs = 4.0 covers the whole run of 4 epochs"):
+        learning_rate_schedule(OptimizerConfig(schedule="warmup_cosine", warmup_epochs=4.0), STEPS_PER_EPOCH, EPOCHS)
+
+
+@pytest.mark.parametrize("settings, direct", [
+    ({"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+     lambda lr: sgd(lr, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    ({"name": "adam", "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 1e-2},
+     lambda lr: adam(lr, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2)),
+    # the config's weight_decay (0) reaches adamw, not adamw's own default of 1e-2
+    ({"name": "adamw"}, lambda lr: adamw(lr, weight_decay=0.0)),
+])
+def test_optimizer_from_config_passes_the_keys_the_optimizer_takes(settings, direct):
+    cfg = OptimizerConfig(learning_rate=0.05, schedule="cosine", **settings)
+    opt, schedule = optimizer_from_config(cfg, STEPS_PER_EPOCH, EPOCHS)
+    assert_trees_close(run_fkd(opt, steps=20)[0], run_fkd(direct(cosine_decay(0.05, 28)), steps=20)[0],
+                       rtol=0, atol=0)
+    assert math.isclose(float(schedule(torch.tensor(0))), 0.05, rel_tol=1e-6)
+
+
+def test_clipping_is_chained_before_any_optimizer():
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, clip_norm=0.01)
+    opt, _ = optimizer_from_config(cfg, STEPS_PER_EPOCH, EPOCHS)
+    direct = chain(clip_by_global_norm(0.01), sgd(constant(0.1)))
+    assert_trees_close(run_fkd(opt, steps=5)[0], run_fkd(direct, steps=5)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"name": "adam", "momentum": 0.9},
+     "teacher.train.optimizer.momentum = 0.9 has no effect on optimizer 'adam', which takes b1, b2, eps, "
+     "weight_decay; remove the key or pick sgd."),
+    ({"name": "sgd", "b1": 0.5},
+     "teacher.train.optimizer.b1 = 0.5 has no effect on optimizer 'sgd', which takes momentum, nesterov, "
+     "weight_decay; remove the key or pick adam or adamw."),
+    ({"name": "adamw", "nesterov": True},
+     "teacher.train.optimizer.nesterov = true has no effect on optimizer 'adamw', which takes b1, b2, eps, "
+     "weight_decay; remove the key or pick sgd."),
+    ({"schedule": "cosine", "milestones": [2]},
+     "teacher.train.optimizer.milestones = [2] has no effect on schedule 'cosine', which takes none of "
+     "warmup_epochs, milestones, gamma; remove the key or pick multistep."),
+    ({"schedule": "multistep", "warmup_epochs": 1.0},
+     "teacher.train.optimizer.warmup_epochs = 1.0 has no effect on schedule 'multistep', which takes gamma, "
+     "milestones; remove the key or pick warmup_cosine."),
+])
+def test_a_key_the_entry_does_not_take_fails_naming_it(settings, message):
+    with pytest.raises(ConfigError) as info:
+        optimizer_from_config(OptimizerConfig(**settings), STEPS_PER_EPOCH, EPOCHS, key="teacher.train.optimizer")
+    assert str(info.value) == message
+    # the same sentence when the config is read, before any run starts (prefix from the config's layout)
+    overrides = [f"teacher.train.optimizer.{k}={v!r}".replace("True", "true").replace("'", '"')
+                 for k, v in settings.items()]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+
+
+def test_a_key_left_at_its_default_is_no_error():
+    # momentum = 0 is the default: adam is fine with it; the teacher's built-in sgd keeps momentum 0.9
+    optimizer_from_config(OptimizerConfig(name="adam", momentum=0.0), STEPS_PER_EPOCH, EPOCHS)
+    assert load_config(None, ['train.optimizer.name="adamw"']).teacher.train.optimizer.momentum == 0.9
+
+
+def test_unknown_optimizer_and_schedule_names_list_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"teacher.train.optimizer.name = 'adamm' is not a known optimizer; "
+                                          r"did you mean 'adam'\? valid: sgd, adam, adamw\."):
+        optimizer_from_config(OptimizerConfig(name="adamm"), 1, 1, key="teacher.train.optimizer")
+    with pytest.raises(ConfigError, match=r"train.optimizer.schedule = 'linear' is not a known schedule; "
+                                          r"valid: constant, cosine, warmup_cosine, multistep, one_cycle\."):
+        load_config(None, ['train.optimizer.schedule="linear"'])
+
+
+def test_a_registered_optimizer_is_usable_from_a_config_with_its_own_keys():
+    @OPTIMIZERS.register("test_signsgd")
+    def signsgd(learning_rate, weight_decay: float = 0.0):
+        return chain(add_decayed_weights(weight_decay), scale(1.0), scale_by_learning_rate(learning_rate))
+
+    try:
+        cfg = load_config(None, ['train.optimizer.name="test_signsgd"', "train.optimizer.weight_decay=0.1"])
+        opt, _ = optimizer_from_config(cfg.train.optimizer, 1, 1)
+        assert_trees_close(run_fkd(opt, steps=3)[0], run_fkd(signsgd(constant(1e-3), 0.1), steps=3)[0])
+        with pytest.raises(ConfigError, match="has no effect on optimizer 'test_signsgd', which takes weight_decay"):
+            load_config(None, ['train.optimizer.name="test_signsgd"', "train.optimizer.b1=0.5"])
+    finally:
+        OPTIMIZERS._entries.pop("test_signsgd")

@@ -23,7 +23,8 @@ from fkd import optim
 from fkd.config import DistillConfig
 from fkd.models import build_model
 from fkd.models.students import SeedCNN, SmallCNN
-from fkd.objective import Objective, from_config
+from fkd.objective import from_config, from_weights
+from fkd.terms import Shapes, TermInputs
 from fkd.pytree import tree_leaves, tree_map
 from fkd.step import init_train_state, make_eval_step, make_train_step
 from tests.notebook_reference import blended_distillation_loss
@@ -70,12 +71,11 @@ WEIGHTS = {"ce": 0.5, "logit": 0.3, "feature": 0.2, "attention": 1.0}
 def setup():
     student, s_params, s_buffers = build_model("small_cnn", 10, SIDE, ("block1", "block2"), widths=(4, 8))
     teacher, t_params, t_buffers = build_model("small_cnn", 10, SIDE, ("block1", "block2"), widths=(8, 16), seed=1)
-    objective = Objective(weights=WEIGHTS, temperature=2.0, pairs=PAIRS)
-    regressors = objective.init_regressors(
-        {"block1": (4, 8, 8), "block2": (8, 4, 4)}, {"block1": (8, 8, 8), "block2": (16, 4, 4)}
-    )
+    objective = from_weights(WEIGHTS, pairs=PAIRS, temperature=2.0)
+    regressors, _ = objective.init(Shapes({"block1": (4, 8, 8), "block2": (8, 4, 4)},
+                                          {"block1": (8, 8, 8), "block2": (16, 4, 4)}))
     optimizer = optim.sgd(0.1, momentum=0.9, weight_decay=1e-3)
-    state = init_train_state(s_params, s_buffers, optimizer, regressors=regressors)
+    state = init_train_state(s_params, s_buffers, optimizer, objective_params=regressors)
     teacher_vars = {"params": t_params, "buffers": t_buffers}
     return {"student": student, "teacher": teacher, "objective": objective, "optimizer": optimizer,
             "state": state, "teacher_vars": teacher_vars}
@@ -95,8 +95,8 @@ def test_step_leaves_its_inputs_untouched(setup):
     # ...and the step did do something: new params, new running stats, advanced counters.
     assert not torch.equal(new_state["params"]["model"]["fc.weight"], state["params"]["model"]["fc.weight"])
     assert not torch.equal(new_state["buffers"]["blocks.0.1.running_mean"], state["buffers"]["blocks.0.1.running_mean"])
-    assert not torch.equal(new_state["params"]["regressors"]["block2->block2"]["weight"],
-                           state["params"]["regressors"]["block2->block2"]["weight"])
+    assert not torch.equal(new_state["params"]["objective"]["feature"]["block2->block2"]["weight"],
+                           state["params"]["objective"]["feature"]["block2->block2"]["weight"])
     assert new_state["step"] == 1 and state["step"] == 0
     assert new_state["bad_step"] == -1
     assert set(metrics) >= {"loss", *WEIGHTS, "correct", "count", "grad_norm", "finite"}
@@ -109,10 +109,10 @@ def test_compiled_step_matches_eager_and_does_not_recompile():
     # grows with the number of kernels (about a second of C++ compilation each on a cold cache).
     student, sp, sb = build_model("small_cnn", 10, SIDE, ("block1",), widths=(4,))
     teacher, tp, tb = build_model("small_cnn", 10, SIDE, ("block1",), widths=(8,), seed=1)
-    objective = Objective(weights=WEIGHTS, pairs=(("block1", "block1"),))
-    regressors = objective.init_regressors({"block1": (4, 8, 8)}, {"block1": (8, 8, 8)})
+    objective = from_weights(WEIGHTS, pairs=(("block1", "block1"),))
+    regressors, _ = objective.init(Shapes({"block1": (4, 8, 8)}, {"block1": (8, 8, 8)}))
     optimizer = optim.sgd(0.1, momentum=0.9, weight_decay=1e-3)
-    state, tv = init_train_state(sp, sb, optimizer, regressors=regressors), {"params": tp, "buffers": tb}
+    state, tv = init_train_state(sp, sb, optimizer, objective_params=regressors), {"params": tp, "buffers": tb}
     batches = [make_batch(seed=0), make_batch(seed=1)]
     eager = make_train_step(student, objective, optimizer, teacher=teacher, compile="off")
     torch._dynamo.reset()
@@ -157,11 +157,11 @@ def test_vmap_over_stacked_states_equals_separate_steps(batch_norm):
     student, p0, b0 = build_model("small_cnn", 10, SIDE, names, widths=(4, 8), batch_norm=batch_norm, seed=0)
     _, p1, b1 = build_model("small_cnn", 10, SIDE, names, widths=(4, 8), batch_norm=batch_norm, seed=1)
     teacher, tp, tb = build_model("small_cnn", 10, SIDE, names, widths=(8, 16), seed=5)
-    objective = Objective(weights={"ce": 0.5, "logit": 0.5, "feature": 0.3}, pairs=(("block2", "block2"),))
+    objective = from_weights({"ce": 0.5, "logit": 0.5, "feature": 0.3}, pairs=(("block2", "block2"),))
     shapes = ({"block2": (8, 4, 4)}, {"block2": (16, 4, 4)})
     optimizer = optim.adam(1e-2)
     states = [
-        init_train_state(p, b, optimizer, regressors=objective.init_regressors(*shapes, seed=i))
+        init_train_state(p, b, optimizer, objective_params=objective.init(Shapes(*shapes), seed=i)[0], seed=i)
         for i, (p, b) in enumerate(((p0, b0), (p1, b1)))
     ]
     stacked = tree_map(lambda a, b: torch.stack([a, b]), *states)
@@ -208,7 +208,8 @@ def test_gradients_equal_the_notebooks_imperative_loop():
 
     def objective_loss(p):
         logits, feats, _ = student.apply(p, buffers, x, train=True)
-        return objective(logits, feats, y, t_logits, {})[0]
+        inputs = TermInputs(logits, feats, y, t_logits, {}, None, torch.zeros((), dtype=torch.int64))
+        return objective({}, {}, inputs)[0]
 
     func_grads = torch.func.grad(objective_loss)(params)
     assert func_grads.keys() == module_grads.keys()
@@ -256,7 +257,7 @@ def test_non_finite_step_keeps_the_state_and_records_the_first_bad_index(setup):
 def test_huge_learning_rate_is_caught_as_non_finite():
     student, params, buffers = build_model("small_cnn", 10, SIDE, (), widths=(4, 8), batch_norm=False)
     optimizer = optim.sgd(1e38)
-    step = make_train_step(student, Objective(weights={"ce": 1.0}), optimizer, compile="off")
+    step = make_train_step(student, from_weights({"ce": 1.0}), optimizer, compile="off")
     state = init_train_state(params, buffers, optimizer)
     batch = make_batch()
     finite = []
@@ -280,7 +281,7 @@ def test_frozen_params_pass_through_and_only_params_change():
     frozen = {k: v for k, v in params.items() if not k.startswith("fc.")}
     optimizer = optim.sgd(0.5, momentum=0.9)
     state = init_train_state(head, buffers, optimizer, frozen=frozen)
-    objective = Objective(weights={"ce": 1.0})
+    objective = from_weights({"ce": 1.0})
     step = make_train_step(student, objective, optimizer, train_mode=False, compile="off")
     batch = make_batch()
     frozen_snap, buf_snap = snapshot(frozen), snapshot(buffers)
@@ -385,9 +386,9 @@ def test_feature_distillation_uses_no_module_hooks():
         objective = from_config(DistillConfig(method="feature", student_features=["block1"],
                                               teacher_features=["layer1"]))
         assert objective.weights == {"ce": 0.7, "feature": 0.3}
-        regressors = objective.init_regressors({"block1": (4, 16, 16)}, {"layer1": (64, 8, 8)})
+        regressors, _ = objective.init(Shapes({"block1": (4, 16, 16)}, {"layer1": (64, 8, 8)}))
         optimizer = optim.adam(1e-3)
-        state = init_train_state(sp, sb, optimizer, regressors=regressors)
+        state = init_train_state(sp, sb, optimizer, objective_params=regressors)
         step = make_train_step(student, objective, optimizer, teacher=teacher, compile="off")
         new_state, metrics = step(state, make_batch(side=32), {"params": tp, "buffers": tb})
         assert_no_hooks(student.train_template, student.eval_template, teacher.train_template, teacher.eval_template)

@@ -14,7 +14,8 @@ from fkd.data import load_data
 from fkd.errors import CheckpointError, ConfigError
 from fkd.models import build_model
 from fkd.rundir import RunDir
-from fkd.teacher import build_teacher, fit_teacher, load_teacher
+from fkd.models.from_config import build_teacher
+from fkd.teacher import fit_teacher, load_teacher
 
 
 def _fit(tiny_config, tmp_path, *overrides):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fkd.distill import feature_shapes
+from fkd.models.functional import feature_shapes
 from fkd.models import build_model
-from fkd.objective import Objective
+from fkd.objective import from_weights
+from fkd.terms import Shapes
 from fkd.optim import adam
 from fkd.pytree import tree_leaves
 from fkd.step import init_train_state, make_train_step
@@ -57,8 +58,8 @@ def test_fkd_students_still_run_their_whole_forward():
 def test_feature_step_with_the_cut_teacher_equals_the_step_on_full_teacher_outputs():
     student, sp, sb = build_model("small_cnn", 4, 16, ("block1", "block2"), widths=(4, 8), seed=0)
     teacher, tp, tb = build_model("resnet18", 4, 16, ("layer1",), seed=1)
-    obj = Objective({"ce": 0.7, "feature": 0.3, "attention": 2.0}, pairs=(("block1", "layer1"), ("block2", "layer1")))
-    regs = obj.init_regressors(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu"))
+    obj = from_weights({"ce": 0.7, "feature": 0.3, "attention": 2.0}, pairs=(("block1", "layer1"), ("block2", "layer1")))
+    regs, _ = obj.init(Shapes(feature_shapes(student, sp, sb, 16, "cpu"), feature_shapes(teacher, tp, tb, 16, "cpu")))
     opt = adam(1e-2)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     tv = {"params": tp, "buffers": tb}
@@ -66,7 +67,7 @@ def test_feature_step_with_the_cut_teacher_equals_the_step_on_full_teacher_outpu
     given = make_train_step(student, obj, opt, compile="off")
     with torch.no_grad():
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)  # the whole forward
-    state_a = state_b = init_train_state(sp, sb, opt, regressors=regs)
+    state_a = state_b = init_train_state(sp, sb, opt, objective_params=regs)
     for _ in range(2):
         state_a, metrics_a = live(state_a, {"x": x, "y": y}, tv)
         state_b, metrics_b = given(state_b, {"x": x, "y": y, "teacher_logits": t_logits, "teacher_features": t_feats})

@@ -12,7 +12,6 @@ from fkd.config import DataConfig
 from fkd.data.batches import InMemorySource, Source, StreamingSource, load_views
 from fkd.data.datasets import Split, TensorViews, read_splits
 from fkd.data.transforms import BatchTransform
-from fkd.errors import DataError
 
 # in_memory = "auto" holds a split on the device when its uint8 views fit in this many bytes.
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -53,24 +52,18 @@ def holds_in_memory(mode: str, n: int, view: int) -> bool:
     return n * 3 * view * view <= IN_MEMORY_LIMIT_BYTES
 
 
-def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
+def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu") -> DataBundle:
     """Read data set ``cfg.name`` and return its train and test sources on ``device``.
 
-    The data themselves never depend on ``seed``: splits and synthetic images are fixed so that
-    runs with different seeds (and their teacher caches) see the same examples. The seed that
-    orders and augments batches is passed to ``Source.batches``; ``seed`` here is accepted so
-    callers can pass the run's seed uniformly.
+    The data never depend on the run's seed: splits and synthetic images are fixed so that runs
+    with different seeds (and their teacher caches) see the same examples. The seed that orders
+    and augments batches is passed to ``Source.batches``.
 
     Raises:
-        DataError: the data set is missing, malformed, or the sizes do not fit together.
+        DataError: the data set is missing or malformed.
     """
-    del seed  # documented above: the data do not depend on the run seed
-    view = view_size(cfg)
-    if view < cfg.image_size:
-        raise DataError(f"data.resize = {cfg.resize} is smaller than data.image_size = {cfg.image_size}; "
-                        "set data.resize to 0 or to at least image_size.")
     device = torch.device(device)
-    splits = read_splits(cfg, view)
+    splits = read_splits(cfg, view_size(cfg))
     train_split = splits.train.head(cfg.train_limit) if cfg.train_limit else splits.train
     train = _make_source(train_split, BatchTransform.for_split(cfg, train=True), cfg, device)
     test = _make_source(splits.test, BatchTransform.for_split(cfg, train=False), cfg, device)

@@ -9,6 +9,9 @@ torchvision data sets keep their own storage and produce views through
 
 Everything a user can get wrong -- missing files, no network, a malformed image folder --
 raises :class:`~fkd.errors.DataError` with one sentence naming the path and the fix.
+
+Readers are registered in :data:`DATASETS` under the name ``data.name`` gives; a new data set is one
+reader ``reader(cfg, view_size) -> Splits`` decorated ``@DATASETS.register("name")``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from fkd.config import DataConfig
 from fkd.data.views import PilSquareView, square_view
 from fkd.errors import DataError
+from fkd.registry import Registry
+
+DATASETS = Registry("data set", "data.name")
+"""``data.name`` names: ``reader(cfg: DataConfig, view_size: int) -> Splits``."""
 
 
 class TensorViews(Dataset):
@@ -77,18 +84,11 @@ class Splits:
 
 
 def read_splits(cfg: DataConfig, view_size: int) -> Splits:
-    """Read data set ``cfg.name`` with views of side ``view_size`` (before any ``train_limit``)."""
-    readers = {
-        "digits": _read_digits,
-        "synthetic": _read_synthetic,
-        "cifar10": _read_torchvision,
-        "cifar100": _read_torchvision,
-        "stl10": _read_torchvision,
-        "imagefolder": _read_imagefolder,
-    }
-    if cfg.name not in readers:
-        raise DataError(f"unknown data set '{cfg.name}'; set data.name to one of {', '.join(readers)}.")
-    return readers[cfg.name](cfg, view_size)
+    """Read data set ``cfg.name`` with views of side ``view_size`` (before any ``train_limit``).
+
+    An unregistered name is a :class:`~fkd.errors.ConfigError` listing the registered ones.
+    """
+    return DATASETS.get(cfg.name)(cfg, view_size)
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -113,6 +113,7 @@ def digits_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, 
     return train, test
 
 
+@DATASETS.register("digits")
 def _read_digits(cfg: DataConfig, view_size: int) -> Splits:
     """scikit-learn's bundled 8x8 digits: 1,797 images, pixel values 0..16 scaled to 0..255."""
     from sklearn.datasets import load_digits
@@ -149,7 +150,9 @@ def synthetic_images(n: int, num_classes: int, size: int, generator: torch.Gener
     return pixels.round_().clamp_(0, 255).to(torch.uint8), labels
 
 
+@DATASETS.register("synthetic")
 def _read_synthetic(cfg: DataConfig, view_size: int) -> Splits:
+    """:func:`synthetic_images`: ``synthetic_size`` images per split, ``synthetic_classes`` classes, fixed seed."""
     generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
     palette = torch.randint(-80, 81, (cfg.synthetic_classes, 3), generator=generator).float()
     splits = []
@@ -167,21 +170,27 @@ def _read_synthetic(cfg: DataConfig, view_size: int) -> Splits:
 # --- torchvision: CIFAR-10, CIFAR-100, STL-10 -------------------------------------------------
 
 
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+"""STL-10's classes in label order, as its ``class_names.txt`` lists them (Coates et al. 2011)."""
+
+
 @attrs.frozen
 class _TorchvisionSpec:
     title: str  # as people write it, for messages
     class_name: str  # in torchvision.datasets
     folder: str  # the extracted folder under root
     split_kwargs: tuple[dict, dict]  # (train, test)
+    # The class names when the torchvision data set has no ``classes`` attribute (STL10 sets it only when
+    # class_names.txt is present); empty: the data set must list them itself.
+    classes: tuple[str, ...] = ()
 
 
 _TORCHVISION = {
     "cifar10": _TorchvisionSpec("CIFAR-10", "CIFAR10", "cifar-10-batches-py", ({"train": True}, {"train": False})),
     "cifar100": _TorchvisionSpec("CIFAR-100", "CIFAR100", "cifar-100-python", ({"train": True}, {"train": False})),
-    "stl10": _TorchvisionSpec("STL-10", "STL10", "stl10_binary", ({"split": "train"}, {"split": "test"})),
+    "stl10": _TorchvisionSpec("STL-10", "STL10", "stl10_binary", ({"split": "train"}, {"split": "test"}),
+                              classes=STL10_CLASSES),
 }
-
-STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 # What reading or fetching a torchvision data set raises when files are missing, truncated or
 # unreachable (URLError and HTTPError are OSErrors).
@@ -197,6 +206,7 @@ def _torchvision_labels(dataset) -> Tensor:
 
 
 def _read_torchvision(cfg: DataConfig, view_size: int) -> Splits:
+    """The torchvision data set ``_TORCHVISION[cfg.name]`` under ``cfg.root`` (downloaded when allowed)."""
     import torchvision.datasets
 
     spec = _TORCHVISION[cfg.name]
@@ -211,11 +221,20 @@ def _read_torchvision(cfg: DataConfig, view_size: int) -> Splits:
         except _READ_ERRORS as exc:
             raise DataError(_unavailable(spec, folder, cfg.download, exc)) from None
         splits.append(Split(dataset, _torchvision_labels(dataset)))
-    class_names = list(getattr(splits[0].dataset, "classes", None) or STL10_CLASSES)
+    class_names = list(getattr(splits[0].dataset, "classes", None) or spec.classes)
+    if not class_names:
+        # never another data set's names: labels would be silently misnamed in every report
+        raise DataError(f"{spec.title} under '{folder}' lists no class names (torchvision.datasets."
+                        f"{spec.class_name} read no 'classes'); restore its metadata files, or give its "
+                        "_TorchvisionSpec in fkd/data/datasets.py the names.")
     return Splits(
         train=splits[0], test=splits[1], class_names=class_names,
         identity={"source": f"torchvision.datasets.{spec.class_name}", "root": str(root.resolve())},
     )
+
+
+for _name in _TORCHVISION:
+    DATASETS.register(_name, _read_torchvision)
 
 
 def _unavailable(spec: _TorchvisionSpec, folder: Path, download: bool, exc: Exception) -> str:
@@ -258,6 +277,7 @@ class _ImageFolder(ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
+@DATASETS.register("imagefolder")
 def _read_imagefolder(cfg: DataConfig, view_size: int) -> Splits:
     """``root/train/<class>/<image>`` and ``root/test/<class>/<image>``, the same classes in both."""
     root = Path(cfg.root).expanduser()

@@ -51,7 +51,10 @@ class BatchTransform:
 
     @property
     def is_random(self) -> bool:
-        """True when augmenting changes the output (so its outputs cannot be cached)."""
+        """True when augmenting changes the output (so its outputs cannot be cached).
+
+        The one definition: :attr:`fkd.config.DataConfig.augments` asks the training transform.
+        """
         return self.crop == "random" or self.flip
 
     def __call__(self, views: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:

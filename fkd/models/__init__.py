@@ -2,39 +2,70 @@
 
 ``build_model(arch, num_classes, image_size, feature_names)`` returns ``(model, params, buffers)``:
 a weightless template plus the weights as flat dicts (see :mod:`fkd.models.functional`).
+
+``arch`` is looked up in :data:`MODELS` (fkd's own networks, :mod:`fkd.models.students`) first, then
+among torchvision's classifiers (:func:`torchvision_names`); :func:`model_builder` is that lookup. A new
+architecture is a module whose ``forward`` returns ``(logits, features)`` plus a builder registered with
+``@MODELS.register("name")``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+from typing import Callable
 
 import torch
 from torch import nn
 
 from fkd.errors import ConfigError
 from fkd.models.functional import Model, Params, param_count, size_bytes, split_state
-from fkd.models.students import SeedCNN, SmallCNN
+from fkd.models.students import MODELS
 from fkd.models.zoo import build_torchvision, feature_node_names, head_prefix, torchvision_names, with_features
-
-STUDENT_ARCHS = ("seed_cnn", "small_cnn")
+from fkd.registry import accepted_keywords
 
 __all__ = [
-    "Model", "Params", "build_model", "param_count", "size_bytes", "split_state", "available_features",
-    "head_prefix", "STUDENT_ARCHS", "torchvision_names",
+    "Model", "Params", "build_model", "build_module", "model_builder", "param_count", "size_bytes",
+    "split_state", "available_features", "head_prefix", "MODELS", "torchvision_names",
 ]
 
 
-def _module(arch: str, num_classes: int, image_size: int, widths, batch_norm: bool, weights: str) -> nn.Module:
-    if arch == "seed_cnn":
-        return SeedCNN(num_classes, image_size)
-    if arch == "small_cnn":
-        return SmallCNN(num_classes, tuple(widths), batch_norm)
-    if arch not in torchvision_names():
-        raise ConfigError(
-            f"unknown model '{arch}'; valid models: seed_cnn, small_cnn, or a torchvision classifier "
-            f"({', '.join(n for n in torchvision_names() if n.startswith(('resnet', 'mobilenet')))}, ...)."
-        )
-    return build_torchvision(arch, num_classes, weights)
+def model_builder(arch: str, *, key: str = "arch") -> Callable[..., nn.Module]:
+    """``builder(num_classes, image_size, **options) -> nn.Module`` for ``arch``.
+
+    A name registered in :data:`MODELS` comes first; any other torchvision classifier name gets a builder
+    taking ``weights`` (``"imagenet"`` or ``"none"``, see :func:`~fkd.models.zoo.build_torchvision`). An
+    unknown name is a :class:`ConfigError` naming ``key`` and the closest valid names.
+    """
+    if arch in MODELS:
+        return MODELS.get(arch)
+    if arch in torchvision_names():
+        return _torchvision_builder(arch)
+    close = difflib.get_close_matches(arch, [*MODELS.names(), *torchvision_names()], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+        f"use {', '.join(MODELS.names())} or a torchvision classifier (resnet18, mobilenet_v3_small, "
+        "efficientnet_b0, ...).")
+    raise ConfigError(f"{key} = '{arch}' is not a known model; {hint}")
+
+
+def _torchvision_builder(arch: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, image_size: int, *, weights: str = "none") -> nn.Module:
+        return build_torchvision(arch, num_classes, weights)
+
+    return build
+
+
+def build_module(arch: str, num_classes: int, image_size: int, *, key: str = "arch",
+                 **options) -> nn.Module:
+    """A freshly initialised ``nn.Module`` of ``arch`` (weights from the global RNG).
+
+    ``options`` are the model options of a config (``widths``, ``batch_norm``, ``weights``); each
+    builder gets exactly those its signature accepts (``small_cnn`` takes widths and batch_norm,
+    ``seed_cnn`` none, a torchvision classifier ``weights``).
+    """
+    builder = model_builder(arch, key=key)
+    accepted = accepted_keywords(builder)
+    return builder(num_classes, image_size, **{k: v for k, v in options.items() if k in accepted})
 
 
 def available_features(module: nn.Module) -> list[str]:
@@ -62,7 +93,8 @@ def build_model(
     """Build ``arch`` and return ``(model, params, buffers)``.
 
     Args:
-        arch: ``seed_cnn``, ``small_cnn`` or a torchvision classifier name.
+        arch: a name registered in :data:`MODELS` (``seed_cnn``, ``small_cnn``) or a torchvision
+            classifier name (see :func:`model_builder`).
         num_classes: output classes; a torchvision head is resized to it.
         image_size: input side in pixels (``seed_cnn`` derives its classifier input from it).
         feature_names: intermediate tensors ``apply`` returns -- block names for fkd's own CNNs, FX node
@@ -74,7 +106,7 @@ def build_model(
     feature_names = tuple(feature_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = _module(arch, num_classes, image_size, widths, batch_norm, weights)
+        module = build_module(arch, num_classes, image_size, widths=widths, batch_norm=batch_norm, weights=weights)
     own = getattr(module, "feature_names", None)
     if own is not None:
         unknown = [n for n in feature_names if n not in own]

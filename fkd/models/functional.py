@@ -152,3 +152,11 @@ def size_bytes(params: Params, buffers: Params | None = None) -> int:
     """Bytes the weights occupy (``numel * element_size`` over params and buffers)."""
     tensors = list(params.values()) + list((buffers or {}).values())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def feature_shapes(model: Model, params: Params, buffers: Params, image_size: int, device) -> dict:
+    """``{feature name: shape without batch}`` from one eval-mode forward pass of a zero image."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with torch.no_grad():
+        _, feats, _ = model.apply(params, buffers, x, train=False)
+    return {k: tuple(v.shape[1:]) for k, v in feats.items()}

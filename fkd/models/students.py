@@ -2,12 +2,22 @@
 
 Features are returned explicitly, as a dict of named intermediate tensors, instead of being
 captured with module hooks (big_vision style).
+
+Each network is registered in :data:`MODELS` under the name a config gives (``student.arch``,
+``teacher.arch``) by a builder ``builder(num_classes, image_size, **options) -> nn.Module``, whose
+keyword parameters say which of the config's model options (``widths``, ``batch_norm``) it takes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from fkd.registry import Registry
+
+MODELS = Registry("model", "arch")
+"""fkd's own architectures by name. Torchvision classifiers are found by name too, without being listed
+here (see :func:`fkd.models.model_builder`)."""
 
 
 def _conv(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
@@ -85,3 +95,15 @@ class SmallCNN(nn.Module):
         pooled = x.mean(dim=(2, 3))
         feats["pool"] = pooled
         return self.fc(pooled), feats
+
+
+@MODELS.register("seed_cnn")
+def seed_cnn(num_classes: int, image_size: int) -> nn.Module:
+    """:class:`SeedCNN`; its classifier input follows ``image_size``. Takes no options."""
+    return SeedCNN(num_classes, image_size)
+
+
+@MODELS.register("small_cnn")
+def small_cnn(num_classes: int, image_size: int, *, widths, batch_norm: bool) -> nn.Module:
+    """:class:`SmallCNN` with one block per entry of ``widths``; global pooling makes it size-agnostic."""
+    return SmallCNN(num_classes, tuple(widths), batch_norm)

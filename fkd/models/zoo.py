@@ -25,8 +25,8 @@ def build_torchvision(arch: str, num_classes: int, weights: str = "none") -> nn.
     :class:`CheckpointError` that says where the file should be.
     """
     if arch not in torchvision_names():
-        raise ConfigError(f"unknown model '{arch}'; use seed_cnn, small_cnn or a torchvision classifier "
-                          f"such as resnet18, mobilenet_v3_small, efficientnet_b0.")
+        raise ConfigError(f"'{arch}' is not a torchvision classifier; use one such as resnet18, "
+                          "mobilenet_v3_small, efficientnet_b0 (fkd's own models: fkd.models.MODELS).")
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(arch).DEFAULT
         try:

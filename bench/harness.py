@@ -1,5 +1,8 @@
 """``fkd bench``: the cost of one distillation step, fkd's way and the imperative way, side by side.
 
+This harness lives in the repository's ``bench/`` folder, not in the ``fkd`` package: ``python cli.py
+bench`` loads it from a clone (:mod:`fkd.clone_files`).
+
 Every variant trains the same student (same initial weights) on the same batch on the same device:
 
 ================  ==================================================================================
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -52,34 +54,25 @@ import torch
 
 from fkd import objective as objective_lib
 from fkd.cache import TeacherCache, compute_outputs
+from fkd.clone_files import load_clone_module
 from fkd.config import Config
 from fkd.data import load_data
-from fkd.distill import build_student, feature_shapes
-from fkd.errors import ConfigError, FkdError
-from fkd.models import build_model
-from fkd.objective import Objective
-from fkd.step import init_train_state, make_train_step, should_compile, to_channels_last
-from fkd.training import optimizer_from_config
-
-BASELINE = Path(__file__).resolve().parents[1] / "bench" / "imperative.py"
-
+from fkd.distill import preflight
+from fkd.errors import ConfigError
+from fkd.models.from_config import build_teacher
+from fkd.objective import Objective, from_weights
+from fkd.run_setup import TrainingSetup, build_training, uses_channels_last
+from fkd.step import should_compile
 
 def load_imperative_baseline():
-    """The notebook-style baseline, ``bench/imperative.py`` in the repository.
+    """The notebook-style baseline, ``bench/imperative.py`` beside this file.
 
     It lives outside the ``fkd`` package on purpose: it captures features with forward hooks, as the
     notebook does, and the package itself never registers a hook.
     """
-    if not BASELINE.is_file():
-        raise FkdError(f"the imperative baseline ({BASELINE}) is missing: run the bench from a clone of the "
-                       "fkd repository, or leave 'imperative' out of --variants.")
-    spec = importlib.util.spec_from_file_location("fkd_bench_imperative", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_clone_module("bench/imperative.py", "the imperative baseline")
 
 
-VARIANTS = ("imperative", "functional", "compiled", "student_only", "cached")
 MIN_CLI_STEPS = 20
 
 
@@ -151,41 +144,42 @@ class _Setup:
     student_vars: dict
     teacher: object
     teacher_vars: dict | None
-    regressors: dict
-    optimizer: object
-    schedule: Callable
+    objective_params: dict
+    objective_state: dict
+    steps_per_epoch: int  # the schedule spans the whole benchmark: warm-up and timed steps, one "epoch"
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
-    channels_last: bool
+
+    def training(self, objective: Objective, *, compile: bool, teacher) -> TrainingSetup:
+        """The run setup every fkd variant shares (:func:`fkd.run_setup.build_training`)."""
+        cfg = self.cfg
+        own = objective is self.objective
+        return build_training(
+            self.student, objective, attrs.evolve(cfg.train, epochs=1), params=self.student_vars["params"],
+            buffers=self.student_vars["buffers"], objective_params=self.objective_params if own else None,
+            objective_state=self.objective_state if own else None, teacher=teacher,
+            steps_per_epoch=self.steps_per_epoch, batch_size=cfg.data.batch_size, seed=cfg.seed, augment=False,
+            device=self.device, compile="on" if compile else "off", quiet=True)
 
 
 def _setup(cfg: Config, device: torch.device, total_steps: int) -> _Setup:
-    data = load_data(cfg.data, device=device, seed=cfg.seed)
+    data = load_data(cfg.data, device=device)
     first = next(iter(data.train.batches(cfg.data.batch_size, shuffle=False, drop_last=True)), None)
     if first is None:
         raise ConfigError(f"the training set has {len(data.train)} images, fewer than one batch of "
                           f"{cfg.data.batch_size}; lower data.batch_size.")
     x, y, idx = first
-    obj = objective_lib.from_config(cfg.distill)
-    student, params, buffers = build_student(cfg, data.num_classes, device)
+    pre = preflight(cfg, data.num_classes, len(data.train), device)
+    obj = pre.objective
     teacher = teacher_vars = None
-    regressors = {}
     if obj.needs_teacher:
-        t = cfg.teacher
-        t_names = cfg.distill.teacher_features if obj.needs_features else ()
-        teacher, t_params, t_buffers = build_model(
-            t.arch, data.num_classes, cfg.data.image_size, t_names, widths=t.widths, batch_norm=t.batch_norm,
-            weights="none", seed=cfg.seed + 1, device=device)
+        teacher, t_params, t_buffers = build_teacher(cfg, data.num_classes, obj.teacher_feature_names,
+                                                     seed=cfg.seed + 1, device=device)
         teacher_vars = {"params": t_params, "buffers": t_buffers}
-        if obj.needs_features:
-            s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
-            t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, device)
-            regressors = obj.init_regressors(s_shapes, t_shapes, seed=cfg.seed, device=device)
-    opt, schedule = optimizer_from_config(cfg.train.optimizer, max(total_steps, 1), 1)
-    return _Setup(cfg, device, obj, student, {"params": params, "buffers": buffers}, teacher, teacher_vars,
-                  regressors, opt, schedule, x, y, idx,
-                  channels_last=cfg.train.channels_last and device.type == "cuda")
+    objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
+    return _Setup(cfg, device, obj, pre.student, {"params": pre.params, "buffers": pre.buffers}, teacher,
+                  teacher_vars, objective_params, objective_state, max(total_steps, 1), x, y, idx)
 
 
 # --- the variants: each builds a zero-argument "one training step" -----------------------------
@@ -199,10 +193,11 @@ class _Runner:
 
 
 def _imperative(s: _Setup) -> _Runner:
+    training = s.training(s.objective, compile=False, teacher=None)  # its schedule and layout
     distiller = load_imperative_baseline().ImperativeDistiller(
         s.objective, s.student, s.student_vars, s.cfg.train.optimizer, teacher=s.teacher,
-        teacher_vars=s.teacher_vars, regressors=s.regressors, schedule=s.schedule,
-        precision=s.cfg.train.precision, channels_last=s.channels_last, device=s.device)
+        teacher_vars=s.teacher_vars, regressors=s.objective_params.get("feature", {}), schedule=training.schedule,
+        precision=s.cfg.train.precision, channels_last=training.channels_last, device=s.device)
     return _Runner(lambda: distiller.train_step(s.x, s.y), compiled=False, close=distiller.close)
 
 
@@ -217,30 +212,23 @@ class _OneBatch:
 
 
 def _functional(s: _Setup, *, compile: bool, objective: Objective, use_teacher: bool, cached: bool) -> _Runner:
-    tr = s.cfg.train
-    step = make_train_step(
-        s.student, objective, s.optimizer, teacher=s.teacher if use_teacher else None, precision=tr.precision,
-        compile="on" if compile else "off", compile_mode=tr.compile_mode, channels_last=s.channels_last,
-        device=s.device)
-    regressors = s.regressors if objective.needs_regressors else {}
-    state = init_train_state(s.student_vars["params"], s.student_vars["buffers"], s.optimizer, regressors=regressors)
-    teacher_vars = s.teacher_vars if use_teacher else None
-    if s.channels_last:  # once here, so the step's own conversion is a no-op
-        state, teacher_vars = to_channels_last(state), to_channels_last(teacher_vars)
+    training = s.training(objective, compile=compile, teacher=s.teacher if use_teacher else None)
+    step = training.step
+    teacher_vars = training.layout(s.teacher_vars) if use_teacher else None  # once, not per step
     lookup = None
     if cached:
         logits, feats = compute_outputs(s.teacher, s.teacher_vars, _OneBatch(s.x, s.y, s.idx),
-                                        batch_size=s.x.shape[0], precision=tr.precision, device=s.device)
+                                        batch_size=s.x.shape[0], precision=s.cfg.train.precision, device=s.device)
         # Rows 0..B-1 of a memory cache of the whole split: the benchmark batch is the first, unshuffled.
         rows = torch.zeros(int(s.idx.max()) + 1, dtype=torch.int64, device=s.device)
         rows[s.idx] = torch.arange(s.idx.shape[0], device=s.device)
         cache = TeacherCache(logits[rows], {k: v[rows] for k, v in feats.items()}, "memory", s.device)
         lookup = cache.lookup
-    cudagraphs = compile and s.device.type == "cuda" and tr.compile_mode == "reduce-overhead"
-    holder = {"state": state}
+    cudagraphs = compile and s.device.type == "cuda" and s.cfg.train.compile_mode == "reduce-overhead"
+    holder = {"state": training.state}
 
     def step_once() -> torch.Tensor:
-        batch = {"x": s.x, "y": s.y}
+        batch = {"x": s.x, "y": s.y, "idx": s.idx}
         if lookup is not None:
             batch.update(lookup(s.idx))
         if cudagraphs:
@@ -251,19 +239,25 @@ def _functional(s: _Setup, *, compile: bool, objective: Objective, use_teacher: 
     return _Runner(step_once, compiled=compile)
 
 
+def _follows_config(s: _Setup) -> bool:
+    return should_compile(s.cfg.train.compile, s.device.type)
+
+
+#: variant name -> runner builder, in the report's order.
+RUNNERS: dict[str, Callable[[_Setup], _Runner]] = {
+    "imperative": _imperative,
+    "functional": lambda s: _functional(s, compile=False, objective=s.objective, use_teacher=True, cached=False),
+    "compiled": lambda s: _functional(s, compile=True, objective=s.objective, use_teacher=True, cached=False),
+    "student_only": lambda s: _functional(s, compile=_follows_config(s), objective=from_weights({"ce": 1.0}),
+                                          use_teacher=False, cached=False),
+    "cached": lambda s: _functional(s, compile=_follows_config(s), objective=s.objective, use_teacher=False,
+                                    cached=True),
+}
+VARIANTS = tuple(RUNNERS)
+
+
 def _build_runner(name: str, s: _Setup) -> _Runner:
-    follow = should_compile(s.cfg.train.compile, s.device.type)
-    if name == "imperative":
-        return _imperative(s)
-    if name == "functional":
-        return _functional(s, compile=False, objective=s.objective, use_teacher=True, cached=False)
-    if name == "compiled":
-        return _functional(s, compile=True, objective=s.objective, use_teacher=True, cached=False)
-    if name == "student_only":
-        return _functional(s, compile=follow, objective=Objective({"ce": 1.0}), use_teacher=False, cached=False)
-    if name == "cached":
-        return _functional(s, compile=follow, objective=s.objective, use_teacher=False, cached=True)
-    raise ConfigError(f"unknown bench variant '{name}'; valid variants: {', '.join(VARIANTS)}.")
+    return RUNNERS[name](s)
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -371,18 +365,29 @@ def _interleaved_times(runners: dict, device: torch.device, steps: int) -> dict[
     return samples
 
 
-def resolve_variants(variants, objective: Objective) -> tuple[str, ...]:
-    """The variants to run, in the canonical order; ``None`` means all that apply to the objective."""
+def resolve_variants(variants, objective: Objective, echo: Callable[[str], None] = lambda m: None) -> tuple[str, ...]:
+    """The variants to run, in the canonical order; ``None`` means all that apply to the objective.
+
+    ``cached`` applies when a term consumes the teacher; ``imperative`` when the baseline can express
+    every term (otherwise it is skipped with a message, rather than timing a different loss).
+    """
+    missing = load_imperative_baseline().unsupported_terms(objective)
     if variants is None:
-        return tuple(v for v in VARIANTS if v != "cached" or objective.needs_teacher)
+        if missing:
+            echo(f"bench: skipping 'imperative': bench/imperative.py cannot express the term(s) {', '.join(missing)}")
+        return tuple(v for v in VARIANTS
+                     if (v != "cached" or objective.needs_teacher) and (v != "imperative" or not missing))
     names = [v.strip() for v in variants if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         raise ConfigError(f"unknown bench variant '{unknown[0] if unknown else ''}'; valid variants: "
                           f"{', '.join(VARIANTS)} (comma-separated).")
     if "cached" in names and not objective.needs_teacher:
-        raise ConfigError("the 'cached' variant caches the teacher, but distill.method = 'none' uses none; "
+        raise ConfigError("the 'cached' variant caches the teacher, but no term of this objective uses it; "
                           "drop it from --variants or pick a distillation method.")
+    if "imperative" in names and missing:
+        raise ConfigError(f"the imperative baseline cannot express the term(s) {', '.join(missing)}; drop "
+                          "'imperative' from --variants (or add the term to bench/imperative.py).")
     return tuple(v for v in VARIANTS if v in names)
 
 
@@ -408,7 +413,7 @@ def run_bench(
     if steps < 1 or warmup < 1:
         raise ConfigError(f"bench needs steps >= 1 and warmup >= 1 (got {steps} and {warmup}).")
     device = torch.device(device)
-    names = resolve_variants(variants, objective_lib.from_config(cfg.distill))
+    names = resolve_variants(variants, objective_lib.from_config(cfg.distill), echo)
     loadavg = "n/a"
     with contextlib.suppress(OSError):
         loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -467,7 +472,7 @@ def run_bench(
         "method": cfg.distill.method,
         "weights": ", ".join(f"{k} {w:g}" for k, w in obj.weights.items()),
         "precision": cfg.train.precision,
-        "channels_last": setup.channels_last,
+        "channels_last": uses_channels_last(cfg.train, device),
         "steps": steps,
         "warmup": warmup,
         "threads": torch.get_num_threads(),

@@ -1,0 +1,102 @@
+"""One run setup: the optimizer, schedule, train state, step and loop spec of a training run.
+
+``fkd teacher``, ``fkd distill`` and ``fkd bench`` all train a model with an objective; each used to
+assemble these pieces on its own. :func:`build_training` is now the one place, so a setting from the
+config (``train.precision``, ``train.channels_last``, the optimizer's keys) reaches the step the same
+way for all three.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from fkd.config import TrainConfig
+from fkd.loop import LoopSpec
+from fkd.objective import Objective
+from fkd.optim import GradientTransformation, optimizer_from_config
+from fkd.schedules import Schedule, current_lr
+from fkd.step import init_train_state, make_train_step, to_channels_last
+
+
+def _same_layout(tree: Any) -> Any:
+    return tree
+
+
+def uses_channels_last(train: TrainConfig, device: torch.device | str) -> bool:
+    """``train.channels_last`` applies on CUDA only (on CPUs NHWC convolutions are not faster)."""
+    return train.channels_last and torch.device(device).type == "cuda"
+
+
+@attrs.frozen(eq=False)
+class TrainingSetup:
+    """What a training loop needs, built from the config once.
+
+    ``layout`` converts a pytree to the step's memory layout (``channels_last`` on CUDA when asked, else
+    the identity): apply it once to anything passed to every step (``teacher_vars``), so the step's own
+    conversion is a no-op.
+    """
+
+    optimizer: GradientTransformation
+    schedule: Schedule
+    state: dict
+    step: Callable
+    spec: LoopSpec
+    layout: Callable
+    channels_last: bool
+
+    def learning_rate(self, state: dict) -> float:
+        """The learning rate the next step will use (a host sync: call it at epoch ends only)."""
+        return current_lr(self.schedule, state)
+
+
+def build_training(
+    model,
+    objective: Objective,
+    train: TrainConfig,
+    *,
+    params: dict,
+    buffers: dict,
+    steps_per_epoch: int,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    device: torch.device,
+    label: str = "student",
+    frozen: dict | None = None,
+    objective_params: dict | None = None,
+    objective_state: dict | None = None,
+    teacher=None,
+    train_mode: bool = True,
+    optimizer_key: str = "train.optimizer",
+    compile: str | None = None,
+    quiet: bool = False,
+) -> TrainingSetup:
+    """Optimizer and schedule (from ``train.optimizer``), initial state, step and loop spec of one run.
+
+    Args:
+        model: the model being trained; ``params`` are its trainable weights, ``frozen`` the ones used
+            but never updated (a linear probe's backbone), ``buffers`` its BatchNorm statistics.
+        objective: the loss; ``objective_params`` / ``objective_state`` from its ``init``.
+        train: ``train`` (student) or ``teacher.train``; ``optimizer_key`` names its optimizer table in
+            error messages.
+        steps_per_epoch: optimizer steps per epoch (:func:`fkd.loop.steps_per_epoch`): the schedule
+            spans ``steps_per_epoch * train.epochs``.
+        seed: the run's seed: data order, augmentation and the step's random key.
+        augment: whether the training view is random (:attr:`fkd.data.DataBundle.augments`).
+        teacher: the teacher's template when the step runs it live (None with cached outputs).
+        compile: overrides ``train.compile`` (the bench times eager and compiled steps side by side).
+    """
+    optimizer, schedule = optimizer_from_config(train.optimizer, max(steps_per_epoch, 1), train.epochs,
+                                                key=optimizer_key)
+    channels_last = uses_channels_last(train, device)
+    layout = to_channels_last if channels_last else _same_layout
+    state = layout(init_train_state(params, buffers, optimizer, objective_params=objective_params,
+                                    objective_state=objective_state, frozen=frozen, seed=seed))
+    step = make_train_step(model, objective, optimizer, teacher=teacher, train_mode=train_mode,
+                           precision=train.precision, compile=train.compile if compile is None else compile,
+                           compile_mode=train.compile_mode, channels_last=channels_last, device=device)
+    spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet)
+    return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

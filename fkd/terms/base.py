@@ -1,0 +1,180 @@
+"""What a loss term is: a registered unit with hyper-parameters, declared inputs, ``init`` and ``apply``.
+
+A term is a frozen attrs class whose fields are its hyper-parameters (validated, each with a ``help``
+string, so ``fkd config --keys`` lists them), registered under a name with :func:`register_term`::
+
+    @register_term("logit")
+    @attrs.frozen
+    class SoftTargetKL(Term):
+        summary = "soft-target KL at temperature T"
+        consumes = frozenset({"student_logits", "teacher_logits"})
+        temperature: float = hyper(2.0, positive, help="softmax temperature T")
+
+        def apply(self, params, state, inputs):
+            return losses.soft_target_kl(inputs.student_logits, inputs.teacher_logits, self.temperature), state
+
+Like an optax transform, a term is a pair of functions over explicit state:
+
+* ``init(shapes, generator) -> (params, state)``: learnable parameters (trained with the student, e.g.
+  FitNets regressors) and non-learnable state (a memory bank of per-example embeddings, running
+  statistics). Both are pytrees of tensors (dicts), empty for most terms.
+* ``apply(params, state, inputs) -> (loss, new_state)``: pure; ``loss`` is a 0-d tensor, ``new_state``
+  has ``state``'s structure. No ``.item()``, no global RNG (randomness comes from ``inputs.key``, see
+  :mod:`fkd.prng`), no mutation of ``state``.
+
+The objective (:mod:`fkd.objective`) sums ``weight * loss`` over the configured terms and threads each
+term's params and state through the train state; whether the teacher, its logits or its features are
+needed follows from what the terms ``consume``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import attrs
+import torch
+from torch import Tensor
+
+from fkd.errors import ConfigError
+from fkd.registry import Registry
+
+#: Everything a term may read in a step; a term lists the ones it uses in ``consumes``.
+INPUTS = ("labels", "student_logits", "student_features", "teacher_logits", "teacher_features", "idx", "key")
+
+#: The registered terms: ``[distill.terms.<name>]`` tables in a config name them.
+TERMS = Registry("loss term", "distill.terms", load=("fkd.terms",))
+
+
+class TermInputs(NamedTuple):
+    """What a term sees in one step (B: batch size, K: classes).
+
+    A NamedTuple, which ``torch.compile`` and ``torch.func`` treat as a plain container.
+    """
+
+    student_logits: Tensor  # (B, K), fp32, differentiable
+    student_features: dict  # {name: (B, C, H, W) or (B, D)}, differentiable
+    labels: Tensor  # (B,) int64
+    teacher_logits: Tensor | None  # (B, K), or None when no term consumes them
+    teacher_features: dict  # {name: tensor}, empty when no term consumes them
+    idx: Tensor | None  # (B,) int64: each example's index in the training set
+    key: Tensor  # 0-d int64 random key of this step (fold_in(run key, step)); see fkd.prng
+
+
+@attrs.frozen
+class Shapes:
+    """What ``init`` and ``check`` may size things by.
+
+    Feature shapes exclude the batch dimension: ``(C, H, W)`` for maps, ``(D,)`` for vectors.
+    """
+
+    student_features: dict = attrs.field(factory=dict)
+    teacher_features: dict = attrs.field(factory=dict)
+    num_classes: int = 0
+    num_examples: int = 0  # training-set size, for per-example memories indexed by ``inputs.idx``
+
+
+# --- hyper-parameter fields ----------------------------------------------------------------------
+
+
+def hyper(default: Any, *validators, help: str) -> Any:
+    """A documented, validated hyper-parameter field (shown by ``fkd config --keys``)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if validators:
+        kwargs["validator"] = list(validators)
+    return attrs.field(default=default, **kwargs)
+
+
+def positive(inst, attribute, value) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be > 0 (got {value!r})")
+
+
+def non_negative(inst, attribute, value) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"must be >= 0 (got {value!r})")
+
+
+def internal(default: Any = ()) -> Any:
+    """A field set by the objective, not by the config (e.g. the feature pairs)."""
+    return attrs.field(default=default, metadata={"config": False})
+
+
+def config_fields(cls: type) -> list[attrs.Attribute]:
+    """The fields a config table may set (every field but :func:`internal` ones)."""
+    return [f for f in attrs.fields(cls) if f.metadata.get("config", True)]
+
+
+# --- the base class and its registration -----------------------------------------------------------
+
+
+class Term:
+    """Base of every loss term; see the module docstring. Subclasses are ``@attrs.frozen`` classes."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for ``fkd config --keys``
+    consumes: ClassVar[frozenset] = frozenset()
+
+    def check(self, shapes: Shapes) -> None:
+        """Raise :class:`ConfigError` when this term cannot work with these shapes (before training)."""
+
+    def init(self, shapes: Shapes, generator: torch.Generator) -> tuple[dict, dict]:
+        """``(params, state)`` for this term; both empty unless it learns or remembers something."""
+        return {}, {}
+
+    def apply(self, params: dict, state: dict, inputs: TermInputs) -> tuple[Tensor, dict]:
+        """``(loss, new_state)``: the term's 0-d loss on this batch and its state after it."""
+        raise NotImplementedError
+
+
+def register_term(name: str):
+    """Class decorator: register a :class:`Term` subclass under ``name`` (the config's table name).
+
+    Apply it above ``@attrs.frozen``. Checks that the class is an attrs ``Term`` and that ``consumes``
+    names only known inputs (:data:`INPUTS`).
+    """
+
+    def add(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Term) and attrs.has(cls)):
+            raise TypeError(f"register_term('{name}'): {cls!r} must be an @attrs.frozen subclass of fkd.terms.Term")
+        unknown = set(cls.consumes) - set(INPUTS)
+        if unknown:
+            raise TypeError(f"register_term('{name}'): consumes names unknown inputs {sorted(unknown)}; "
+                            f"valid: {', '.join(INPUTS)}")
+        if "weight" in attrs.fields_dict(cls):
+            raise TypeError(f"register_term('{name}'): 'weight' is the objective's key; rename the field")
+        cls.name = name
+        return TERMS.register(name)(cls)
+
+    return add
+
+
+# --- feature pairs, shared by the feature terms -------------------------------------------------------
+
+
+def pair_key(student_name: str, teacher_name: str) -> str:
+    """The key of a feature pair in a term's params, e.g. ``"block2->layer1"``."""
+    return f"{student_name}->{teacher_name}"
+
+
+def check_pair_kinds(term: str, pairs: tuple, shapes: Shapes, *, spatial_only: bool = False) -> None:
+    """Each pair must match a ``(C,)`` vector with a vector, or a ``(C, H, W)`` map with a map."""
+    if not pairs:
+        raise ConfigError(f"the {term} term matches features: set distill.student_features and "
+                          "distill.teacher_features (e.g. ['block2'] and ['layer1']).")
+    for s, t in pairs:
+        s_shape, t_shape = tuple(shapes.student_features[s]), tuple(shapes.teacher_features[t])
+        if len(s_shape) not in (1, 3) or len(t_shape) not in (1, 3):
+            raise ConfigError(
+                f"cannot match student feature '{s}' {s_shape} with teacher feature '{t}' {t_shape}: "
+                "features must be (C,) vectors or (C, H, W) maps."
+            )
+        if len(s_shape) != len(t_shape):
+            raise ConfigError(
+                f"cannot match student feature '{s}' of shape {s_shape} with teacher feature '{t}' of shape "
+                f"{t_shape}: one is a spatial map, the other a vector; pick features of the same kind."
+            )
+        if spatial_only and len(s_shape) != 3:
+            raise ConfigError(
+                f"{term} needs spatial maps, but '{s}' and '{t}' are vectors; pick conv features."
+            )
