@@ -124,6 +124,10 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     """Train a student against a teacher (or alone, with distill.method = "none").
 
     Fits the teacher first when its checkpoint is missing and teacher.fit_if_missing is true.
+    The loss is a preset (distill.method) or your own mix of terms (distill.method = "terms" with
+    [distill.terms.<name>] tables; `python cli.py config --keys` lists them). Terms defined in your
+    own Python file are used by naming it in distill.imports: fkd imports it, which runs its code,
+    so name only files you trust; fkd imports nothing a config does not name.
 
     \b
     Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
@@ -146,19 +150,26 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML config file (default: the built-in defaults).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
-@click.option("--keys", is_flag=True, help="List every key with its default and meaning instead.")
+@click.option("--keys", is_flag=True, help="List every key with its default and meaning instead (with --config, "
+              "also the keys of the terms its distill.imports register).")
 @friendly_errors
 def show_config(config_path, overrides, keys):
     """Print the resolved config (defaults + file + --set) as TOML, or every key with --keys.
+
+    Loading a config imports the files its distill.imports names: that runs their code, so name
+    only term files you trust.
 
     \b
     Examples:
       python cli.py config --config configs/feature.toml --set distill.beta=0.5
       python cli.py config --keys
+      python cli.py config --keys --config my_terms.toml
     """
     from fkd.config import help_text
 
     if keys:
+        if config_path is not None or overrides:
+            load_config(config_path, overrides)  # registers the terms its distill.imports define
         rows = help_text()
         width = max(len(key) for key, _, _ in rows)
         for key, default, meaning in rows:
