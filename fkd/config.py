@@ -217,7 +217,7 @@ class DistillConfig:
     weights: dict = _field({}, help="combined: weight per term (ce, logit, feature, attention)")
     attention_p: float = _field(2.0, _positive, help="presets: power p of the attention map")
     terms: dict = _field({}, help="method = 'terms': one [distill.terms.<name>] table per loss term")
-    imports: list = _field([], help="your own term files (.py) or modules to import; this RUNS their code, "
+    imports: list = _field([], help="your own files (.py) or modules registering terms (or models, optimizers...); RUNS their code, "
                                     "so name only files you trust")
 
 
@@ -325,17 +325,21 @@ def _check_registered_names(obj: Any, prefix: str = "") -> None:
 
 def _check_whole(cfg: Config) -> Config:
     """Validation that spans fields."""
-    _check_registered_names(cfg)
-    _check_model_name("student.arch", cfg.student.arch)
-    _check_model_name("teacher.arch", cfg.teacher.arch)
-    if cfg.data.test_fraction >= 1:
-        raise ConfigError(f"data.test_fraction must be below 1 (got {cfg.data.test_fraction}).")
     d = cfg.distill
     for key, names in (("distill.student_features", d.student_features),
                        ("distill.teacher_features", d.teacher_features), ("distill.imports", d.imports)):
         if not all(isinstance(n, str) for n in names):
             raise ConfigError(f"{key} must be a list of strings (got {names!r}).")
-    from fkd.objective import from_config  # imports torch and the user's term files: only here
+    if d.imports:  # first: the user's files may register terms, models, optimizers, schedules, data sets
+        from fkd.user_imports import import_user_files
+
+        import_user_files(list(d.imports))
+    _check_registered_names(cfg)
+    _check_model_name("student.arch", cfg.student.arch)
+    _check_model_name("teacher.arch", cfg.teacher.arch)
+    if cfg.data.test_fraction >= 1:
+        raise ConfigError(f"data.test_fraction must be below 1 (got {cfg.data.test_fraction}).")
+    from fkd.objective import from_config  # imports torch: only here
 
     from_config(d)  # unknown terms, keys, values and unpaired features fail here, before any run
     for key, widths in (("student.widths", cfg.student.widths), ("teacher.widths", cfg.teacher.widths)):

@@ -220,9 +220,9 @@ def term_tables(distill) -> dict[str, dict]:
 
 def from_config(distill) -> Objective:
     """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first)."""
-    from fkd.terms.imports import import_terms
+    from fkd.user_imports import import_user_files
 
-    import_terms(list(distill.imports))
+    import_user_files(list(distill.imports))
     if len(distill.student_features) != len(distill.teacher_features):
         raise ConfigError(
             f"distill.student_features has {len(distill.student_features)} names but distill.teacher_features "

@@ -52,3 +52,22 @@ def test_shipped_config_gives_the_recorded_loss(name, monkeypatch):
     assert got.keys() == RECORDED[name].keys()
     for term, value in RECORDED[name].items():
         assert got[term] == pytest.approx(value, rel=1e-6, abs=1e-7), term
+
+
+SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_and_builds_its_objective(name, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(name)
+    assert objective_lib.from_config(cfg.distill).weights
+
+
+def test_the_terms_example_is_logit_kd_written_as_tables(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tables = objective_lib.from_config(load_config("configs/terms.toml").distill)
+    preset = objective_lib.from_config(load_config("configs/logit.toml").distill)
+    assert [t.name for t in tables.terms] == [t.name for t in preset.terms] == ["ce", "logit"]
+    for a, b in zip(tables.terms, preset.terms):
+        assert a.weight == pytest.approx(b.weight, abs=1e-12) and a.term == b.term

@@ -3,7 +3,7 @@
 A term declares its hyper-parameters (an attrs class), what it consumes, ``init`` for its own
 parameters and state, and a pure ``apply`` built on :mod:`fkd.losses` (see :mod:`fkd.terms.base`).
 Importing this package registers the built-ins; a user's own terms register the same way from a file
-named in ``distill.imports`` (see :mod:`fkd.terms.imports`). Adding a term is one new module here (or
+named in ``distill.imports`` (see :mod:`fkd.user_imports`). Adding a term is one new module here (or
 in the user's file) plus its test: nothing else changes.
 """
 

@@ -1,4 +1,4 @@
-"""``distill.imports``: load the user's own term definitions, and nothing a config did not name.
+"""``distill.imports``: load the user's own terms (or models, optimizers, data sets), nothing else.
 
 Each entry is a Python file (``"my_terms.py"``, relative to the working directory like every path in
 a config) or an importable module path (``"mylab.kd_terms"``). Importing runs that file's code: that
@@ -21,8 +21,12 @@ from fkd.errors import ConfigError
 _loaded: dict[str, ModuleType] = {}
 
 
-def import_terms(entries: list[str]) -> list[ModuleType]:
-    """Import each file or module in ``entries`` (once); failures are one-sentence :class:`ConfigError`s."""
+def import_user_files(entries: list[str]) -> list[ModuleType]:
+    """Import each file or module in ``entries`` (once); failures are one-sentence :class:`ConfigError`s.
+
+    The files register what they define with the registries' decorators (``@register_term``,
+    ``@MODELS.register``, ...), so a config can name it.
+    """
     return [_import_one(entry) for entry in entries]
 
 
