@@ -83,8 +83,6 @@ def _field(default, *validators, help: str = "", registry: str = ""):
 
 # --- schema ----------------------------------------------------------------------------------
 
-METHODS = ("none", "logit", "feature", "attention", "combined", "terms")  # fkd.objective.METHODS
-
 
 @attrs.frozen
 class DataConfig:
@@ -208,7 +206,8 @@ class DistillConfig:
     ============  ===============================================================
     """
 
-    method: str = _field("logit", _one_of(*METHODS), help="distillation loss: a preset, or 'terms' for [distill.terms]")
+    method: str = _field("logit", help="distillation loss: a preset, or 'terms' for [distill.terms]",
+                         registry="fkd.objective:METHODS")
     temperature: float = _field(2.0, _positive, help="presets: softmax temperature T of the KD term")
     alpha: float = _field(0.7, _unit_interval, help="logit: weight of KD; feature: weight of CE")
     beta: float = _field(0.3, _non_negative, help="feature / attention: weight of that term")
@@ -217,8 +216,8 @@ class DistillConfig:
     weights: dict = _field({}, help="combined: weight per term (ce, logit, feature, attention)")
     attention_p: float = _field(2.0, _positive, help="presets: power p of the attention map")
     terms: dict = _field({}, help="method = 'terms': one [distill.terms.<name>] table per loss term")
-    imports: list = _field([], help="your own files (.py) or modules registering terms (or models, optimizers...); RUNS their code, "
-                                    "so name only files you trust")
+    imports: list = _field([], help="your own .py files or modules registering terms (or models, optimizers, ...); "
+                                    "importing RUNS their code, so name only files you trust")
 
 
 @attrs.frozen
@@ -490,26 +489,31 @@ def _validators(f: attrs.Attribute) -> list:
     return list(getattr(v, "_validators", [v]))
 
 
-def help_text(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every key, for ``fkd config --help``-style listings."""
+def help_text(cls=Config, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every key, for ``fkd config --keys``.
+
+    Defaults are read from a default instance, so a nested table shows its own default (the teacher's
+    optimizer is SGD, the student's Adam), not its class's.
+    """
+    defaults = cls() if defaults is None else defaults
     rows = []
-    hints = typing.get_type_hints(cls)
     for f in attrs.fields(cls):
-        tp = hints[f.name]
-        default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
-        if attrs.has(tp):
-            rows.extend(help_text(tp, f"{prefix}{f.name}."))
+        value = getattr(defaults, f.name)
+        if attrs.has(type(value)):
+            rows.extend(help_text(type(value), f"{prefix}{f.name}.", value))
         else:
-            meaning = f.metadata.get("help", "")
-            choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
-            if (registry := _registry(f)) is not None:
-                choices += registry.names()
-            if choices:
-                meaning += f": {' | '.join(choices)}"
-            rows.append((prefix + f.name, _toml_value(default), meaning))
+            rows.append((prefix + f.name, _toml_value(value), _meaning(f)))
     if cls is Config:
         rows.extend(_term_rows())
     return rows
+
+
+def _meaning(f: attrs.Attribute) -> str:
+    """A field's help, with its valid names when it names a registry entry or one of fixed choices."""
+    choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
+    if (registry := _registry(f)) is not None:
+        choices += registry.names()
+    return f.metadata.get("help", "") + (f": {' | '.join(choices)}" if choices else "")
 
 
 def _term_rows() -> list[tuple[str, str, str]]:
@@ -521,8 +525,6 @@ def _term_rows() -> list[tuple[str, str, str]]:
         cls = TERMS.get(name)
         rows.append((f"distill.terms.{name}.weight", "1.0", f"weight of the '{name}' term: {cls.summary}"))
         for f in config_fields(cls):
-            choices = [c for v in _validators(f) for c in getattr(v, "choices", ())]
-            meaning = f.metadata.get("help", "") + (f": {' | '.join(choices)}" if choices else "")
-            rows.append((f"distill.terms.{name}.{f.name}", _toml_value(f.default), meaning))
+            rows.append((f"distill.terms.{name}.{f.name}", _toml_value(f.default), _meaning(f)))
     return rows
 

@@ -56,7 +56,12 @@ def tree_to(tree: Tree, device: torch.device | str) -> Tree:
 
 
 def tree_signature(tree: Tree, prefix: str = "") -> dict[str, tuple]:
-    """``{dotted path: (shape, dtype)}`` of every tensor leaf: what two trees must share to be swapped."""
+    """``{dotted path: (shape, dtype)}`` of every tensor leaf: what two trees must share to be swapped.
+
+    Empty containers count too (as ``("empty",)``): ``{"objective": {}}`` and ``{}`` differ.
+    """
+    if isinstance(tree, (dict, list, tuple)) and not hasattr(tree, "_fields") and len(tree) == 0:
+        return {prefix.rstrip("."): ("empty",)}
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():

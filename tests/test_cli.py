@@ -215,3 +215,18 @@ def test_evaluate_with_overrides_and_report_file(tiny_config, tmp_path):
     assert written["test_acc"] == json.loads(result.output.splitlines()[-1])["test_acc"]
     bad = invoke("evaluate", out, "--set", "data.name=nothing")
     assert bad.exit_code == 2 and "data.name = 'nothing' is not a known data set" in bad.output
+
+
+def test_resume_refuses_a_checkpoint_of_another_state_layout(tiny_config, tmp_path):
+    from fkd.checkpoint import save_checkpoint
+
+    cfg, out = tiny_config("none"), tmp_path / "run"
+    assert invoke("distill", "--config", cfg, "--out", out, "--quiet", "--set", "train.epochs=1").exit_code == 0
+    latest = out / "checkpoints" / "latest.pt"
+    saved = load_checkpoint(latest, "student_run")
+    saved["state"].pop("objective")  # as written by an fkd from before loss terms kept state
+    save_checkpoint(latest, {k: v for k, v in saved.items() if k not in ("fkd", "kind")}, "student_run")
+    before = latest.read_bytes()
+    result = invoke("distill", "--config", cfg, "--out", out, "--quiet", "--set", "train.epochs=2", "--resume")
+    assert result.exit_code == 2 and "another layout" in result.output and "Traceback" not in result.output
+    assert latest.read_bytes() == before
