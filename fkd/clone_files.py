@@ -7,12 +7,12 @@ loaded from the clone by path; from an installed wheel, where they are absent, t
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 
 from fkd.errors import FkdError
+from fkd.user_imports import exec_file_module
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,4 @@ def load_clone_module(relative_path: str, what: str) -> ModuleType:
     if not path.is_file():
         raise FkdError(f"{what} ({relative_path}) is not part of an installed fkd, only of a clone of the "
                        f"repository; run it from a clone (git clone ... && python cli.py ...).")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return exec_file_module(name, path)

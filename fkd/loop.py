@@ -18,6 +18,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
+from fkd.data.order import batch_count
 from fkd.errors import TrainingError
 from fkd.progress import Progress
 
@@ -71,7 +72,7 @@ class LoopSpec:
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped so the compiled step sees one shape)."""
-    return num_examples // batch_size
+    return batch_count(num_examples, batch_size, drop_last=True)
 
 
 def run_epochs(

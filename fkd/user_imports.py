@@ -61,7 +61,11 @@ def _import_one(entry: str) -> ModuleType:
 
 def _exec_file(path: Path) -> ModuleType:
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    name = f"fkd_user_terms_{path.stem}_{digest}"
+    return exec_file_module(f"fkd_user_terms_{path.stem}_{digest}", path)
+
+
+def exec_file_module(name: str, path: Path) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (registered in ``sys.modules`` unless it fails)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # attrs and typing resolve annotations through sys.modules

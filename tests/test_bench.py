@@ -199,3 +199,35 @@ def test_imperative_baseline_refuses_an_optimizer_it_has_no_counterpart_for():
     assert set(imperative.TORCH_OPTIMIZERS) == set(OPTIMIZERS.names())  # one torch.optim twin per optimizer
     with pytest.raises(ConfigError, match="no torch.optim counterpart of optimizer 'lion'"):
         imperative.torch_optimizer(OptimizerConfig(name="lion"), [torch.zeros(2, requires_grad=True)])
+
+
+def test_bench_from_an_installed_wheel_says_what_is_missing(monkeypatch, tmp_path):
+    import fkd.clone_files as clone_files
+    from fkd.errors import FkdError
+
+    monkeypatch.setattr(clone_files, "REPOSITORY", tmp_path)  # a site-packages install: no bench/ beside fkd/
+    with pytest.raises(FkdError, match=r"the benchmark harness \(bench/harness2.py\) is not part of an installed fkd"):
+        clone_files.load_clone_module("bench/harness2.py", "the benchmark harness")
+
+
+def test_imperative_is_skipped_for_a_term_it_cannot_express():
+    import attrs
+
+    from fkd.objective import build
+    from fkd.terms import TERMS, Term, register_term
+
+    if "test_bench_only_term" not in TERMS:
+        @register_term("test_bench_only_term")
+        @attrs.frozen
+        class Unexpressible(Term):
+            consumes = frozenset({"student_logits"})
+
+            def apply(self, params, state, inputs):
+                return inputs.student_logits.pow(2).mean(), state
+
+    obj = build({"ce": {"weight": 1.0}, "test_bench_only_term": {"weight": 0.1}})
+    said = []
+    assert "imperative" not in resolve_variants(None, obj, said.append)
+    assert said and "test_bench_only_term" in said[0]
+    with pytest.raises(ConfigError, match="cannot express the term"):
+        resolve_variants(["imperative", "functional"], obj)

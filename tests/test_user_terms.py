@@ -178,3 +178,11 @@ def test_only_files_a_config_names_are_imported(tiny_config, terms_file, tmp_pat
     result = invoke("distill", "--config", cfg, "--out", tmp_path / "run", "--quiet")
     assert result.exit_code == 2 and "unknown loss term 'toy_never_named'" in result.output
     assert {name for name in sys.modules if name.startswith("fkd_user_terms_")} == before
+
+
+def test_set_reaches_into_term_tables(tiny_config):
+    cfg = tiny_config("terms", extra="[distill.terms.ce]\nweight = 0.5\n[distill.terms.logit]\nweight = 0.5")
+    shown = invoke("config", "--config", cfg, "--set", "distill.terms.logit.temperature=4")
+    assert shown.exit_code == 0 and "[distill.terms.logit]\nweight = 0.5\ntemperature = 4" in shown.output
+    typo = invoke("config", "--config", cfg, "--set", "distill.terms.logit.temprature=4")
+    assert typo.exit_code == 2 and "unknown key 'temprature' in distill.terms.logit" in typo.output

@@ -1,17 +1,8 @@
 """What a loss term is: a registered unit with hyper-parameters, declared inputs, ``init`` and ``apply``.
 
 A term is a frozen attrs class whose fields are its hyper-parameters (validated, each with a ``help``
-string, so ``fkd config --keys`` lists them), registered under a name with :func:`register_term`::
-
-    @register_term("logit")
-    @attrs.frozen
-    class SoftTargetKL(Term):
-        summary = "soft-target KL at temperature T"
-        consumes = frozenset({"student_logits", "teacher_logits"})
-        temperature: float = hyper(2.0, positive, help="softmax temperature T")
-
-        def apply(self, params, state, inputs):
-            return losses.soft_target_kl(inputs.student_logits, inputs.teacher_logits, self.temperature), state
+string, so ``fkd config --keys`` lists them), registered under a name with :func:`register_term`
+(``fkd/terms/logit.py`` is the smallest complete example).
 
 Like an optax transform, a term is a pair of functions over explicit state:
 
