@@ -1,6 +1,6 @@
 """The imperative baseline: distillation as users write it without fkd (the seed notebook's style).
 
-This module exists for :mod:`fkd.bench` only, and lives outside the ``fkd`` package because it
+This module exists for ``bench/harness.py`` only, and lives outside the ``fkd`` package because it
 registers forward hooks, which the package itself never does. It is deliberately *not* functional: ``nn.Module``
 objects own their weights, the teacher's features are captured with forward hooks (the notebook's
 ``feature_store``), gradients come from ``loss.backward()`` and the update from ``torch.optim``. It is

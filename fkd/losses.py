@@ -188,7 +188,7 @@ def init_regressor(
     values match those modules' bit for bit.
 
     The regressor belongs to the student side: put the returned dict into the trainable parameter
-    pytree (e.g. ``{"student": ..., "regressors": {"stage1": init_regressor(...)}}``) and drop it
+    pytree (fkd's ``feature`` term keeps it in ``state["params"]["objective"]``) and drop it
     after training, as Romero et al. 2015 do (Sec. 2.2).
 
     Returns:

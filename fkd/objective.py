@@ -111,6 +111,7 @@ class Objective:
 
     def __call__(self, params: dict, state: dict, inputs: TermInputs) -> tuple[torch.Tensor, dict, dict]:
         """Weighted loss, per-term metrics (detached 0-d tensors, never synced) and each term's new state."""
+        _check_inputs(self, inputs)
         values, new_state = {}, {}
         for t in self.terms:
             values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), inputs)
@@ -118,6 +119,15 @@ class Objective:
                 new_state[t.name] = term_state
         loss, metrics = losses.weighted_sum(values, self.weights)
         return loss, metrics, new_state
+
+
+def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
+    """A term whose input is missing fails with its name, not deep inside its formula (Python checks only)."""
+    for t in objective.terms:
+        for what in ("teacher_logits", "idx"):
+            if what in t.term.consumes and getattr(inputs, what) is None:
+                raise ValueError(f"the '{t.name}' term consumes {what}, but none was given (the step passes "
+                                 "batch['idx'] and the teacher's outputs when a term consumes them)")
 
 
 # --- building objectives ----------------------------------------------------------------------------

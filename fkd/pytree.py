@@ -1,7 +1,7 @@
 """Helpers for the flat parameter pytrees fkd uses: ``dict[str, Tensor]``.
 
 Parameters and buffers are plain dicts keyed by the module's dotted names (``"conv.0.weight"``).
-Nested dicts (e.g. ``{"student": {...}, "regressors": {...}}``) are walked recursively.
+Nested dicts (e.g. ``{"model": {...}, "objective": {...}}``) are walked recursively.
 """
 
 from __future__ import annotations

@@ -320,3 +320,10 @@ def test_pairs_are_not_checked_when_no_term_uses_features():
 def test_objective_is_an_equal_value_for_equal_configs():
     assert isinstance(from_config(METHOD_CONFIGS["feature"]), Objective)
     assert from_config(METHOD_CONFIGS["feature"]) == from_config(METHOD_CONFIGS["feature"])
+
+
+def test_a_missing_input_names_the_term_that_needs_it():
+    obj = from_weights({"ce": 0.5, "logit": 0.5})
+    s_logits, s_feats, y, _, _ = tensors()
+    with pytest.raises(ValueError, match="'logit' term consumes teacher_logits"):
+        obj({}, {}, inputs(s_logits, s_feats, y, None, {}))
