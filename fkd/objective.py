@@ -194,7 +194,8 @@ METHODS.register("none", lambda d: {"ce": {"weight": 1.0}})
 METHODS.register("logit", lambda d: {"ce": {"weight": 1.0 - d.alpha},
                                      "logit": {"weight": d.alpha, "temperature": d.temperature}})
 METHODS.register("feature", lambda d: {"ce": {"weight": d.alpha}, "feature": {"weight": d.beta}})
-METHODS.register("attention", lambda d: {"ce": {"weight": 1.0}, "attention": {"weight": d.beta, "p": d.attention_p}})
+METHODS.register("attention", lambda d: {"ce": {"weight": 1.0},
+                                         "attention": {"weight": d.beta, "p": d.attention_p}})
 METHODS.register("combined", lambda d: _combined_tables(d))
 METHODS.register("terms", lambda d: d.terms)
 
@@ -210,7 +211,8 @@ def _combined_tables(d) -> dict:
     tables = {}
     for name, w in d.weights.items():
         if name not in TERMS:
-            raise ConfigError(f"unknown loss term '{name}' in distill.weights; valid terms: {', '.join(TERMS.names())}.")
+            raise ConfigError(f"unknown loss term '{name}' in distill.weights; valid terms: "
+                              f"{', '.join(TERMS.names())}.")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ConfigError(f"distill.weights.{name} must be a number >= 0 (got {w!r}).")
         tables[name] = {"weight": float(w), **_PRESET_KEYS.get(name, lambda d: {})(d)}

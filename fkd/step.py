@@ -19,14 +19,15 @@
 Inside: the teacher runs in eval mode without gradients, only when a term consumes its outputs (and
 when no term reads its logits, only up to its last feature: see :meth:`fkd.models.Model.features_fn`);
 the terms get this step's random key ``prng.fold_in(state["key"], state["step"])`` (no global RNG, so
-eager, compiled, vmapped and resumed runs draw the same numbers); ``torch.func.grad_and_value`` differentiates the
-objective w.r.t. the trainable pytree; the optimizer's ``update`` and ``apply_updates`` produce the new
-params. No ``.backward()``, no ``torch.optim``, no in-place change to anything the caller passed.
+eager, compiled, vmapped and resumed runs draw the same numbers); ``torch.func.grad_and_value``
+differentiates the objective w.r.t. the trainable pytree; the optimizer's ``update`` and
+``apply_updates`` produce the new params. No ``.backward()``, no ``torch.optim``, no in-place change to
+anything the caller passed.
 
 Non-finite losses: a step whose loss or gradients are not finite keeps the previous params, buffers,
-objective state and optimizer state (``torch.where``, no host sync) and records its index in ``state["bad_step"]`` (-1 while
-all is well). The training loop reads it at its sync points and stops with a message, so weights are
-never overwritten with NaNs and the loop never syncs per step.
+objective state and optimizer state (``torch.where``, no host sync) and records its index in
+``state["bad_step"]`` (-1 while all is well). The training loop reads it at its sync points and stops
+with a message, so weights are never overwritten with NaNs and the loop never syncs per step.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def make_train_step(
             ``True``/``"on"`` forces it, ``False``/``"off"`` never compiles.
         compile_mode: ``torch.compile``'s ``mode``.
         channels_last: run the convolutions in ``torch.channels_last`` layout: the input batch, the
-            student's and teacher's 4-D weights and the terms' 4-D params are converted inside the step (see
+            student's and teacher's 4-D weights and the terms' 4-D params are converted in the step (see
             :func:`to_channels_last`; convert the initial state and ``teacher_vars`` once with it to
             avoid a copy per step). Values, and so the loss, are unchanged. The config's
             ``train.channels_last`` asks for it on CUDA only.
