@@ -146,6 +146,63 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=click.echo)
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file every student starts from (see configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key for every student (repeatable; type-checked).")
+@click.option("--seeds", default="3", show_default=True, metavar="N|S1,S2,...",
+              help="Seeds 0..N-1, or a comma-separated list of seeds.")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="Values of one config key to sweep (repeatable: the grid is the product).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Sweep directory (default: runs/<name>-sweep).")
+@click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
+@click.option("--strategy", type=click.Choice(["auto", "vmap", "loop"]), default="auto", show_default=True,
+              help="How a group's students share the step: vmap stacks them, loop calls it per student "
+                   "(auto: vmap on CUDA, loop on CPUs, where it was measured faster).")
+@click.option("--chunk", type=click.IntRange(min=1), help="At most this many students stacked at once "
+              "(default: all, or what fits in GPU memory when vmapped).")
+@click.option("--save", type=click.Choice(["none", "best", "all"]), default="none", show_default=True,
+              help="Also write students' final weights to DIR/students/ (readable by `evaluate`).")
+@click.option("--resume", is_flag=True, help="Continue the sweep in the sweep directory from its checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, save, resume, quiet):
+    """Train many students in one process: seeds x grid points, with mean, std and 95% intervals.
+
+    Students that differ only in numbers inside the step (seed, term weights, temperature, learning
+    rate) train together with one step function; other differences (architecture, features, batch
+    size, ...) split the sweep into groups that run one after another. A KD weight of 0 (or
+    distill.method = "none") is the baseline the table compares with.
+
+    \b
+    Writes to the sweep directory: config.toml, grid.json, sweep.jsonl (one line per student and
+    epoch), sweep_summary.json, sweep.png, checkpoints/latest.pt, students/ (with --save).
+
+    \b
+    Examples:
+      python cli.py sweep --config configs/logit.toml --seeds 5
+      python cli.py sweep --config configs/logit.toml --seeds 3 \\
+          --grid distill.temperature=1,2,4,8 --grid distill.alpha=0,0.5,0.9
+      python cli.py sweep --config configs/feature.toml --seeds 3,7,11 --save best
+      python cli.py sweep --config configs/logit.toml --seeds 5 --resume
+    """
+    from fkd.device import resolve_device
+    from fkd.rundir import RunDir
+    from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
+    from fkd.sweep.runner import auto_chunk, choose_strategy, run_sweep
+
+    plan = plan_sweep(config_path, list(overrides), parse_seeds(seeds), parse_grid(list(grid)), device=device)
+    base = plan.groups[0].base.config
+    dev = resolve_device(base.device)
+    chosen = choose_strategy(strategy, dev)
+    plan = in_chunks(plan, chunk if chunk is not None else auto_chunk(plan, chosen, dev))
+    run = RunDir(out if out is not None else Path("runs") / f"{base.name}-sweep")
+    click.echo(f"# sweep of {config_path or 'defaults'}: {plan.describe()}; device {dev}; directory {run.path}")
+    run_sweep(plan, run, dev, strategy=chosen, save=save, resume=resume, quiet=quiet, echo=click.echo)
+
+
 @main.command("config")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML config file (default: the built-in defaults).")

@@ -31,14 +31,14 @@ class Interrupted(Exception):
         self.signum, self.epoch, self.batch = signum, epoch, batch
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT / SIGTERM into a flag the loop checks between steps (handlers restored on exit)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -111,7 +111,7 @@ def run_epochs(
             f"{spec.batch_size}; lower data.batch_size."
         )
     run_start = time.perf_counter()
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         for epoch in range(start_epoch, spec.epochs):
             first = start_batch if epoch == start_epoch else 0
             progress = None if spec.quiet else Progress(nb, f"{spec.label} epoch {epoch + 1}/{spec.epochs}")

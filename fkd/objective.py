@@ -109,16 +109,38 @@ class Objective:
             params[t.name], state[t.name] = tree_to(p, device), tree_to(s, device)
         return params, state
 
-    def __call__(self, params: dict, state: dict, inputs: TermInputs) -> tuple[torch.Tensor, dict, dict]:
-        """Weighted loss, per-term metrics (detached 0-d tensors, never synced) and each term's new state."""
+    def __call__(self, params: dict, state: dict, inputs: TermInputs,
+                 hyper: dict | None = None) -> tuple[torch.Tensor, dict, dict]:
+        """Weighted loss, per-term metrics (detached 0-d tensors, never synced) and each term's new state.
+
+        ``hyper`` (a sweep's per-student values, see :meth:`hyper_defaults`): ``{term: {"weight": w,
+        field: value}}`` of 0-d tensors replacing the term's weight and its ``sweepable`` fields.
+        """
         _check_inputs(self, inputs)
-        values, new_state = {}, {}
+        hyper = hyper or {}
+        values, weights, new_state = {}, {}, {}
         for t in self.terms:
-            values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), inputs)
+            mine = hyper.get(t.name, {})
+            fields = {k: v for k, v in mine.items() if k != "weight"}
+            term_inputs = inputs._replace(hyper=fields) if fields else inputs
+            values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), term_inputs)
+            weights[t.name] = mine.get("weight", t.weight)
             if term_state or t.name in state:  # the same structure as ``state`` (stateless terms may be absent)
                 new_state[t.name] = term_state
-        loss, metrics = losses.weighted_sum(values, self.weights)
+        loss, metrics = losses.weighted_sum(values, weights)
         return loss, metrics, new_state
+
+    def hyper_defaults(self) -> dict[str, dict[str, float]]:
+        """``{term: {"weight": w, field: value}}``: the numbers a sweep may vary inside one step."""
+        return {t.name: {"weight": t.weight, **{f: float(getattr(t.term, f)) for f in sorted(t.term.sweepable)}}
+                for t in self.terms}
+
+    def structure(self) -> "Objective":
+        """This objective with its weights and sweepable fields zeroed: equal for objectives that one
+        sweep step can serve (the same terms, pairs and non-sweepable settings)."""
+        return Objective(tuple(
+            WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}))
+            for t in self.terms))
 
 
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:

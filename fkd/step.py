@@ -164,6 +164,7 @@ def make_train_step(
         x, y = layout(batch["x"]), batch["y"]
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         key = prng.fold_in(state["key"], state["step"])
+        hyper = state.get("hyper")  # a sweep member's own numbers (see fkd.sweep); None in a plain run
 
         def loss_fn(trainable):
             trainable = layout(trainable)
@@ -173,17 +174,24 @@ def make_train_step(
             logits = logits.float()
             features = {k: v.float() for k, v in features.items()}
             inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key)
-            loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs)
+            loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs,
+                                                       hyper.get("terms") if hyper else None)
             return loss, (metrics, new_buffers, logits, objective_state)
 
         grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
             state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        if hyper:  # the optimizer runs at the group's reference rate; each student scales its own step
+            updates = tree_map(lambda u: u * hyper["lr_scale"].to(u.dtype), updates)
         params = apply_updates(state["params"], updates)
 
         grad_norm = global_norm(grads)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731 -- skip a non-finite step
+        if hyper:  # a sweep member's own rate can overflow the update even when its gradients are finite
+            finite = finite & torch.isfinite(global_norm(updates))
+        # A sweep member that diverged once stays frozen, so the others go on; a plain run stops instead.
+        ok = finite & (state["bad_step"] < 0) if hyper else finite
+        keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731 -- skip a non-finite step
         new_state = {
             "params": tree_map(keep, params, state["params"]),
             "frozen": state["frozen"],
@@ -191,6 +199,7 @@ def make_train_step(
             "objective": tree_map(keep, objective_state, state["objective"]),
             "opt_state": tree_map(keep, opt_state, state["opt_state"]),
             "key": state["key"],
+            **({"hyper": hyper} if hyper else {}),
             "step": state["step"] + 1,
             "bad_step": torch.where(
                 (state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"]

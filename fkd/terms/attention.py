@@ -15,6 +15,7 @@ class AttentionTransfer(Term):
     over the pairs (each pair's mean over batch and positions); the paper's beta is the term's weight."""
 
     summary = "attention transfer between paired feature maps (Zagoruyko & Komodakis 2017)"
+    sweepable = frozenset({"p"})
     consumes = frozenset({"student_features", "teacher_features"})
     p: float = hyper(2.0, positive, help="power p of the attention map sum_c |f_c|^p")
     pairs: tuple = internal()
@@ -26,6 +27,6 @@ class AttentionTransfer(Term):
         loss = losses.attention_transfer(
             [inputs.student_features[s] for s, _ in self.pairs],
             [inputs.teacher_features[t] for _, t in self.pairs],
-            p=self.p,
+            p=self.hp(inputs, "p"),
         )
         return loss, state

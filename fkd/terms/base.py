@@ -50,6 +50,7 @@ class TermInputs(NamedTuple):
     teacher_features: dict  # {name: tensor}, empty when no term consumes them
     idx: Tensor | None  # (B,) int64: each example's index in the training set
     key: Tensor  # 0-d int64 random key of this step (fold_in(run key, step)); see fkd.prng
+    hyper: dict = {}  # {field: 0-d tensor}: this term's swept hyper-parameters (see Term.hp), else empty
 
 
 @attrs.frozen
@@ -105,6 +106,17 @@ class Term:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for ``fkd config --keys``
     consumes: ClassVar[frozenset] = frozenset()
+    #: float fields read through :meth:`hp`, so a sweep can vary them per student inside one step
+    sweepable: ClassVar[frozenset] = frozenset()
+
+    def hp(self, inputs: "TermInputs", name: str):
+        """Hyper-parameter ``name``: the field's value, or this step's per-student tensor in a sweep.
+
+        ``fkd sweep`` trains students that differ only in numbers inside one (vmapped) step; their values
+        arrive as 0-d tensors in ``inputs.hyper``. Read a field through ``hp`` and list it in
+        ``sweepable`` to let a sweep vary it without splitting the students into separate groups.
+        """
+        return inputs.hyper.get(name, getattr(self, name))
 
     def check(self, shapes: Shapes) -> None:
         """Raise :class:`ConfigError` when this term cannot work with these shapes (before training)."""

@@ -14,8 +14,10 @@ class SoftTargetKL(Term):
     """:func:`fkd.losses.soft_target_kl` at temperature T (Hinton, Vinyals & Dean 2015, Sec. 2)."""
 
     summary = "soft-target KL divergence at temperature T, times T^2 (Hinton et al. 2015)"
+    sweepable = frozenset({"temperature"})
     consumes = frozenset({"student_logits", "teacher_logits"})
     temperature: float = hyper(2.0, positive, help="softmax temperature T (the loss carries the T^2 factor)")
 
     def apply(self, params, state, inputs):
-        return losses.soft_target_kl(inputs.student_logits, inputs.teacher_logits, self.temperature), state
+        t = self.hp(inputs, "temperature")
+        return losses.soft_target_kl(inputs.student_logits, inputs.teacher_logits, t), state

@@ -1,0 +1,164 @@
+"""What a sweep trains: students as (grid point, seed), and the groups one step can serve.
+
+``--seeds 5`` and ``--grid distill.temperature=1,2,4 --grid distill.alpha=0,0.5`` make the product of
+grid points and seeds; each student is a full config (the base config, ``--set``, its grid point and
+its seed), validated like any config. Students whose configs differ only in numbers that enter the step
+as tensors -- the seed, term weights, ``sweepable`` term fields (temperature, attention p) and the
+learning rate -- form one **group** and train together, stacked, with one (vmapped or looped) step;
+anything else (architectures, features, batch size, epochs, optimizer kind, a term whose weight becomes
+0) splits them into groups that run one after another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from typing import Any
+
+import attrs
+
+from fkd.config import Config, apply_overrides, dumps, from_dict, read_toml
+from fkd.errors import ConfigError
+from fkd.objective import Objective, from_config
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"5"`` -> seeds 0..4; ``"3,7,11"`` -> those seeds."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--seeds takes a count (--seeds 5) or a list (--seeds 3,7,11), not {text!r}.") from None
+    if len(values) == 1 and "," not in str(text):
+        if values[0] < 1:
+            raise ConfigError(f"--seeds needs at least one seed (got {values[0]}).")
+        return tuple(range(values[0]))
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(f"--seeds lists each seed once (got {text!r}).")
+    return tuple(values)
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
+    """``["distill.temperature=1,2,4"]`` -> ``[("distill.temperature", [1, 2, 4])]``; values read as TOML."""
+    axes = []
+    for text in items:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--grid expects KEY=V1,V2,... (got {text!r}), e.g. --grid distill.temperature=1,2,4.")
+        if key in (k for k, _ in axes):
+            raise ConfigError(f"--grid names {key} twice; give all its values in one --grid.")
+        if key == "seed":
+            raise ConfigError("--grid cannot sweep 'seed'; use --seeds.")
+        parsed = []
+        for v in values.split(","):
+            try:
+                parsed.append(tomllib.loads(f"v = {v.strip()}")["v"])
+            except tomllib.TOMLDecodeError:
+                parsed.append(v.strip())
+        axes.append((key, parsed))
+    return axes
+
+
+@attrs.frozen
+class Student:
+    """One student of a sweep: its grid point, seed, full config and objective."""
+
+    index: int
+    point: tuple  # ((key, value), ...) in grid order
+    seed: int
+    config: Config
+    objective: Objective
+
+    @property
+    def label(self) -> str:
+        """``"distill.temperature=4,distill.alpha=0.5/seed=2"`` -- a file-safe, unique name."""
+        point = ",".join(f"{k}={v}" for k, v in self.point) or "base"
+        return f"{point}/seed={self.seed}".replace("/", "__")
+
+
+@attrs.frozen
+class Group:
+    """Students that one step serves: equal configs up to in-step numbers."""
+
+    students: tuple
+
+    @property
+    def base(self) -> Student:
+        return self.students[0]
+
+
+@attrs.frozen
+class SweepPlan:
+    """Every student, grouped; ``axes`` are the grid's keys and values, ``seeds`` the seeds."""
+
+    axes: tuple
+    seeds: tuple
+    groups: tuple
+
+    @property
+    def students(self) -> list[Student]:
+        return [s for g in self.groups for s in g.students]
+
+    def describe(self) -> str:
+        sizes = [len(g.students) for g in self.groups]
+        n = sum(sizes)
+        if len(sizes) == 1:
+            return f"1 group of {n} students"
+        return f"{len(sizes)} groups of {'/'.join(map(str, sizes))} students ({n} in all)"
+
+
+def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: list[tuple[str, list]],
+               **top: Any) -> SweepPlan:
+    """Build and validate every student's config and group them (see the module docstring)."""
+    raw = read_toml(config_path) if config_path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    for key, value in top.items():
+        if value is not None:
+            raw[key] = value
+    students = []
+    points = list(itertools.product(*[[(k, v) for v in values] for k, values in axes])) or [()]
+    for point in points:
+        point_raw = apply_overrides(raw, [f"{k}={_toml(v)}" for k, v in point])
+        for seed in seeds:
+            cfg = from_dict({**point_raw, "seed": seed})
+            students.append(Student(len(students), tuple(point), seed, cfg, from_config(cfg.distill)))
+    groups: dict[str, list[Student]] = {}
+    for s in students:
+        groups.setdefault(structure_key(s), []).append(s)
+    return SweepPlan(tuple((k, tuple(v)) for k, v in axes), tuple(seeds), tuple(Group(tuple(g)) for g in groups.values()))
+
+
+def _toml(value: Any) -> str:
+    from fkd.config import _toml_value
+
+    return _toml_value(value)
+
+
+def structure_key(student: Student) -> str:
+    """Equal for students one step can serve: the config without its in-step numbers, and the
+    objective's structure (:meth:`fkd.objective.Objective.structure`)."""
+    cfg = student.config
+    opt = attrs.evolve(cfg.train.optimizer, learning_rate=1.0)
+    neutral = attrs.evolve(
+        cfg, seed=0, train=attrs.evolve(cfg.train, optimizer=opt),
+        distill=attrs.evolve(cfg.distill, method="terms", alpha=0.5, beta=1.0, temperature=1.0, attention_p=1.0,
+                             weights={}, terms={}),
+    )
+    return dumps(neutral) + repr(student.objective.structure())
+
+
+def hyper_values(student: Student, reference_lr: float) -> dict:
+    """The student's in-step numbers as Python floats: ``{"lr_scale", "terms": {term: {...}}}``."""
+    return {"lr_scale": student.config.train.optimizer.learning_rate / reference_lr,
+            "terms": student.objective.hyper_defaults()}
+
+
+def in_chunks(plan: SweepPlan, chunk: int | None) -> SweepPlan:
+    """``plan`` with every group split into runs of at most ``chunk`` students (None: as it is)."""
+    if chunk is None:
+        return plan
+    if chunk < 1:
+        raise ConfigError(f"--chunk must be at least 1 (got {chunk}).")
+    groups = tuple(Group(g.students[i:i + chunk]) for g in plan.groups for i in range(0, len(g.students), chunk))
+    return attrs.evolve(plan, groups=groups)

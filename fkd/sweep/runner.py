@@ -1,0 +1,391 @@
+"""``fkd sweep``: train every student of a :class:`~fkd.sweep.plan.SweepPlan`, group by group.
+
+Within a group the students share what a separate ``distill`` run each would repeat: the process
+start-up, the data on the device, the teacher (loaded once, its outputs cached once and gathered by
+each student's own sample indices) and one step function. Each student has its own initialisation,
+data order and augmentation (its seed), its own random key, and its in-step numbers (term weights,
+temperature, learning-rate scale) as 0-d tensors in its state (``state["hyper"]``), so one traced or
+compiled step serves them all. Two strategies run that step:
+
+* ``vmap``: the students' states are stacked and ``torch.func.vmap(step)`` trains them at once -- the
+  win on a GPU, where one small student leaves the device mostly idle;
+* ``loop``: the same step is called once per student -- on a CPU, where vmap turns convolutions into
+  grouped convolutions and was measured slower than a loop (see README, "Sweeps").
+
+``auto`` picks ``vmap`` on CUDA and ``loop`` elsewhere. When the training view is random, the teacher
+cannot be cached: the students then share one data order (seeds vary initialisation only) and the
+teacher runs once per batch for all of them ("shared order"); otherwise each student follows its own
+order ("independent orders"). Which is used is printed at start.
+
+A student whose loss turns non-finite is frozen at its last good parameters (the step's guard), marked
+diverged, and the sweep goes on. Checkpoints (``checkpoints/latest.pt``) hold the stacked states of the
+running group and the results of the finished ones; SIGINT/SIGTERM save one and stop, ``--resume``
+continues bit-exactly on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import torch
+
+from fkd.cache import build_cache, cache_key
+from fkd.checkpoint import load_checkpoint, save_checkpoint
+from fkd.config import dumps
+from fkd.data import load_data
+from fkd.distill import ensure_teacher, preflight
+from fkd.errors import CheckpointError, FkdError
+from fkd.evaluate import evaluate_model
+from fkd.loop import Interrupted, StopRequest, steps_per_epoch
+from fkd.models.from_config import build_student
+from fkd.progress import Progress
+from fkd.pytree import tree_map, tree_to
+from fkd.rundir import RunDir, write_text_atomic
+from fkd.run_setup import build_training
+from fkd.step import init_train_state, maybe_compile, precision_autocast
+from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
+from fkd.sweep.stats import format_table, summarize
+from fkd.teacher import load_teacher
+
+STRATEGIES = ("auto", "vmap", "loop")
+SAVE_CHOICES = ("none", "best", "all")
+
+
+def auto_chunk(plan: SweepPlan, strategy: str, device: torch.device, memory_fraction: float = 0.6) -> int | None:
+    """How many students of a group to stack at once; None when all fit (or nothing is stacked).
+
+    Only a vmapped group on CUDA holds every student's activations at once. Its need is estimated from
+    one student's parameters: weights, gradients, two optimizer moments and the updates (5x the
+    parameter bytes) plus activations, taken as 4x the weights at this batch size -- deliberately
+    generous, since a chunk too small only costs time, one too large stops the run. The estimate is
+    checked against ``memory_fraction`` of the free device memory.
+    """
+    if strategy != "vmap" or device.type != "cuda":
+        return None
+    from fkd.models import param_count
+
+    largest = max(len(g.students) for g in plan.groups)
+    base = plan.groups[0].base.config
+    _, params, buffers = build_student(base, 10, (), device="cpu")
+    per_student = 9 * 4 * (param_count(params) + sum(b.numel() for b in buffers.values()))
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = max(1, int(memory_fraction * free // max(per_student, 1)))
+    return None if fits >= largest else fits
+
+
+def choose_strategy(requested: str, device: torch.device) -> str:
+    """``auto`` -> ``vmap`` on CUDA, ``loop`` elsewhere (measured: ``python cli.py bench --sweep K``)."""
+    if requested not in STRATEGIES:
+        raise FkdError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {requested!r}).")
+    if requested != "auto":
+        return requested
+    return "vmap" if device.type == "cuda" else "loop"
+
+
+@attrs.frozen(eq=False)
+class GroupSetup:
+    """What the students of one group share."""
+
+    group: Group
+    data: object
+    objective: object
+    student: object
+    shapes: object
+    teacher: object
+    teacher_vars: dict | None
+    lookup: Callable | None
+    step: Callable  # the single-student step (uncompiled: the strategy wraps it)
+    optimizer: object
+    layout: Callable
+    reference_lr: float
+    augment: bool
+    steps_per_epoch: int
+
+    @property
+    def shared_order(self) -> bool:
+        """Random views and a live teacher: all students see the same batches (seeds vary the init only)."""
+        return self.augment and self.objective.needs_teacher
+
+    def init_state(self, s: Student, device) -> dict:
+        cfg = s.config
+        _, params, buffers = build_student(cfg, self.data.num_classes, self.objective.student_feature_names,
+                                           device=device)
+        obj_params, obj_state = self.objective.init(self.shapes, seed=cfg.seed, device=device)
+        state = init_train_state(params, buffers, self.optimizer, objective_params=obj_params,
+                                 objective_state=obj_state, seed=cfg.seed)
+        hyper = hyper_values(s, self.reference_lr)
+        state["hyper"] = tree_map(lambda v: torch.tensor(float(v), device=device), hyper)
+        return self.layout(state)
+
+
+def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
+    base = group.base.config
+    key = base.data  # a frozen attrs value: equal data configs share the data on the device
+    if key not in data_cache:
+        data_cache.clear()  # one data set on the device at a time
+        data_cache[key] = load_data(base.data, device=device)
+    data = data_cache[key]
+    pre = preflight(base, data.num_classes, len(data.train), device)
+    obj = pre.objective
+    teacher = teacher_vars = lookup = None
+    augment = base.data.augments
+    if obj.needs_teacher:
+        t_path = ensure_teacher(base, data, device, echo=echo, quiet=quiet)
+        teacher, teacher_vars, _ = load_teacher(t_path, base, data.num_classes, obj.teacher_feature_names, device)
+        if base.teacher.cache != "off" and not augment:
+            ck = cache_key(t_path, data.fingerprint, teacher.feature_names, base.train.precision)
+            cache = build_cache(teacher, teacher_vars, data.train, mode=base.teacher.cache, key=ck,
+                                cache_dir=base.teacher.cache_dir, batch_size=base.data.eval_batch_size,
+                                precision=base.train.precision, device=device, echo=echo)
+            lookup = cache.lookup
+    nb = steps_per_epoch(len(data.train), base.data.batch_size)
+    training = build_training(
+        pre.student, obj, base.train, params=pre.params, buffers=pre.buffers, teacher=teacher,
+        steps_per_epoch=nb, batch_size=base.data.batch_size, seed=base.seed, augment=augment, device=device,
+        compile="off", quiet=True)
+    if teacher_vars is not None:
+        teacher_vars = training.layout(teacher_vars)
+    return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher, teacher_vars, lookup, training.step,
+                      training.optimizer, training.layout, base.train.optimizer.learning_rate, augment, nb)
+
+
+def _stack(states: list[dict]) -> dict:
+    return tree_map(lambda *xs: torch.stack(xs), *states)
+
+
+def _unstack(stacked: dict, k: int) -> list[dict]:
+    return [tree_map(lambda t, i=i: t[i], stacked) for i in range(k)]
+
+
+class _Trainer:
+    """Steps K students of a group with the chosen strategy; states stay a list (loop) or stacked (vmap)."""
+
+    def __init__(self, setup: GroupSetup, strategy: str, device: torch.device):
+        self.setup, self.strategy, self.device = setup, strategy, device
+        train = setup.group.base.config.train
+        if strategy == "vmap":
+            # Shared-order batches are the same for every student (in_dims None): the teacher then runs
+            # once inside the vmapped step, unbatched.
+            batch_dim = None if setup.shared_order else 0
+            stepped = torch.func.vmap(setup.step, in_dims=(0, batch_dim, None))
+        else:
+            stepped = setup.step
+        self.step = maybe_compile(stepped, train.compile, device.type, train.compile_mode)
+
+    def run(self, states, batches: list[dict], teacher_vars):
+        """One step of every student; returns ``(states, [metrics per student])``."""
+        if self.strategy == "vmap":
+            batch = batches[0] if self.setup.shared_order else _stack(batches)
+            states, metrics = self.step(states, batch, teacher_vars)
+            return states, [tree_map(lambda t, i=i: t[i], metrics) for i in range(len(batches))]
+        out = [self.step(st, b, teacher_vars) for st, b in zip(states, batches)]
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def to_list(self, states) -> list[dict]:
+        return _unstack(states, len(self.setup.group.students)) if self.strategy == "vmap" else list(states)
+
+    def from_list(self, states: list[dict]):
+        return _stack(states) if self.strategy == "vmap" else states
+
+
+def _teacher_batch(setup: GroupSetup, x: torch.Tensor) -> dict:
+    """The teacher's outputs on a shared batch, computed once for all students (loop strategy)."""
+    precision = setup.group.base.config.train.precision
+    with torch.no_grad(), precision_autocast(x.device.type, precision):
+        logits, feats, _ = setup.teacher.apply(setup.teacher_vars["params"], setup.teacher_vars["buffers"], x,
+                                               train=False)
+    return {"teacher_logits": logits.float(), "teacher_features": {k: v.float() for k, v in feats.items()}}
+
+
+def _epoch_batches(setup: GroupSetup, epoch: int, start: int, strategy: str):
+    """Per step, one batch dict per student (each its own order, or the shared one)."""
+    cfg = setup.group.base.config
+    students = setup.group.students
+    seeds = [cfg.seed] if setup.shared_order else [s.seed for s in students]
+    iters = [setup.data.train.batches(cfg.data.batch_size, shuffle=True, epoch=epoch, seed=seed, start=start,
+                                      augment=setup.augment, drop_last=True) for seed in seeds]
+    for parts in zip(*iters):
+        batches = []
+        for x, y, idx in parts:
+            batch = {"x": x, "y": y, "idx": idx}
+            if setup.lookup is not None:
+                batch.update(setup.lookup(idx))
+            elif setup.shared_order and strategy == "loop":
+                batch.update(_teacher_batch(setup, x))
+            batches.append(batch)
+        if setup.shared_order:
+            batches = batches * len(students)
+        yield batches
+
+
+def _evaluate(setup: GroupSetup, state: dict, device) -> float:
+    cfg = setup.group.base.config
+    result = evaluate_model(setup.student, state["params"]["model"], state["buffers"], setup.data.test,
+                            batch_size=cfg.data.eval_batch_size, num_classes=setup.data.num_classes, device=device)
+    return result["accuracy"]
+
+
+def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: str = "auto", save: str = "none",
+              resume: bool = False, quiet: bool = False, echo: Callable = print) -> dict:
+    """Train every student of ``plan`` into ``run``; returns the summary written to ``sweep_summary.json``."""
+    if save not in SAVE_CHOICES:
+        raise FkdError(f"--save must be one of {', '.join(SAVE_CHOICES)} (got {save!r}).")
+    strategy = choose_strategy(strategy, device)
+    sweep_text = _sweep_text(plan)
+    saved = _resume_point(run, sweep_text, resume)
+    run.prepare()
+    write_text_atomic(run.config_path, dumps(plan.groups[0].base.config))
+    write_text_atomic(run.path / "grid.json", sweep_text)
+    echo(f"sweep: {plan.describe()}, strategy {strategy} "
+         f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}")
+    finished = saved["finished"] if saved else []
+    records = saved["records"] if saved else []
+    data_cache: dict = {}
+    with StopRequest() as stop:
+        for gi, group in enumerate(plan.groups):
+            if saved and gi < saved["group"]:
+                continue
+            setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
+            where = saved if saved and gi == saved["group"] else None
+            finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records, finished,
+                                     sweep_text, stop, quiet, echo, save)
+            saved = None
+    summary = _write_outputs(plan, run, finished, strategy, echo)
+    return summary
+
+
+def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, records, finished, sweep_text,
+                 stop, quiet, echo, save) -> list[dict]:
+    students = setup.group.students
+    cfg = setup.group.base.config
+    trainer = _Trainer(setup, strategy, device)
+    if where is not None:
+        states = [tree_to(st, device) for st in where["states"]]
+        start_epoch, start_batch = where["epoch"], where["batch"]
+    else:
+        states = [setup.init_state(s, device) for s in students]
+        start_epoch, start_batch = 0, 0
+    echo(f"group {gi + 1}/{n_groups}: {len(students)} students, "
+         f"{'shared order: seeds vary initialisation only' if setup.shared_order else 'independent orders'}"
+         f"{', teacher outputs cached' if setup.lookup is not None else ''}")
+    stacked = trainer.from_list(states)
+    nb = setup.steps_per_epoch
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        save_checkpoint(run.latest, {
+            "sweep": sweep_text, "group": gi, "epoch": epoch, "batch": batch,
+            "states": [tree_map(lambda t: t.detach().cpu(), st) for st in trainer.to_list(stacked)],
+            "finished": finished, "records": records,
+        }, "sweep_run")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        first = start_batch if epoch == start_epoch else 0
+        sums = [dict() for _ in students]
+        progress = None if quiet else Progress(nb, f"group {gi + 1}/{n_groups} epoch {epoch + 1}/{cfg.train.epochs} "
+                                                   f"({len(students)} students)")
+        t0, images, done = time.perf_counter(), 0, first
+        for batches in _epoch_batches(setup, epoch, first, strategy):
+            stacked, metrics = trainer.run(stacked, batches, setup.teacher_vars)
+            for k, m in enumerate(metrics):
+                sums[k] = {name: sums[k].get(name, 0) + v.detach() for name, v in m.items() if name != "finite"}
+            done += 1
+            images += sum(b["y"].shape[0] for b in batches) if not setup.shared_order else \
+                batches[0]["y"].shape[0] * len(students)
+            if progress is not None and (done % cfg.train.log_every == 0 or done == nb):
+                progress.update(done, **{"img/s": images / (time.perf_counter() - t0)})
+            if stop.signum is not None:
+                checkpoint(epoch, done) if done < nb else checkpoint(epoch + 1, 0)
+                raise Interrupted(stop.signum, epoch, done)
+        if progress is not None:
+            progress.close()
+        states_now = trainer.to_list(stacked)
+        for k, (s, st) in enumerate(zip(students, states_now)):
+            steps = max(done - first, 1)
+            diverged = int(st["bad_step"]) >= 0
+            records.append({
+                "student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi, "epoch": epoch + 1,
+                "train_loss": float(sums[k]["loss"]) / steps if "loss" in sums[k] else None,
+                **{f"train_{n}": float(v) / steps for n, v in sums[k].items()
+                   if n not in ("loss", "correct", "count", "grad_norm")},
+                "train_acc": float(sums[k]["correct"]) / max(float(sums[k]["count"]), 1.0) if sums[k] else None,
+                "test_acc": _evaluate(setup, st, device),
+                "diverged": diverged,
+            })
+        write_text_atomic(run.path / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        checkpoint(epoch + 1, 0)
+    states_now = trainer.to_list(stacked)
+    results = []
+    for s, st in zip(students, states_now):
+        last = next(r for r in reversed(records) if r["student"] == s.label)
+        results.append({"student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi,
+                        "test_acc": last["test_acc"], "diverged": last["diverged"],
+                        "baseline": not s.objective.needs_teacher})
+        if save == "all":
+            _save_student(run, setup, s, st)
+    if save == "best":  # the best of the whole sweep so far: replaces an earlier group's best
+        best = max((r for r in results if not r["diverged"]), key=lambda r: r["test_acc"], default=None)
+        before = max((r for r in finished if not r["diverged"]), key=lambda r: r["test_acc"], default=None)
+        if best is not None and (before is None or best["test_acc"] > before["test_acc"]):
+            k = [r["student"] for r in results].index(best["student"])
+            _save_student(run, setup, students[k], states_now[k])
+            if before is not None:
+                (run.path / "students" / f"{before['student']}.pt").unlink(missing_ok=True)
+    return results
+
+
+def _point_label(s: Student) -> str:
+    return ", ".join(f"{k}={v}" for k, v in s.point) or "base"
+
+
+def _save_student(run: RunDir, setup: GroupSetup, s: Student, state: dict) -> Path:
+    """One student's weights as a run checkpoint that ``fkd evaluate`` reads."""
+    path = run.path / "students" / f"{s.label}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = tree_map(lambda t: t.detach().cpu(), {k: state[k] for k in ("params", "frozen", "buffers")})
+    save_checkpoint(path, {"state": cpu, "model": dict(setup.student.spec), "config": dumps(s.config),
+                           "epoch": s.config.train.epochs, "batch": 0}, "student_run")
+    return path
+
+
+def _sweep_text(plan: SweepPlan) -> str:
+    """The resolved grid (what ``--resume`` must find unchanged), as JSON."""
+    return json.dumps({
+        "seeds": list(plan.seeds),
+        "grid": {k: list(v) for k, v in plan.axes},
+        "groups": [[s.label for s in g.students] for g in plan.groups],
+        "configs": {s.label: dumps(s.config) for s in plan.students},
+    }, indent=1) + "\n"
+
+
+def _resume_point(run: RunDir, sweep_text: str, resume: bool) -> dict | None:
+    if run.latest.exists():
+        if not resume:
+            raise FkdError(f"'{run.path}' already holds a sweep (checkpoints/latest.pt); pass --resume to continue "
+                           "it or --out DIR to start a new one.")
+        saved = load_checkpoint(run.latest, "sweep_run")
+        if saved["sweep"] != sweep_text:
+            raise CheckpointError(f"the sweep in '{run.path}' was started with another config or grid; resume it "
+                                  "with the same --config, --set, --seeds and --grid, or start a new one with --out.")
+        return saved
+    if resume:
+        raise FkdError(f"nothing to resume in '{run.path}' (no checkpoints/latest.pt); run without --resume.")
+    return None
+
+
+def _write_outputs(plan: SweepPlan, run: RunDir, finished: list[dict], strategy: str, echo: Callable) -> dict:
+    baselines = [f["point"] for f in finished if f["baseline"]]
+    baseline = baselines[0] if baselines and len(set(baselines)) == 1 else None
+    rows = summarize(finished, baseline)
+    summary = {"strategy": strategy, "groups": len(plan.groups), "students": len(finished),
+               "seeds": list(plan.seeds), "grid": {k: list(v) for k, v in plan.axes},
+               "baseline": baseline, "points": rows, "students_final": finished}
+    write_text_atomic(run.path / "sweep_summary.json", json.dumps(summary, indent=2) + "\n")
+    from fkd.sweep.plot import plot_sweep
+
+    plot_sweep(plan, rows, run.path / "sweep.png")
+    echo(format_table(rows, baseline))
+    return summary

@@ -1,0 +1,164 @@
+"""fkd sweep: the plan (seeds x grid, groups), a student in a sweep equals the same student alone,
+divergence stays local, interrupt and resume, the outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fkd import cli, schedules
+from fkd.checkpoint import load_checkpoint
+from fkd.config import OptimizerConfig
+from fkd.errors import ConfigError
+from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
+from fkd.sweep.stats import describe, t_quantile_975
+from tests.conftest import wrap_distill_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def test_seeds_and_grid_parsing():
+    assert parse_seeds("3") == (0, 1, 2) and parse_seeds("3,7,11") == (3, 7, 11)
+    for bad in ("0", "x", "1,1"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    assert parse_grid(["distill.temperature=1,2.5", 'student.arch="seed_cnn",small_cnn']) == [
+        ("distill.temperature", [1, 2.5]), ("student.arch", ["seed_cnn", "small_cnn"])]
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["distill.temperature"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_grid(["train.epochs=1", "train.epochs=2"])
+
+
+def test_students_group_by_what_one_step_can_serve(tiny_config):
+    cfg = tiny_config("logit")
+    plan = plan_sweep(cfg, [], (0, 1), parse_grid(["distill.temperature=1,4", "distill.alpha=0,0.5,0.9",
+                                                    "train.optimizer.learning_rate=0.01,0.003"]))
+    assert len(plan.students) == 2 * 3 * 2 * 2
+    # alpha = 0 drops the KD term (the baseline); everything else is numbers inside one step.
+    sizes = sorted(len(g.students) for g in plan.groups)
+    assert sizes == [8, 16] and plan.describe() == "2 groups of 8/16 students (24 in all)"
+    baseline = next(g for g in plan.groups if len(g.students) == 8)
+    assert all(not s.objective.needs_teacher for s in baseline.students)
+    # A different batch size is another shape: its own group.
+    split = plan_sweep(cfg, [], (0,), parse_grid(["data.batch_size=8,16"]))
+    assert len(split.groups) == 2
+    assert sorted(len(g.students) for g in in_chunks(plan, 5).groups) == [1, 3, 5, 5, 5, 5]
+    with pytest.raises(ConfigError, match="train.epochs must be"):
+        plan_sweep(cfg, [], (0,), parse_grid(["train.epochs=0,1"]))
+
+
+def test_every_schedule_scales_with_the_learning_rate():
+    # A group runs the optimizer at one reference rate and scales each student's update by its own
+    # rate over it: exact only if every schedule is proportional to its peak rate.
+    for name in schedules.SCHEDULES.names():
+        extra = {"warmup_epochs": 1.0} if name == "warmup_cosine" else {"milestones": [1]} if name == "multistep" else {}
+        a = schedules.learning_rate_schedule(OptimizerConfig(name="adam", learning_rate=0.1, schedule=name, **extra), 5, 3)
+        b = schedules.learning_rate_schedule(OptimizerConfig(name="adam", learning_rate=0.4, schedule=name, **extra), 5, 3)
+        for t in range(15):
+            torch.testing.assert_close(4 * a(torch.tensor(t)), b(torch.tensor(t)), msg=f"{name} at {t}")
+
+
+def test_statistics_over_seeds():
+    d = describe([0.9, 0.92, 0.94])
+    assert d["mean"] == pytest.approx(0.92) and d["std"] == pytest.approx(0.02)
+    assert d["ci95"] == pytest.approx(4.303 * 0.02 / 3 ** 0.5)
+    assert t_quantile_975(100) == 1.96 and describe([0.5])["n"] == 1
+
+
+# --- against distill --------------------------------------------------------------------------------
+
+
+def _sweep_params(out, label):
+    return load_checkpoint(out / "students" / f"{label}.pt", "student_run")["state"]["params"]["model"]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_a_student_in_a_sweep_equals_the_same_student_alone(tiny_config, tmp_path, strategy):
+    cfg = tiny_config("logit")
+    alone = tmp_path / "alone"
+    assert invoke("distill", "--config", cfg, "--out", alone, "--quiet", "--seed", "1",
+                  "--set", "distill.temperature=4").exit_code == 0
+    out = tmp_path / f"sweep-{strategy}"
+    result = invoke("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "0,1", "--strategy", strategy,
+                    "--grid", "distill.temperature=2,4", "--save", "all")
+    assert result.exit_code == 0, result.output
+    assert "1 group of 4 students" in result.output
+    a = load_checkpoint(alone / "checkpoints" / "latest.pt", "student_run")["state"]["params"]["model"]
+    b = _sweep_params(out, "distill.temperature=4__seed=1")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    alone_acc = json.loads((alone / "summary.json").read_text())["student_test_acc"]
+    final = {s["student"]: s for s in json.loads((out / "sweep_summary.json").read_text())["students_final"]}
+    assert abs(final["distill.temperature=4__seed=1"]["test_acc"] - alone_acc) <= 1 / 48 + 1e-9  # one test image
+    # The saved student is a run checkpoint evaluate reads.
+    report = invoke("evaluate", out / "students" / "distill.temperature=4__seed=1.pt", "--json", "--device", "cpu")
+    assert report.exit_code == 0, report.output
+
+
+def test_outputs_and_baseline(tiny_config, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--config", tiny_config("logit"), "--out", out, "--quiet", "--seeds", "2",
+                    "--grid", "distill.alpha=0,0.7", "--save", "best")
+    assert result.exit_code == 0, result.output
+    assert "distill.alpha=0 (baseline)" in result.output and "vs baseline" in result.output
+    records = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * 2  # 4 students x 2 epochs
+    assert {"student", "point", "seed", "epoch", "train_loss", "train_acc", "test_acc", "diverged"} <= set(records[0])
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert summary["baseline"] == "distill.alpha=0" and len(summary["points"]) == 2
+    for row in summary["points"]:
+        assert row["n"] == 2 and row["min"] <= row["mean"] <= row["max"] and row["ci95"] > 0
+    assert (out / "sweep.png").is_file() and len(list((out / "students").glob("*.pt"))) == 1
+    again = invoke("sweep", "--config", tiny_config("logit"), "--out", out, "--quiet", "--seeds", "2")
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_a_diverging_student_is_frozen_and_the_others_go_on(tiny_config, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--config", tiny_config("logit"), "--out", out, "--quiet", "--seeds", "1",
+                    "--grid", "train.optimizer.learning_rate=0.01,1e38", "--save", "all")
+    assert result.exit_code == 0, result.output
+    final = {s["point"]: s for s in json.loads((out / "sweep_summary.json").read_text())["students_final"]}
+    assert final["train.optimizer.learning_rate=1e+38"]["diverged"] is True
+    assert final["train.optimizer.learning_rate=0.01"]["diverged"] is False
+    params = _sweep_params(out, "train.optimizer.learning_rate=1e+38__seed=0")
+    assert all(torch.isfinite(t).all() for t in params.values())  # frozen at its last good weights
+
+
+def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("logit")
+    args = ["--config", cfg, "--quiet", "--seeds", "2", "--grid", "distill.temperature=2,4", "--strategy", "loop",
+            "--save", "all"]
+    full = tmp_path / "full"
+    assert invoke("sweep", "--out", full, *args).exit_code == 0
+    cut = tmp_path / "cut"
+
+    def interrupt(n, batch):
+        if n == 4 * 8:  # 4 students a step, 6 steps an epoch: stops in epoch 2
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        wrap_distill_step(m, interrupt)
+        stopped = invoke("sweep", "--out", cut, *args)
+    assert stopped.exit_code == 128 + signal.SIGINT and "--resume" in stopped.output
+    resumed = invoke("sweep", "--out", cut, *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    for f in (full / "students").glob("*.pt"):
+        a, b = _sweep_params(full, f.stem), _sweep_params(cut, f.stem)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f.stem, k)
+    assert (full / "sweep.jsonl").read_text().count("\n") == (cut / "sweep.jsonl").read_text().count("\n")
+    changed = invoke("sweep", "--out", cut, *args[:-2], "--resume", "--grid", "distill.alpha=0.5")
+    assert changed.exit_code == 2 and "another config or grid" in changed.output
