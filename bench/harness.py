@@ -61,8 +61,11 @@ from fkd.distill import preflight
 from fkd.errors import ConfigError
 from fkd.models.from_config import build_teacher
 from fkd.objective import Objective, from_weights
+from fkd.models.from_config import build_student
+from fkd.pytree import tree_map
 from fkd.run_setup import TrainingSetup, build_training, uses_channels_last
-from fkd.step import should_compile
+from fkd.step import init_train_state, maybe_compile, should_compile
+from fkd.sweep.runner import choose_strategy
 
 def load_imperative_baseline():
     """The notebook-style baseline, ``bench/imperative.py`` beside this file.
@@ -104,11 +107,13 @@ class BenchReport:
             f"device {c['device']} ({c['threads']} threads, load avg {c['loadavg']}), batch {c['batch_size']} x "
             f"3x{c['image_size']}x{c['image_size']}, precision {c['precision']}, channels_last "
             f"{c['channels_last']}; median of {c['steps']} steps per variant, timed in interleaved rounds after "
-            f"{c['warmup']} warm-up step(s)",
+            f"{c['warmup']} warm-up step(s)"
+            + (f"; each step trains {c['sweep']} students (bench --sweep)" if c.get("sweep") else ""),
         ]
         mem_header = {"cuda_max_allocated": "peak MB (cuda alloc)", "rss_per_variant": "peak RSS MB",
                       "rss_process": "proc peak RSS MB"}[c["mem_kind"]]
-        cols = ("variant", "ms/step", "images/s", mem_header, "x imperative", "first loss", "warm-up s", "compiled")
+        ratio_header = "x sweep_sequential" if c.get("sweep") else "x imperative"
+        cols = ("variant", "ms/step", "images/s", mem_header, ratio_header, "first loss", "warm-up s", "compiled")
         body = [cols]
         for r in self.rows:
             body.append((
@@ -150,6 +155,9 @@ class _Setup:
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
+    shapes: object = None
+    num_classes: int = 0
+    sweep: int = 0  # students per sweep variant (bench --sweep K)
 
     def training(self, objective: Objective, *, compile: bool, teacher) -> TrainingSetup:
         """The run setup every fkd variant shares (:func:`fkd.run_setup.build_training`)."""
@@ -179,7 +187,8 @@ def _setup(cfg: Config, device: torch.device, total_steps: int) -> _Setup:
         teacher_vars = {"params": t_params, "buffers": t_buffers}
     objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
     return _Setup(cfg, device, obj, pre.student, {"params": pre.params, "buffers": pre.buffers}, teacher,
-                  teacher_vars, objective_params, objective_state, max(total_steps, 1), x, y, idx)
+                  teacher_vars, objective_params, objective_state, max(total_steps, 1), x, y, idx, pre.shapes,
+                  data.num_classes)
 
 
 # --- the variants: each builds a zero-argument "one training step" -----------------------------
@@ -239,6 +248,57 @@ def _functional(s: _Setup, *, compile: bool, objective: Objective, use_teacher: 
     return _Runner(step_once, compiled=compile)
 
 
+def _sweep_runner(s: _Setup, *, strategy: str | None, tensors_in_state: bool) -> _Runner:
+    """One step of ``s.sweep`` students (seeds ``cfg.seed + i``) on the benchmark batch, as ``fkd sweep``
+    runs them (``strategy`` "vmap" or "loop", in-step numbers as tensors in each state) or as K plain
+    single-student steps one after another (``strategy=None``). The teacher's outputs come from a cache,
+    as in a sweep with a deterministic view; every variant follows ``train.compile``."""
+    training = s.training(s.objective, compile=False, teacher=None)
+    states = []
+    for i in range(s.sweep):
+        cfg = attrs.evolve(s.cfg, seed=s.cfg.seed + i)
+        _, params, buffers = build_student(cfg, s.num_classes, s.objective.student_feature_names, device=s.device)
+        obj_params, obj_state = s.objective.init(s.shapes, seed=cfg.seed, device=s.device)
+        state = init_train_state(params, buffers, training.optimizer, objective_params=obj_params,
+                                 objective_state=obj_state, seed=cfg.seed)
+        if tensors_in_state:
+            hyper = {"lr_scale": 1.0, "terms": s.objective.hyper_defaults()}
+            state["hyper"] = tree_map(lambda v: torch.tensor(float(v), device=s.device), hyper)
+        states.append(training.layout(state))
+    batch = {"x": s.x, "y": s.y, "idx": s.idx}
+    if s.objective.needs_teacher:
+        logits, feats = compute_outputs(s.teacher, s.teacher_vars, _OneBatch(s.x, s.y, s.idx),
+                                        batch_size=s.x.shape[0], precision=s.cfg.train.precision, device=s.device)
+        batch.update(teacher_logits=logits, teacher_features=feats)
+    train = s.cfg.train
+    if strategy == "vmap":
+        step = maybe_compile(torch.func.vmap(training.step, in_dims=(0, 0, None)), train.compile, s.device.type,
+                             train.compile_mode)
+        holder = {"states": tree_map(lambda *xs: torch.stack(xs), *states)}
+        stacked = tree_map(lambda t: torch.stack([t] * s.sweep), batch)
+
+        def step_once() -> torch.Tensor:
+            holder["states"], metrics = step(holder["states"], stacked, None)
+            return metrics["loss"].sum()
+    else:
+        step = maybe_compile(training.step, train.compile, s.device.type, train.compile_mode)
+        holder = {"states": states}
+
+        def step_once() -> torch.Tensor:
+            out = [step(st, batch, None) for st in holder["states"]]
+            holder["states"] = [o[0] for o in out]
+            return sum(o[1]["loss"] for o in out)
+
+    return _Runner(step_once, compiled=should_compile(train.compile, s.device.type))
+
+
+def sweep_variants(device: torch.device) -> tuple[str, ...]:
+    """``bench --sweep K``: ``sweep`` (as ``fkd sweep`` runs on this device), ``sweep_sequential`` (K plain
+    steps), and ``sweep_vmap`` when ``sweep`` chose another strategy."""
+    chosen = choose_strategy("auto", device)
+    return ("sweep_sequential", "sweep") + (("sweep_vmap",) if chosen != "vmap" else ())
+
+
 def _follows_config(s: _Setup) -> bool:
     return should_compile(s.cfg.train.compile, s.device.type)
 
@@ -252,8 +312,12 @@ RUNNERS: dict[str, Callable[[_Setup], _Runner]] = {
                                           use_teacher=False, cached=False),
     "cached": lambda s: _functional(s, compile=_follows_config(s), objective=s.objective, use_teacher=False,
                                     cached=True),
+    "sweep": lambda s: _sweep_runner(s, strategy=choose_strategy("auto", s.device), tensors_in_state=True),
+    "sweep_sequential": lambda s: _sweep_runner(s, strategy=None, tensors_in_state=False),
+    "sweep_vmap": lambda s: _sweep_runner(s, strategy="vmap", tensors_in_state=True),
 }
-VARIANTS = tuple(RUNNERS)
+SWEEP_VARIANTS = ("sweep", "sweep_sequential", "sweep_vmap")
+VARIANTS = tuple(v for v in RUNNERS if v not in SWEEP_VARIANTS)
 
 
 def _build_runner(name: str, s: _Setup) -> _Runner:
@@ -399,6 +463,7 @@ def run_bench(
     warmup: int = 3,
     variants=None,
     config_name: str = "",
+    sweep: int = 0,
     echo: Callable[[str], None] = lambda message: None,
 ) -> BenchReport:
     """Time one training step of each variant (see the module docstring) and return the report.
@@ -408,16 +473,21 @@ def run_bench(
         steps: timed steps per variant (the CLI insists on at least 20; tests use fewer).
         warmup: untimed steps first (at least 1; compilation happens here).
         variants: names from :data:`VARIANTS`, or None for all that apply.
+        sweep: K > 0 times one step of K students instead (:func:`sweep_variants`); each row's ``ratio``
+            is then over ``sweep_sequential`` (K plain steps one after another).
         echo: progress messages (one per variant).
     """
     if steps < 1 or warmup < 1:
         raise ConfigError(f"bench needs steps >= 1 and warmup >= 1 (got {steps} and {warmup}).")
     device = torch.device(device)
-    names = resolve_variants(variants, objective_lib.from_config(cfg.distill), echo)
+    if sweep and variants:
+        raise ConfigError("--sweep picks its own variants (sweep, sweep_sequential, sweep_vmap); drop --variants.")
+    names = sweep_variants(device) if sweep else resolve_variants(variants, objective_lib.from_config(cfg.distill),
+                                                                  echo)
     loadavg = "n/a"
     with contextlib.suppress(OSError):
         loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    setup = _setup(cfg, device, warmup + steps)
+    setup = attrs.evolve(_setup(cfg, device, warmup + steps), sweep=sweep)
     memory = _PeakMemory(device)
     # Pass 1, one variant at a time: build, warm up (torch.compile compiles here), read its peak memory.
     warm: dict[str, dict] = {}
@@ -453,12 +523,14 @@ def run_bench(
         rows.append({
             "variant": name,
             "ms_per_step": ms,
-            "images_per_s": setup.x.shape[0] / (ms / 1e3),
+            "images_per_s": setup.x.shape[0] * (sweep or 1) / (ms / 1e3),
             **warm[name],
+            **({"students": sweep} if sweep else {}),
             "steps": steps,
             "ms_min": min(times[name]),
         })
-    base = next((r["ms_per_step"] for r in rows if r["variant"] == "imperative"), None)
+    reference = "sweep_sequential" if sweep else "imperative"
+    base = next((r["ms_per_step"] for r in rows if r["variant"] == reference), None)
     for r in rows:
         r["ratio"] = None if base is None else r["ms_per_step"] / base
     obj = setup.objective
@@ -478,5 +550,6 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "loadavg": loadavg,
         "mem_kind": memory.kind,
+        "sweep": sweep,
     }
     return BenchReport(rows, context)

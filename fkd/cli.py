@@ -290,11 +290,14 @@ def evaluate(path, config_path, overrides, out, device, as_json):
 @click.option("--variants", metavar="A,B,...",
               help="Comma-separated subset of imperative, functional, compiled, student_only, cached "
                    "(default: all that apply).")
+@click.option("--sweep", "sweep_k", type=click.IntRange(min=2), metavar="K",
+              help="Time one step of K students instead: as `fkd sweep` runs them here (sweep), as K plain "
+                   "steps one after another (sweep_sequential), and vmapped (sweep_vmap) when sweep is not.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line and variant instead of a table.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the JSON lines to DIR/bench.jsonl.")
 @friendly_errors
-def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json, out):
+def bench(config_path, overrides, seed, device, steps, warmup, variants, sweep_k, as_json, out):
     """Time one training step: fkd's functional step against the imperative baseline.
 
     Runs from a clone of the repository: the harness and the baseline live in its bench/ folder,
@@ -316,6 +319,7 @@ def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json
       python cli.py bench --config configs/feature.toml
       python cli.py bench --config configs/logit.toml --variants imperative,functional --json
       python cli.py bench --config configs/bench/notebook224.toml --device cuda
+      python cli.py bench --config configs/logit.toml --sweep 8
       python cli.py bench --config configs/bench/notebook224.toml --set train.precision=bf16 \\
           --set train.channels_last=true --set data.batch_size=128
     """
@@ -327,7 +331,8 @@ def bench(config_path, overrides, seed, device, steps, warmup, variants, as_json
     cfg = load_config(config_path, overrides, seed=seed, device=device)
     chosen = variants.split(",") if variants else None
     report = run_bench(cfg, resolve_device(cfg.device), steps=steps, warmup=warmup, variants=chosen,
-                       config_name=str(config_path or "defaults"), echo=lambda m: click.echo(m, err=True))
+                       sweep=sweep_k or 0, config_name=str(config_path or "defaults"),
+                       echo=lambda m: click.echo(m, err=True))
     if out is not None:
         from fkd.rundir import ensure_writable, write_text_atomic
 

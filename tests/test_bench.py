@@ -231,3 +231,17 @@ def test_imperative_is_skipped_for_a_term_it_cannot_express():
     assert said and "test_bench_only_term" in said[0]
     with pytest.raises(ConfigError, match="cannot express the term"):
         resolve_variants(["imperative", "functional"], obj)
+
+
+def test_sweep_bench_times_k_students_against_k_plain_steps(tmp_path):
+    cfg, _ = tiny(tmp_path, "logit")
+    report = run_bench(cfg, "cpu", steps=2, warmup=1, sweep=3)
+    rows = {r["variant"]: r for r in report.rows}
+    assert list(rows) == ["sweep_sequential", "sweep", "sweep_vmap"]  # the CPU runs a loop, so vmap is shown too
+    assert rows["sweep_sequential"]["ratio"] == pytest.approx(1.0) and all(r["students"] == 3 for r in report.rows)
+    # The same three students from the same weights: the summed first losses agree across the ways.
+    assert rows["sweep"]["first_loss"] == pytest.approx(rows["sweep_sequential"]["first_loss"], rel=1e-5)
+    assert rows["sweep_vmap"]["first_loss"] == pytest.approx(rows["sweep_sequential"]["first_loss"], rel=1e-5)
+    assert "x sweep_sequential" in report.table()
+    with pytest.raises(ConfigError, match="--sweep picks its own variants"):
+        run_bench(cfg, "cpu", steps=1, warmup=1, sweep=3, variants=["imperative"])
