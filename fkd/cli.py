@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -44,8 +45,20 @@ def friendly_errors(fn):
 
 
 def _resume_command(ctx: click.Context) -> str:
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    return " ".join(["fkd", *argv, "--resume"])
+    """The command that continues this run, from the options it was given, quoted for a POSIX shell."""
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("resume", "overwrite") or value is None or value is False:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            args.append(param.opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                args += [param.opts[0], str(item)]
+    return shlex.join(["fkd", ctx.info_name, *args, "--resume"])
 
 
 def run_options(fn):
@@ -95,13 +108,15 @@ def main():
 
 @main.command()
 @run_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing teacher checkpoint (teacher.checkpoint).")
 @friendly_errors
-def teacher(config_path, overrides, out, seed, device, resume, quiet):
+def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite):
     """Fit a teacher (linear probe, finetune or from scratch) and write its checkpoint.
 
     \b
     Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
-    summary.json, curves.png; the teacher itself goes to teacher.checkpoint.
+    summary.json, curves.png; the teacher itself goes to teacher.checkpoint, which is never
+    replaced unless --overwrite is given or the run that wrote it is resumed.
 
     \b
     Examples:
@@ -114,7 +129,7 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet):
 
     cfg, run, dev = _setup(config_path, overrides, out, seed, device)
     data = load_data(cfg.data, device=dev)
-    fit_teacher(cfg, data, dev, run, resume=resume, quiet=quiet, echo=click.echo)
+    fit_teacher(cfg, data, dev, run, resume=resume, overwrite=overwrite, quiet=quiet, echo=click.echo)
 
 
 @main.command()

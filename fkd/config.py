@@ -64,6 +64,20 @@ def _non_negative(inst, attribute, value):
         raise ValueError(f"must be >= 0 (got {value!r})")
 
 
+def _int64(inst, attribute, value):
+    # torch.manual_seed, the data order's hash and TOML itself all take 64-bit integers
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"must fit in 64 bits, between -2**63 and 2**63 - 1 (got {value}); pick a smaller seed")
+
+
+def _plain_name(inst, attribute, value):
+    # The run directory is runs/<name>, and a config may come from someone else: a name that is a path
+    # ("../../x", "/home/x") would put the run anywhere. Only --out chooses an arbitrary place.
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"must be a plain name, not a path (got {value!r}): the run directory is runs/<name>; "
+                         "drop '/', '\\' and '..', or choose the folder with --out")
+
+
 def _field(default, *validators, help: str = "", registry: str = ""):
     """An attrs field with its ``help`` for ``fkd config --keys``.
 
@@ -224,8 +238,8 @@ class DistillConfig:
 class Config:
     """A whole run."""
 
-    name: str = _field("fkd", help="run name (run directory runs/<name>)")
-    seed: int = _field(0, help="seed for initialisation, data order and augmentation")
+    name: str = _field("fkd", _plain_name, help="run name (run directory runs/<name>; a plain name, not a path)")
+    seed: int = _field(0, _int64, help="seed for initialisation, data order and augmentation (64-bit)")
     device: str = _field("auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     data: DataConfig = _field(DataConfig(), help="data")
     teacher: TeacherConfig = _field(TeacherConfig(), help="teacher")

@@ -1,11 +1,13 @@
 """``fkd distill``: train a student against a teacher, end to end.
 
 1. load the data; 2. build the objective from ``[distill]`` and the student, and check every feature
-name and pair (shapes probed with one forward pass) before anything is written; 3. load the teacher
-checkpoint when a term consumes the teacher (fitting it first when it is missing and
-``teacher.fit_if_missing`` allows); 4. initialise the terms' parameters and state (FitNets
-regressors, memories); 5. cache the teacher's outputs when the training view is deterministic;
-6. train with :func:`fkd.fit.fit`; 7. write ``summary.json`` and ``curves.png`` and print a
+name and pair (shapes probed with one forward pass); 3. check the teacher checkpoint's path, lock the
+run directory and decide whether the run starts fresh or resumes (:mod:`fkd.run_start`); 4. load the
+teacher checkpoint when a term consumes the teacher (fitting it first when it is missing and
+``teacher.fit_if_missing`` allows); 5. initialise the terms' parameters and state (FitNets regressors,
+memories) and the train state, checked against a checkpoint being resumed -- only now is anything
+written to the run directory; 6. cache the teacher's outputs when the training view is deterministic;
+7. train with :func:`fkd.fit.fit`; 8. write ``summary.json`` and ``curves.png`` and print a
 teacher-vs-student table.
 """
 
@@ -22,7 +24,7 @@ from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
 from fkd.config import Config, dumps
 from fkd.data import load_data
-from fkd.errors import CheckpointError
+from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
@@ -32,20 +34,29 @@ from fkd.models.functional import feature_shapes
 from fkd.objective import Objective
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
+from fkd.run_start import decide_start
+from fkd.runlock import RunLock
 from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.terms import Shapes
 
 
-def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
-    """The teacher checkpoint path, fitting the teacher first when it is missing and allowed."""
+def teacher_to_use(cfg: Config) -> Path:
+    """The teacher checkpoint path, checked before anything is written: not a folder, and present unless
+    ``teacher.fit_if_missing`` allows fitting it."""
     path = teacher_checkpoint_path(cfg)
-    if path.is_file():
-        return path
-    if not cfg.teacher.fit_if_missing:
+    if not path.is_file() and not cfg.teacher.fit_if_missing:
         raise CheckpointError(
             f"teacher checkpoint '{path}' does not exist; fit it first with `fkd teacher --config ...`, "
             "or set teacher.fit_if_missing = true to fit it here."
         )
+    return path
+
+
+def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
+    """The teacher checkpoint path, fitting the teacher first when it is missing and allowed."""
+    path = teacher_to_use(cfg)
+    if path.is_file():
+        return path
     echo(f"teacher checkpoint {path} not found: fitting the teacher first ([teacher] section, "
          f"{cfg.teacher.arch}, {cfg.teacher.mode}, {cfg.teacher.train.epochs} epochs)")
     teacher_run = RunDir(path.parent)
@@ -85,50 +96,68 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device) -> Prefl
 
 def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool = False, quiet: bool = False,
                 echo: Callable = print) -> dict:
-    """Distill per ``cfg`` into ``run``; returns the summary written to ``summary.json``."""
+    """Distill per ``cfg`` into ``run``; returns the summary written to ``summary.json``.
+
+    Everything that can refuse the command -- the config, the features, the teacher checkpoint, the run
+    directory's state (see :mod:`fkd.run_start`) -- is checked before the first write, holding the run's
+    lock, so a refused command leaves the run directory as it was.
+    """
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device)
     obj, student = pre.objective, pre.student
-    run.prepare()
-    teacher = teacher_vars = None
-    teacher_acc = None
-    if obj.needs_teacher:
-        t_path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
-        teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes, obj.teacher_feature_names,
-                                                          device)
-    run.write_config(cfg)
-    objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
+    t_path = teacher_to_use(cfg) if obj.needs_teacher else None
+    if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
+        raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
+                          "would be fitted too; set it to a file in another folder.")
+    with RunLock(run.path):
+        start = decide_start(run, kind="student_run", config_text=dumps(cfg), resume=resume,
+                             num_examples=len(data.train), batch_size=cfg.data.batch_size, label="student")
+        teacher = teacher_vars = teacher_acc = None
+        if obj.needs_teacher:
+            ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
+            teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes,
+                                                              obj.teacher_feature_names, device)
+        objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
+        augment = cfg.data.augments
+        training = build_training(
+            student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
+            objective_state=objective_state, teacher=teacher,
+            steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
+            seed=cfg.seed, augment=augment, device=device, quiet=quiet)
+        start.check_state(training.state)
+        start.begin(echo=echo)
+        run.write_config(cfg)
 
-    augment = cfg.data.augments
-    batch_extras = None
-    cache_note = "off"
-    if obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
-        key = cache_key(t_path, data.fingerprint, teacher.feature_names, cfg.train.precision)
-        cache = build_cache(teacher, teacher_vars, data.train, mode=cfg.teacher.cache, key=key,
-                            cache_dir=cfg.teacher.cache_dir, batch_size=cfg.data.eval_batch_size,
-                            precision=cfg.train.precision, device=device, echo=echo)
-        batch_extras = cache.lookup
-        cache_note = cache.where
+        batch_extras = None
+        cache_note = "off"
+        if obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
+            key = cache_key(t_path, data.fingerprint, teacher.feature_names, cfg.train.precision)
+            cache = build_cache(teacher, teacher_vars, data.train, mode=cfg.teacher.cache, key=key,
+                                cache_dir=cfg.teacher.cache_dir, batch_size=cfg.data.eval_batch_size,
+                                precision=cfg.train.precision, device=device, echo=echo)
+            batch_extras = cache.lookup
+            cache_note = cache.where
+        if teacher_vars is not None:
+            teacher_vars = training.layout(teacher_vars)
+        evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
+                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-    training = build_training(
-        student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
-        objective_state=objective_state, teacher=teacher,
-        steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
-        seed=cfg.seed, augment=augment, device=device, quiet=quiet)
-    if teacher_vars is not None:
-        teacher_vars = training.layout(teacher_vars)
-    evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
-                              batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+        echo(f"student {cfg.student.arch}, method {cfg.distill.method} "
+             f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
+        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
+                    batch_extras=batch_extras, learning_rate=training.learning_rate,
+                    extra_payload=lambda st: {"model": dict(student.spec)})
+        summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, teacher_vars, teacher_acc,
+                             t_path, obj)
+        run.write_summary(summary)
+        plot_curves(run.read_metrics(), run.curves_path)
+    echo(format_table(summary))
+    return summary
 
-    echo(f"student {cfg.student.arch}, method {cfg.distill.method} "
-         f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
-    state = fit(run, kind="student_run", spec=training.spec, step=training.step, state=training.state,
-                source=data.train, device=device, resume=resume, config_text=dumps(cfg),
-                evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
-                batch_extras=batch_extras, learning_rate=training.learning_rate,
-                extra_payload=lambda st: {"model": dict(student.spec)})
 
-    final = evaluate(state)
+def _summarize(cfg, run, data, student, state, final, teacher, teacher_vars, teacher_acc, t_path, obj) -> dict:
+    """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's."""
     s_params = param_count(state["params"]["model"])
     summary = {
         "kind": "student",
@@ -159,9 +188,6 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                                                      cfg.data.image_size),
             "compression_ratio": t_params / s_params,
         })
-    run.write_summary(summary)
-    plot_curves(run.read_metrics(), run.curves_path)
-    echo(format_table(summary))
     return summary
 
 

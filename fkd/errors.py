@@ -24,3 +24,11 @@ class CheckpointError(FkdError):
 
 class TrainingError(FkdError):
     """Training stopped on a fault (e.g. a non-finite loss)."""
+
+
+class WriteError(FkdError):
+    """A file could not be written (disk full, file-size limit, permission lost); the old file is kept."""
+
+
+class RunInUseError(FkdError):
+    """Another fkd process is using the run directory (see :mod:`fkd.runlock`)."""

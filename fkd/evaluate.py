@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from fkd.checkpoint import load_checkpoint
-from fkd.config import apply_overrides, from_dict, read_toml
+from fkd.config import Config, apply_overrides, build_attrs, from_dict, read_toml
 from fkd.data import load_data
-from fkd.errors import CheckpointError
-from fkd.models import build_model, param_count, size_bytes
+from fkd.errors import CheckpointError, DataError
+from fkd.models import build_model, head_prefix, param_count, size_bytes
 from fkd.rundir import ensure_writable, write_text_atomic
 from fkd.step import make_eval_step
 
@@ -106,12 +106,73 @@ def _weights(data: dict) -> tuple[dict, dict]:
     return {**state["frozen"], **state["params"]["model"]}, state["buffers"]
 
 
+def _model_spec(data: dict, params: dict) -> dict:
+    """What the saved model is: its ``model`` entry, or -- in a teacher run's ``latest.pt`` from before
+    those had one -- the teacher of the config it was trained with, its class count read off its head."""
+    if "model" in data:
+        return dict(data["model"])
+    saved = build_attrs(Config, tomllib.loads(data["config"]))  # no validation: it ran, so it was valid
+    t = saved.teacher
+    spec = {"arch": t.arch, "num_classes": 1, "image_size": saved.data.image_size, "widths": list(t.widths),
+            "batch_norm": t.batch_norm}
+    probe, _, _ = _build(spec)
+    spec["num_classes"] = int(params[head_prefix(probe.eval_template) + ".weight"].shape[0])
+    return spec
+
+
+def _build(spec: dict):
+    return build_model(spec["arch"], spec["num_classes"], spec["image_size"], widths=spec["widths"],
+                       batch_norm=spec["batch_norm"])
+
+
+def check_fits(ckpt: Path, built: tuple, params: dict, buffers: dict, *, num_classes: int, data_name: str,
+               image_size: int) -> None:
+    """Refuse data the saved model cannot be evaluated on, before a batch runs, saying what differs.
+
+    ``built`` is ``(model, params, buffers)`` from :func:`fkd.models.build_model` as the model was trained;
+    ``params`` / ``buffers`` are the saved weights; ``num_classes`` and ``image_size`` describe the data.
+    Saved weights of other shapes are a CheckpointError. A different class count is a DataError (the
+    labels would mean other things); a different image size only when the model cannot take it (a
+    classifier sized for its input), found by a forward pass on the meta device, which computes shapes only.
+    """
+    model, want_params, want_buffers = built
+    mismatch = next(_weight_mismatches(params, buffers, want_params, want_buffers), None)
+    if mismatch is not None:
+        name, have, want = mismatch
+        raise CheckpointError(f"'{ckpt}' does not fit the {model.arch} its config describes (weight '{name}' is "
+                              f"{have}, the model has {want}); use the fkd version that wrote it, or train it again.")
+    if model.num_classes != num_classes:
+        raise DataError(f"'{ckpt}' holds a {model.arch} that predicts {model.num_classes} classes, but data set "
+                        f"'{data_name}' has {num_classes}; evaluate it on the data it was trained on (drop "
+                        "--config / --set, or set data.* as in its config).")
+    if image_size != model.image_size:
+        meta = lambda tree: {k: torch.empty_like(v, device="meta") for k, v in tree.items()}  # noqa: E731
+        try:
+            model.apply(meta(params), meta(buffers), torch.empty(1, 3, image_size, image_size, device="meta"),
+                        train=False)
+        except RuntimeError:
+            raise DataError(f"'{ckpt}' holds a {model.arch} trained on {model.image_size} px images, which cannot "
+                            f"take data.image_size = {image_size}; evaluate with --set data.image_size="
+                            f"{model.image_size}.") from None
+
+
+def _weight_mismatches(params: dict, buffers: dict, want_params: dict, want_buffers: dict):
+    """``(name, saved shape, model's shape)`` for every weight that differs ("missing" on either side)."""
+    for have, want in ((params, want_params), (buffers, want_buffers)):
+        for name in sorted(set(have) | set(want)):
+            a = tuple(have[name].shape) if name in have else "missing"
+            b = tuple(want[name].shape) if name in want else "missing"
+            if a != b:
+                yield name, a, b
+
+
 def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | Path | None = None,
                   overrides: list[str] = ()) -> dict:
     """Evaluate the model saved at ``path`` on the test split of its config.
 
     The config is the one saved in the checkpoint, or ``config_path``; ``overrides`` (``key=value``)
-    apply on top, e.g. ``data.root=...`` when the data moved.
+    apply on top, e.g. ``data.root=...`` when the data moved. Data the model cannot take (another class
+    count, an image size its classifier was not sized for) is refused up front (:func:`check_fits`).
     """
     ckpt = resolve_checkpoint(path)
     data = load_checkpoint(ckpt)
@@ -119,16 +180,14 @@ def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | 
         raise CheckpointError(f"'{ckpt}' is a {data.get('kind')} file, not a model checkpoint.")
     raw = read_toml(config_path) if config_path is not None else tomllib.loads(data["config"])
     cfg = from_dict(apply_overrides(raw, list(overrides)))
-    spec = data["model"] if "model" in data else None
-    if spec is None:  # a teacher run's latest.pt: the teacher architecture of its config
-        t = cfg.teacher
-        spec = {"arch": t.arch, "num_classes": None, "image_size": cfg.data.image_size, "widths": t.widths,
-                "batch_norm": t.batch_norm}
-    bundle = load_data(cfg.data, device=device)
-    num_classes = spec["num_classes"] or bundle.num_classes
-    model, _, _ = build_model(spec["arch"], num_classes, cfg.data.image_size, widths=spec["widths"],
-                              batch_norm=spec["batch_norm"])
     params, buffers = _weights(data)
+    spec = _model_spec(data, params)
+    built = _build(spec)  # as it was trained: its own class count and image size
+    bundle = load_data(cfg.data, device=device)
+    check_fits(ckpt, built, params, buffers, num_classes=bundle.num_classes, data_name=cfg.data.name,
+               image_size=cfg.data.image_size)
+    model = built[0]
+    num_classes = spec["num_classes"]
     params = {k: v.to(device) for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
     result = evaluate_model(model, params, buffers, bundle.test, batch_size=cfg.data.eval_batch_size,

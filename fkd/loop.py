@@ -157,10 +157,12 @@ def run_epochs(
             }
             if first:
                 record["resumed_at_step"] = first
-            if save:
-                save(state, epoch + 1, 0)
+            # The record first: a crash between the two leaves a record the checkpoint has not reached,
+            # which a resume drops and writes again, never a finished epoch without its record.
             if on_epoch:
                 on_epoch(record)
+            if save:
+                save(state, epoch + 1, 0)
     return state
 
 

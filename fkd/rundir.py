@@ -8,6 +8,7 @@
         checkpoints/       latest.pt: the whole train state, from which --resume continues
         summary.json       teacher / student accuracy, baseline, parameter counts, compression, latency
         curves.png         loss and accuracy per epoch (needs matplotlib; skipped with a note otherwise)
+        .fkd.lock          while an fkd command uses the run: its PID (see :mod:`fkd.runlock`)
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fkd.atomic import atomic_write
+from fkd.atomic import atomic_write, cannot_write
 from fkd.config import Config, dumps
-from fkd.errors import FkdError
+from fkd.errors import FkdError, WriteError
 
 
 class RunDir:
@@ -62,20 +63,48 @@ class RunDir:
         write_text_atomic(self.config_path, dumps(cfg))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The epoch records of ``metrics.jsonl``, skipping lines that are not whole records (see
+        :meth:`truncate_metrics`)."""
+        return self._read_metrics()[0]
+
+    def _read_metrics(self) -> tuple[list[dict[str, Any]], int]:
         if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            return [], 0
+        records, unreadable = [], 0
+        for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                unreadable += 1
+        return records, unreadable
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise WriteError(cannot_write(self.metrics_path, exc)) from None
 
-    def truncate_metrics(self, epochs_done: int) -> None:
-        """Keep the metrics of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
-        kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= epochs_done]
+    def truncate_metrics(self, epochs_done: int) -> int:
+        """Keep the records of the first ``epochs_done`` epochs (a resumed run rewrites the rest).
+
+        A process killed while appending leaves a torn last line; the checkpoint, not this file, says
+        where the run is, so such lines are dropped here. Returns how many were.
+        """
+        if not self.metrics_path.exists():
+            return 0
+        records, unreadable = self._read_metrics()
+        kept = [r for r in records if r.get("epoch", 0) <= epochs_done]
         write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        return unreadable
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")

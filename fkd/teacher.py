@@ -29,15 +29,22 @@ from fkd.models.from_config import build_teacher
 from fkd.objective import from_weights
 from fkd.rundir import RunDir, ensure_writable, plot_curves
 from fkd.run_setup import build_training
+from fkd.run_start import RunStart, config_key, decide_start
+from fkd.runlock import RunLock
 
 
 def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
-    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt``."""
+    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt``; never a folder."""
     if cfg.teacher.checkpoint:
-        return Path(cfg.teacher.checkpoint)
-    if run is None:
+        path = Path(cfg.teacher.checkpoint)
+    elif run is None:
         raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
-    return run.path / "teacher.pt"
+    else:
+        path = run.path / "teacher.pt"
+    if path.is_dir():  # found now, not when the fitted teacher is saved over it
+        raise ConfigError(f"the teacher checkpoint '{path}' is a folder; set teacher.checkpoint to a file path, "
+                          f"e.g. '{path / 'teacher.pt'}'.")
+    return path
 
 
 def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]:
@@ -50,10 +57,15 @@ def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]
 
 
 def fit_teacher(
-    cfg: Config, data, device: torch.device, run: RunDir, *, resume: bool = False, quiet: bool = False,
-    echo: Callable[[str], None] = print,
+    cfg: Config, data, device: torch.device, run: RunDir, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False, echo: Callable[[str], None] = print,
 ) -> dict:
-    """Fit the teacher of ``cfg`` on ``data``; write its checkpoint and return its summary."""
+    """Fit the teacher of ``cfg`` on ``data``; write its checkpoint and return its summary.
+
+    An existing teacher checkpoint is replaced only with ``overwrite`` or by resuming the run that wrote
+    it: a teacher can take hours to fit. Every refusal comes before the first write (see
+    :mod:`fkd.run_start`).
+    """
     t = cfg.teacher
     if t.mode == "scratch" and t.weights != "none":
         raise ConfigError("teacher.mode = 'scratch' trains from random weights; set teacher.weights = 'none'.")
@@ -61,41 +73,65 @@ def fit_teacher(
     model, params, buffers = build_teacher(
         cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
     )
-    run.prepare()
-    _check_writable(ckpt_path)
-    run.write_config(cfg)
-    trainable, frozen = _split_trainable(model, params, t.mode)
-    training = build_training(
-        model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
-        train_mode=t.mode != "linear_probe", steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size),
-        batch_size=cfg.data.batch_size, seed=cfg.seed, augment=cfg.data.augments, device=device, label="teacher",
-        optimizer_key="teacher.train.optimizer", quiet=quiet)
+    with RunLock(run.path):
+        start = decide_start(run, kind="teacher_run", config_text=dumps(cfg), resume=resume,
+                             num_examples=len(data.train), batch_size=cfg.data.batch_size, label="teacher")
+        _check_may_replace(ckpt_path, start, overwrite)
+        trainable, frozen = _split_trainable(model, params, t.mode)
+        training = build_training(
+            model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
+            train_mode=t.mode != "linear_probe",
+            steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size),
+            batch_size=cfg.data.batch_size, seed=cfg.seed, augment=cfg.data.augments, device=device,
+            label="teacher", optimizer_key="teacher.train.optimizer", quiet=quiet)
+        start.check_state(training.state)
+        _check_writable(ckpt_path)
+        start.begin(echo=echo)
+        run.write_config(cfg)
 
-    def weights_of(st: dict) -> dict:
-        return {**st["frozen"], **st["params"]["model"]}
+        def weights_of(st: dict) -> dict:
+            return {**st["frozen"], **st["params"]["model"]}
 
-    evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
-                              batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+        evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
+                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-    state = fit(run, kind="teacher_run", spec=training.spec, step=training.step, state=training.state,
-                source=data.train, device=device, resume=resume, config_text=dumps(cfg),
-                evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate)
-    final = evaluate(state)
-    save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
-    summary = {
-        "kind": "teacher",
-        "arch": t.arch,
-        "mode": t.mode,
-        "teacher_test_acc": final["accuracy"],
-        "per_class_acc": final["per_class"],
-        "params": param_count(weights_of(state)),
-        "size_bytes": size_bytes(weights_of(state), state["buffers"]),
-        "checkpoint": str(ckpt_path),
-    }
-    run.write_summary(summary)
-    plot_curves(run.read_metrics(), run.curves_path)
+        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate,
+                    extra_payload=lambda st: {"model": dict(model.spec)})
+        final = evaluate(state)
+        save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
+        summary = {
+            "kind": "teacher",
+            "arch": t.arch,
+            "mode": t.mode,
+            "teacher_test_acc": final["accuracy"],
+            "per_class_acc": final["per_class"],
+            "params": param_count(weights_of(state)),
+            "size_bytes": size_bytes(weights_of(state), state["buffers"]),
+            "checkpoint": str(ckpt_path),
+        }
+        run.write_summary(summary)
+        plot_curves(run.read_metrics(), run.curves_path)
     echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")
     return summary
+
+
+def _check_may_replace(path: Path, start: RunStart, overwrite: bool) -> None:
+    """Refuse to replace an existing teacher checkpoint unless asked to, or unless the run being resumed
+    wrote it (its saved config is this run's, epoch counts aside)."""
+    if overwrite or not path.exists():
+        return
+    if start.saved is not None:
+        try:
+            written_with = load_checkpoint(path, "teacher", mmap=True).get("config", "")
+        except CheckpointError:
+            written_with = None
+        if written_with is not None and config_key(written_with) == config_key(start.config_text):
+            return
+    raise CheckpointError(
+        f"the teacher checkpoint '{path}' already exists; pass --overwrite to replace it, or set "
+        "teacher.checkpoint to a new file (--resume continues the run that wrote it)."
+    )
 
 
 def _check_writable(path: Path) -> None:

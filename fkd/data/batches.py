@@ -18,10 +18,11 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fkd.data.order import augmentation_seed, batch_bounds, batch_count, epoch_order
 from fkd.data.transforms import BatchTransform
+from fkd.errors import FkdError
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -103,6 +104,32 @@ class InMemorySource(_SourceBase):
             yield self._finish(self.views.index_select(0, idx), idx, b, augment=augment, seed=seed, epoch=epoch)
 
 
+class _LoadFailure:
+    """An :class:`~fkd.errors.FkdError` raised while loading an item, carried back as data.
+
+    Raised in a DataLoader worker, the error would reach this process re-wrapped by torch as a new
+    exception whose message is the worker's whole traceback. Returned as a value instead, it crosses the
+    process boundary intact and is raised here as it was, so the message (naming the bad file) is the
+    same with and without workers.
+    """
+
+    def __init__(self, error: FkdError) -> None:
+        self.error = error
+
+
+def _collate(items: list):
+    """``default_collate``, or the first :class:`_LoadFailure` among the items."""
+    for item in items:
+        if isinstance(item, _LoadFailure):
+            return item
+    return default_collate(items)
+
+
+def _raise_failure(batch) -> None:
+    if isinstance(batch, _LoadFailure):
+        raise batch.error
+
+
 class _ViewAndIndex(Dataset):
     """``dataset[i] = (view, label)`` -> ``(view, i)``: the loader returns indices, labels come from ours."""
 
@@ -113,7 +140,10 @@ class _ViewAndIndex(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return self.dataset[i][0], i
+        try:
+            return self.dataset[i][0], i
+        except FkdError as exc:  # e.g. an image that cannot be decoded: see _LoadFailure
+            return _LoadFailure(exc)
 
 
 class StreamingSource(_SourceBase):
@@ -151,17 +181,23 @@ class StreamingSource(_SourceBase):
             batch_sampler=[order[lo:hi].tolist() for _, lo, hi in bounds],
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            collate_fn=_collate,
         )
-        for (b, _, _), (views, idx) in zip(bounds, loader):
+        for (b, _, _), batch in zip(bounds, loader):
+            _raise_failure(batch)
+            views, idx = batch
             views, idx = self._to_device(views), self._to_device(idx)
             yield self._finish(views, idx, b, augment=augment, seed=seed, epoch=epoch)
 
 
 def load_views(dataset: Dataset, *, batch_size: int = 256, num_workers: int = 0) -> Tensor:
     """Every view of ``dataset`` in order, via one DataLoader pass: uint8 (N, 3, R, R) on the CPU."""
-    loader = DataLoader(_ViewAndIndex(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(_ViewAndIndex(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate)
     out = None
-    for views, idx in loader:
+    for batch in loader:
+        _raise_failure(batch)
+        views, idx = batch
         if out is None:  # the first batch tells the view shape; filling in place avoids a second copy
             out = torch.empty((len(dataset), *views.shape[1:]), dtype=torch.uint8)
         out[idx[0]:idx[0] + len(idx)] = views
