@@ -33,6 +33,7 @@ from typing import Callable
 import attrs
 import torch
 
+from fkd.atomic import remove_stale_temporaries
 from fkd.cache import build_cache, cache_key
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
@@ -46,6 +47,7 @@ from fkd.progress import Progress
 from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
+from fkd.runlock import RunLock
 from fkd.step import init_train_state, maybe_compile, precision_autocast
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
 from fkd.sweep.stats import format_table, summarize
@@ -236,25 +238,29 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
         raise FkdError(f"--save must be one of {', '.join(SAVE_CHOICES)} (got {save!r}).")
     strategy = choose_strategy(strategy, device)
     sweep_text = _sweep_text(plan)
-    saved = _resume_point(run, sweep_text, resume)
-    run.prepare()
-    write_text_atomic(run.config_path, dumps(plan.groups[0].base.config))
-    write_text_atomic(run.path / "grid.json", sweep_text)
-    echo(f"sweep: {plan.describe()}, strategy {strategy} "
-         f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}")
-    finished = saved["finished"] if saved else []
-    records = saved["records"] if saved else []
-    data_cache: dict = {}
-    with StopRequest() as stop:
-        for gi, group in enumerate(plan.groups):
-            if saved and gi < saved["group"]:
-                continue
-            setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
-            where = saved if saved and gi == saved["group"] else None
-            finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records, finished,
-                                     sweep_text, stop, quiet, echo, save)
-            saved = None
-    summary = _write_outputs(plan, run, finished, strategy, echo)
+    with RunLock(run.path):  # one process per sweep directory; a refusal below leaves it as it was
+        saved = _resume_point(run, sweep_text, resume)
+        run.prepare()
+        remove_stale_temporaries(run.path, [run.config_path.name, "grid.json", "sweep.jsonl", "sweep_summary.json",
+                                            "sweep.png"])
+        remove_stale_temporaries(run.checkpoint_dir, [run.latest.name])
+        write_text_atomic(run.config_path, dumps(plan.groups[0].base.config))
+        write_text_atomic(run.path / "grid.json", sweep_text)
+        echo(f"sweep: {plan.describe()}, strategy {strategy} "
+             f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}")
+        finished = saved["finished"] if saved else []
+        records = saved["records"] if saved else []
+        data_cache: dict = {}
+        with StopRequest() as stop:
+            for gi, group in enumerate(plan.groups):
+                if saved and gi < saved["group"]:
+                    continue
+                setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
+                where = saved if saved and gi == saved["group"] else None
+                finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records,
+                                         finished, sweep_text, stop, quiet, echo, save)
+                saved = None
+        summary = _write_outputs(plan, run, finished, strategy, echo)
     return summary
 
 
