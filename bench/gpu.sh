@@ -35,7 +35,7 @@ bench() {  # bench TITLE ARGS...: one run and its table, within what is left of 
         return
     fi
     local start=$SECONDS
-    timeout "$left" "$PY" cli.py bench --config "$CONFIG" --device cuda --steps "$STEPS" "$@"
+    timeout "$left" "$PY" cli.py bench --config "${BENCH_CONFIG:-$CONFIG}" --device cuda --steps "$STEPS" "$@"
     local rc=$?
     [ $rc -eq 124 ] && echo "(stopped at the ${BUDGET} s budget; raise BUDGET or run this line alone)"
     [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "(exit code $rc)"
@@ -50,5 +50,8 @@ bench "feature KD, bf16 + channels_last" --variants imperative,compiled \
     --set train.precision=bf16 --set train.channels_last=true
 # 3. Logit KD (Hinton et al.: T = 2, 0.7 KD + 0.3 CE), fp32.
 bench "logit KD, fp32" --variants imperative,functional,compiled --set distill.method=logit
+# 4. A sweep of K = 8 seed_cnn students at 32 px (digits, logit KD): as `fkd sweep` runs them on this
+#    device (vmapped, compiled) against 8 single-student steps one after another (issue target: >= 3x).
+BENCH_CONFIG=configs/logit.toml bench "sweep of 8 students, seed_cnn at 32 px" --sweep 8 --set train.compile=on
 echo
 echo "total: ${SECONDS} s"
