@@ -60,7 +60,8 @@ def plot_sweep(plan, rows: list[dict], path: Path) -> bool:
         ax.barh(range(len(ok)), [100 * r["mean"] for r in ok], xerr=[err(r) for r in ok], capsize=3)
         ax.set_yticks(range(len(ok)), [r["point"] for r in ok], fontsize=7)
         ax.set_xlabel("test accuracy (%)")
-    ax.set_title(f"over seeds {', '.join(map(str, plan.seeds))} (95% intervals)", fontsize=9)
+    what = "mean" if len(axes) == 2 else "mean and 95% interval"
+    ax.set_title(f"test accuracy, {what} over seeds {', '.join(map(str, plan.seeds))}", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
