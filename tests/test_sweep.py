@@ -63,9 +63,12 @@ def test_every_schedule_scales_with_the_learning_rate():
     # A group runs the optimizer at one reference rate and scales each student's update by its own
     # rate over it: exact only if every schedule is proportional to its peak rate.
     for name in schedules.SCHEDULES.names():
-        extra = {"warmup_epochs": 1.0} if name == "warmup_cosine" else {"milestones": [1]} if name == "multistep" else {}
-        a = schedules.learning_rate_schedule(OptimizerConfig(name="adam", learning_rate=0.1, schedule=name, **extra), 5, 3)
-        b = schedules.learning_rate_schedule(OptimizerConfig(name="adam", learning_rate=0.4, schedule=name, **extra), 5, 3)
+        extra = {"warmup_cosine": {"warmup_epochs": 1.0}, "multistep": {"milestones": [1]}}.get(name, {})
+
+        def schedule(lr):
+            return schedules.learning_rate_schedule(OptimizerConfig(learning_rate=lr, schedule=name, **extra), 5, 3)
+
+        a, b = schedule(0.1), schedule(0.4)
         for t in range(15):
             torch.testing.assert_close(4 * a(torch.tensor(t)), b(torch.tensor(t)), msg=f"{name} at {t}")
 

@@ -126,7 +126,8 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
     groups: dict[str, list[Student]] = {}
     for s in students:
         groups.setdefault(structure_key(s), []).append(s)
-    return SweepPlan(tuple((k, tuple(v)) for k, v in axes), tuple(seeds), tuple(Group(tuple(g)) for g in groups.values()))
+    return SweepPlan(tuple((k, tuple(v)) for k, v in axes), tuple(seeds),
+                     tuple(Group(tuple(g)) for g in groups.values()))
 
 
 def _toml(value: Any) -> str:

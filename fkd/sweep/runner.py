@@ -299,8 +299,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
             for k, m in enumerate(metrics):
                 sums[k] = {name: sums[k].get(name, 0) + v.detach() for name, v in m.items() if name != "finite"}
             done += 1
-            images += sum(b["y"].shape[0] for b in batches) if not setup.shared_order else \
-                batches[0]["y"].shape[0] * len(students)
+            images += sum(b["y"].shape[0] for b in batches)
             if progress is not None and (done % cfg.train.log_every == 0 or done == nb):
                 progress.update(done, **{"img/s": images / (time.perf_counter() - t0)})
             if stop.signum is not None:
