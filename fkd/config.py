@@ -390,37 +390,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _check_key_path(path: list[str]) -> None:
+def _check_key_path(path: list[str], option: str = "--set") -> None:
     cls = Config
     for i, part in enumerate(path):
         if cls is None or not attrs.has(cls):
             if cls is dict:
                 return  # free-form table (distill.weights, distill.terms: checked when the objective is built)
-            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i])}' is not a table.")
+            raise ConfigError(f"{option} {'.'.join(path)}: '{'.'.join(path[:i])}' is not a table.")
         fields = {f.name: f for f in attrs.fields(cls)}
         if part not in fields:
             where = ".".join(path[:i])
             valid = list(fields)
             hint = _suggest(part, valid)
-            raise ConfigError(f"--set {'.'.join(path)}: no key '{part}' in {where or 'the config'}; {hint}")
+            raise ConfigError(f"{option} {'.'.join(path)}: no key '{part}' in {where or 'the config'}; {hint}")
         cls = typing.get_type_hints(cls)[part]
         if not attrs.has(cls) and cls is not dict and i < len(path) - 1:
-            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a table.")
+            raise ConfigError(f"{option} {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a table.")
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], option: str = "--set") -> dict:
     """A copy of ``raw`` with each ``key.sub=value`` override set (keys checked against the schema)."""
     import copy
 
     out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        _check_key_path(path)
+        _check_key_path(path, option)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a table in the config.")
+                raise ConfigError(f"{option} {'.'.join(path)}: '{part}' is not a table in the config.")
         node[path[-1]] = value
     return out
 

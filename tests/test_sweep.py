@@ -57,6 +57,8 @@ def test_students_group_by_what_one_step_can_serve(tiny_config):
     assert sorted(len(g.students) for g in in_chunks(plan, 5).groups) == [1, 3, 5, 5, 5, 5]
     with pytest.raises(ConfigError, match="train.epochs must be"):
         plan_sweep(cfg, [], (0,), parse_grid(["train.epochs=0,1"]))
+    with pytest.raises(ConfigError, match="--grid distill.temprature: no key 'temprature' in distill; did you mean"):
+        plan_sweep(cfg, [], (0,), parse_grid(["distill.temprature=1,2"]))
 
 
 def test_every_schedule_scales_with_the_learning_rate():

@@ -119,7 +119,7 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
     students = []
     points = list(itertools.product(*[[(k, v) for v in values] for k, values in axes])) or [()]
     for point in points:
-        point_raw = apply_overrides(raw, [f"{k}={_toml(v)}" for k, v in point])
+        point_raw = apply_overrides(raw, [f"{k}={_toml(v)}" for k, v in point], option="--grid")
         for seed in seeds:
             cfg = from_dict({**point_raw, "seed": seed})
             students.append(Student(len(students), tuple(point), seed, cfg, from_config(cfg.distill)))
