@@ -61,11 +61,10 @@ from fkd.distill import preflight
 from fkd.errors import ConfigError
 from fkd.models.from_config import build_teacher
 from fkd.objective import Objective, from_weights
-from fkd.models.from_config import build_student
 from fkd.pytree import tree_map
 from fkd.run_setup import TrainingSetup, build_training, uses_channels_last
-from fkd.step import init_train_state, maybe_compile, should_compile
-from fkd.sweep.runner import choose_strategy
+from fkd.step import maybe_compile, should_compile
+from fkd.sweep.runner import choose_strategy, student_state
 
 def load_imperative_baseline():
     """The notebook-style baseline, ``bench/imperative.py`` beside this file.
@@ -254,17 +253,9 @@ def _sweep_runner(s: _Setup, *, strategy: str | None, tensors_in_state: bool) ->
     single-student steps one after another (``strategy=None``). The teacher's outputs come from a cache,
     as in a sweep with a deterministic view; every variant follows ``train.compile``."""
     training = s.training(s.objective, compile=False, teacher=None)
-    states = []
-    for i in range(s.sweep):
-        cfg = attrs.evolve(s.cfg, seed=s.cfg.seed + i)
-        _, params, buffers = build_student(cfg, s.num_classes, s.objective.student_feature_names, device=s.device)
-        obj_params, obj_state = s.objective.init(s.shapes, seed=cfg.seed, device=s.device)
-        state = init_train_state(params, buffers, training.optimizer, objective_params=obj_params,
-                                 objective_state=obj_state, seed=cfg.seed)
-        if tensors_in_state:
-            hyper = {"lr_scale": 1.0, "terms": s.objective.hyper_defaults()}
-            state["hyper"] = tree_map(lambda v: torch.tensor(float(v), device=s.device), hyper)
-        states.append(training.layout(state))
+    hyper = {"lr_scale": 1.0, "terms": s.objective.hyper_defaults()} if tensors_in_state else None
+    states = [student_state(attrs.evolve(s.cfg, seed=s.cfg.seed + i), s.objective, s.shapes, s.num_classes,
+                            training.optimizer, training.layout, hyper, s.device) for i in range(s.sweep)]
     batch = {"x": s.x, "y": s.y, "idx": s.idx}
     if s.objective.needs_teacher:
         logits, feats = compute_outputs(s.teacher, s.teacher_vars, _OneBatch(s.x, s.y, s.idx),

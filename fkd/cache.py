@@ -77,18 +77,23 @@ def cache_key(teacher_checkpoint: str | Path, data_fingerprint: str, feature_nam
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def compute_outputs(teacher, variables: dict, source, *, batch_size: int, precision: str, device) -> tuple:
-    """One eval-mode pass of the teacher over ``source`` in dataset order -> ``(logits, features)``."""
+def teacher_batch_outputs(teacher, variables: dict, x: torch.Tensor, precision: str) -> tuple:
+    """The teacher in eval mode on one batch -> fp32 ``(logits (B, K), {name: feature})``, no gradients."""
     from fkd.step import precision_autocast  # the step's policy, so cached == live outputs
 
+    with torch.no_grad(), precision_autocast(x.device.type, precision):
+        out, f, _ = teacher.apply(variables["params"], variables["buffers"], x, train=False)
+    return out.float(), {n: v.float() for n, v in f.items()}
+
+
+def compute_outputs(teacher, variables: dict, source, *, batch_size: int, precision: str, device) -> tuple:
+    """One eval-mode pass of the teacher over ``source`` in dataset order -> ``(logits, features)``."""
     logits, feats = [], {n: [] for n in teacher.feature_names}
-    with torch.no_grad():
-        for x, _, _ in source.batches(batch_size, shuffle=False):
-            with precision_autocast(torch.device(device).type, precision):
-                out, f, _ = teacher.apply(variables["params"], variables["buffers"], x, train=False)
-            logits.append(out.float())
-            for n in feats:
-                feats[n].append(f[n].float())
+    for x, _, _ in source.batches(batch_size, shuffle=False):
+        out, f = teacher_batch_outputs(teacher, variables, x, precision)
+        logits.append(out)
+        for n in feats:
+            feats[n].append(f[n])
     return torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()}
 
 

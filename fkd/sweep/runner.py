@@ -34,7 +34,7 @@ import attrs
 import torch
 
 from fkd.atomic import remove_stale_temporaries
-from fkd.cache import build_cache, cache_key
+from fkd.cache import build_cache, cache_key, teacher_batch_outputs
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
 from fkd.data import load_data
@@ -48,7 +48,7 @@ from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
 from fkd.runlock import RunLock
-from fkd.step import init_train_state, maybe_compile, precision_autocast
+from fkd.step import init_train_state, maybe_compile
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
 from fkd.sweep.stats import format_table, summarize
 from fkd.teacher import load_teacher
@@ -113,15 +113,21 @@ class GroupSetup:
         return self.augment and self.objective.needs_teacher
 
     def init_state(self, s: Student, device) -> dict:
-        cfg = s.config
-        _, params, buffers = build_student(cfg, self.data.num_classes, self.objective.student_feature_names,
-                                           device=device)
-        obj_params, obj_state = self.objective.init(self.shapes, seed=cfg.seed, device=device)
-        state = init_train_state(params, buffers, self.optimizer, objective_params=obj_params,
-                                 objective_state=obj_state, seed=cfg.seed)
-        hyper = hyper_values(s, self.reference_lr)
+        return student_state(s.config, self.objective, self.shapes, self.data.num_classes, self.optimizer,
+                             self.layout, hyper_values(s, self.reference_lr), device)
+
+
+def student_state(cfg, objective, shapes, num_classes: int, optimizer, layout: Callable, hyper: dict | None,
+                  device) -> dict:
+    """A sweep student's initial train state: initialised from ``cfg.seed`` exactly as ``distill`` does,
+    with its in-step numbers (``hyper``, Python floats) as 0-d tensors under ``"hyper"`` when given."""
+    _, params, buffers = build_student(cfg, num_classes, objective.student_feature_names, device=device)
+    obj_params, obj_state = objective.init(shapes, seed=cfg.seed, device=device)
+    state = init_train_state(params, buffers, optimizer, objective_params=obj_params, objective_state=obj_state,
+                             seed=cfg.seed)
+    if hyper is not None:
         state["hyper"] = tree_map(lambda v: torch.tensor(float(v), device=device), hyper)
-        return self.layout(state)
+    return layout(state)
 
 
 def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
@@ -196,11 +202,9 @@ class _Trainer:
 
 def _teacher_batch(setup: GroupSetup, x: torch.Tensor) -> dict:
     """The teacher's outputs on a shared batch, computed once for all students (loop strategy)."""
-    precision = setup.group.base.config.train.precision
-    with torch.no_grad(), precision_autocast(x.device.type, precision):
-        logits, feats, _ = setup.teacher.apply(setup.teacher_vars["params"], setup.teacher_vars["buffers"], x,
-                                               train=False)
-    return {"teacher_logits": logits.float(), "teacher_features": {k: v.float() for k, v in feats.items()}}
+    logits, feats = teacher_batch_outputs(setup.teacher, setup.teacher_vars, x,
+                                          setup.group.base.config.train.precision)
+    return {"teacher_logits": logits, "teacher_features": feats}
 
 
 def _epoch_batches(setup: GroupSetup, epoch: int, start: int, strategy: str):
