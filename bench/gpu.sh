@@ -42,16 +42,35 @@ bench() {  # bench TITLE ARGS...: one run and its table, within what is left of 
     echo "(${title}: $((SECONDS - start)) s, model building and torch.compile included)"
 }
 
-# 1. Feature KD as in the notebook (0.7 CE + 0.3 hint, student block2 <- teacher layer1), fp32, every
-#    variant; compiled, student_only and cached are compiled (configs/bench/notebook224.toml: compile on).
-bench "feature KD, fp32" --variants imperative,functional,compiled,student_only,cached
-# 2. The CUDA fast path: bf16 autocast + channels_last, the imperative baseline with the same settings.
-bench "feature KD, bf16 + channels_last" --variants imperative,compiled \
-    --set train.precision=bf16 --set train.channels_last=true
-# 3. Logit KD (Hinton et al.: T = 2, 0.7 KD + 0.3 CE), fp32.
-bench "logit KD, fp32" --variants imperative,functional,compiled --set distill.method=logit
-# 4. A sweep of K = 8 seed_cnn students at 32 px (digits, logit KD): as `fkd sweep` runs them on this
+# 1. A sweep of K = 8 seed_cnn students at 32 px (digits, logit KD): as `fkd sweep` runs them on this
 #    device (vmapped, compiled) against 8 single-student steps one after another (issue target: >= 3x).
 BENCH_CONFIG=configs/logit.toml bench "sweep of 8 students, seed_cnn at 32 px" --sweep 8 --set train.compile=on
+# 2. Feature KD as in the notebook (0.7 CE + 0.3 hint, student block2 <- teacher layer1), fp32, every
+#    variant; compiled, student_only and cached are compiled (configs/bench/notebook224.toml: compile on).
+bench "feature KD, fp32" --variants imperative,functional,compiled,student_only,cached
+# 3. The CUDA fast path: bf16 autocast + channels_last, the imperative baseline with the same settings.
+bench "feature KD, bf16 + channels_last" --variants imperative,compiled \
+    --set train.precision=bf16 --set train.channels_last=true
+# 4. Logit KD (Hinton et al.: T = 2, 0.7 KD + 0.3 CE), fp32.
+bench "logit KD, fp32" --variants imperative,functional,compiled --set distill.method=logit
+# 5. End to end on digits: `sweep --seeds 8` against `distill` runs one after another (the teacher is
+#    fitted first and shared; the README's CPU comparison is the same pair of commands).
+e2e() {  # e2e TITLE ARGS...: one timed command within what is left of the budget
+    local title="$1"; shift
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "(${title} skipped: ${left} s of the budget left)"; return; fi
+    local start=$SECONDS
+    timeout "$left" "$PY" cli.py "$@" --device cuda --quiet >/dev/null
+    echo "${title}: exit $?, $((SECONDS - start)) s wall clock"
+}
+echo
+echo "=== end to end, configs/logit.toml on digits"
+E2E_OUT="${E2E_OUT:-$(mktemp -d)}"
+e2e "teacher fit" teacher --config configs/teacher.toml
+for seed in 0 1; do
+    e2e "distill --seed ${seed}" distill --config configs/logit.toml --seed "$seed" --out "${E2E_OUT}/distill-${seed}"
+done
+e2e "sweep --seeds 8" sweep --config configs/logit.toml --seeds 8 --out "${E2E_OUT}/sweep"
+[ -f "${E2E_OUT}/sweep/sweep_summary.json" ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:1500])" "${E2E_OUT}/sweep/sweep_summary.json"
 echo
 echo "total: ${SECONDS} s"
