@@ -146,10 +146,10 @@ class Objective:
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
     """A term whose input is missing fails with its name, not deep inside its formula (Python checks only)."""
     for t in objective.terms:
-        for what in ("teacher_logits", "idx"):
+        for what in ("teacher_logits", "idx", "epoch"):
             if what in t.term.consumes and getattr(inputs, what) is None:
                 raise ValueError(f"the '{t.name}' term consumes {what}, but none was given (the step passes "
-                                 "batch['idx'] and the teacher's outputs when a term consumes them)")
+                                 "batch['idx'], the epoch and the teacher's outputs when a term consumes them)")
 
 
 # --- building objectives ----------------------------------------------------------------------------
@@ -265,9 +265,11 @@ def from_config(distill) -> Objective:
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
     where = "distill.weights" if distill.method == "combined" else "distill.terms"
     objective = build(term_tables(distill), pairs=pairs, where=where)
-    if objective.needs_features and not pairs:
+    paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term))]
+    if paired and not pairs:
         raise ConfigError(
-            f"distill.method = '{distill.method}' matches features: set distill.student_features and "
-            "distill.teacher_features (e.g. ['block2'] and ['layer1'])."
+            f"the {', '.join(paired)} term{'s' if len(paired) > 1 else ''} of distill.method = "
+            f"'{distill.method}' match{'' if len(paired) > 1 else 'es'} features: set distill.student_features "
+            "and distill.teacher_features (e.g. ['block2'] and ['layer1'])."
         )
     return objective

@@ -97,6 +97,7 @@ def build_training(
                                     objective_state=objective_state, frozen=frozen, seed=seed))
     step = make_train_step(model, objective, optimizer, teacher=teacher, train_mode=train_mode,
                            precision=train.precision, compile=train.compile if compile is None else compile,
-                           compile_mode=train.compile_mode, channels_last=channels_last, device=device)
+                           compile_mode=train.compile_mode, channels_last=channels_last, device=device,
+                           steps_per_epoch=max(steps_per_epoch, 1))
     spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet)
     return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

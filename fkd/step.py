@@ -114,6 +114,7 @@ def make_train_step(
     compile_mode: str = "default",
     channels_last: bool = False,
     device: torch.device | str | None = None,
+    steps_per_epoch: int | None = None,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)``.
 
@@ -134,6 +135,9 @@ def make_train_step(
             avoid a copy per step). Values, and so the loss, are unchanged. The config's
             ``train.channels_last`` asks for it on CUDA only.
         device: where the step runs (decides ``compile="auto"`` and autocast's device type).
+        steps_per_epoch: optimizer steps per epoch; the terms then see ``inputs.epoch = step /
+            steps_per_epoch`` (a 0-d tensor computed in the step, so a warm-up never recompiles). None
+            leaves ``epoch`` unset, and a term that consumes it fails with its name.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
     ``grad_norm``, ``finite`` (bool).
@@ -164,6 +168,7 @@ def make_train_step(
         x, y = layout(batch["x"]), batch["y"]
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         key = prng.fold_in(state["key"], state["step"])
+        epoch = state["step"].to(torch.float32) / steps_per_epoch if steps_per_epoch else None
         hyper = state.get("hyper")  # a sweep member's own numbers (see fkd.sweep); None in a plain run
 
         def loss_fn(trainable):
@@ -173,7 +178,7 @@ def make_train_step(
                 logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
             logits = logits.float()
             features = {k: v.float() for k, v in features.items()}
-            inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key)
+            inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key, epoch)
             loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs,
                                                        hyper.get("terms") if hyper else None)
             return loss, (metrics, new_buffers, logits, objective_state)

@@ -15,9 +15,10 @@ from torch import nn
 
 from fkd.registry import Registry
 
-MODELS = Registry("model", "arch")
-"""fkd's own architectures by name. Torchvision classifiers are found by name too, without being listed
-here (see :func:`fkd.models.model_builder`)."""
+MODELS = Registry("model", "arch", load=("fkd.models.cifar",))
+"""fkd's own architectures by name (these and the CIFAR benchmark networks of :mod:`fkd.models.cifar`,
+imported on first lookup). Torchvision classifiers are found by name too, without being listed here (see
+:func:`fkd.models.model_builder`)."""
 
 
 def _conv(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
@@ -42,10 +43,11 @@ class SeedCNN(nn.Module):
     the classifier input is derived from ``image_size`` (``256 * (image_size // 16) ** 2``), so the
     same network works at 32 px and at 224 px.
 
-    ``forward(x: (B, 3, H, W)) -> (logits (B, classes), {"block1": (B, 32, H/2, W/2), ..., "block4": (B, 256, H/16, W/16)})``
+    ``forward(x: (B, 3, H, W)) -> (logits (B, classes), {"block1": (B, 32, H/2, W/2), ..., "block4": (B, 256, H/16, W/16),
+    "embedding": (B, 256)})``; ``embedding`` is what ``fc2`` reads, ``relu(fc1(flatten(block4)))``.
     """
 
-    feature_names = ("block1", "block2", "block3", "block4")
+    feature_names = ("block1", "block2", "block3", "block4", "embedding")
 
     def __init__(self, num_classes: int = 10, image_size: int = 224):
         super().__init__()
@@ -65,8 +67,8 @@ class SeedCNN(nn.Module):
         f2 = self.block2(f1)
         f3 = self.block3(f2)
         f4 = self.block4(f3)
-        logits = self.fc2(self.relu(self.fc1(torch.flatten(f4, 1))))
-        return logits, {"block1": f1, "block2": f2, "block3": f3, "block4": f4}
+        embedding = self.relu(self.fc1(torch.flatten(f4, 1)))
+        return self.fc2(embedding), {"block1": f1, "block2": f2, "block3": f3, "block4": f4, "embedding": embedding}
 
 
 class SmallCNN(nn.Module):
@@ -74,7 +76,7 @@ class SmallCNN(nn.Module):
 
     One block per entry of ``widths``: 3x3 conv (+ BatchNorm) + ReLU, then 2x2 max-pooling; then global
     average pooling and a linear classifier. Features are ``block1``..``blockN`` (after pooling) and
-    ``pool`` (the pooled vector, (B, widths[-1])).
+    ``pool`` (the pooled vector, (B, widths[-1])), also named ``embedding`` (what the classifier reads).
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32), batch_norm: bool = True):
@@ -85,7 +87,7 @@ class SmallCNN(nn.Module):
             nn.Sequential(*_conv(c_in, c_out, batch_norm), nn.MaxPool2d(2)) for c_in, c_out in zip(chans, chans[1:])
         )
         self.fc = nn.Linear(widths[-1], num_classes)
-        self.feature_names = (*(f"block{i + 1}" for i in range(len(widths))), "pool")
+        self.feature_names = (*(f"block{i + 1}" for i in range(len(widths))), "pool", "embedding")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         feats = {}
@@ -93,7 +95,7 @@ class SmallCNN(nn.Module):
             x = block(x)
             feats[f"block{i + 1}"] = x
         pooled = x.mean(dim=(2, 3))
-        feats["pool"] = pooled
+        feats["pool"] = feats["embedding"] = pooled
         return self.fc(pooled), feats
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.fx
 import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -69,9 +70,14 @@ def _eval_nodes(module: nn.Module) -> list[str]:
         return get_graph_node_names(module)[1]
 
 
+#: The feature every model has: the vector its classifier head (the last ``nn.Linear``) reads, (B, D).
+EMBEDDING = "embedding"
+
+
 def feature_node_names(module: nn.Module) -> list[str]:
     """Names usable as features: submodule names (``layer1``: that block's output) and FX node names
-    (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph)."""
+    (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph), then
+    :data:`EMBEDDING`."""
     nodes = _eval_nodes(module)
     names: list[str] = []
     for node in nodes:
@@ -80,7 +86,7 @@ def feature_node_names(module: nn.Module) -> list[str]:
             prefix = ".".join(parts[:i])
             if prefix not in names:
                 names.append(prefix)
-    return names
+    return [*names, EMBEDDING]
 
 
 def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool) -> nn.Module:
@@ -88,7 +94,9 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
 
     The rewritten module returns a dict: ``{LOGITS: logits, name: feature, ...}``; its parameter and buffer
     names are the original module's (``layer1.0.conv1.weight``), so checkpoints stay interchangeable.
-    Unknown names raise :class:`ConfigError` listing the valid node names.
+    :data:`EMBEDDING` is the input of the classifier head's call in the traced graph (``flatten`` for a
+    ResNet, the dropout before ``classifier.3`` for MobileNetV3). Unknown names raise
+    :class:`ConfigError` listing the valid node names.
     """
     nodes = feature_node_names(module)
     unknown = [n for n in feature_names if n not in nodes]
@@ -97,12 +105,25 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
             f"feature '{unknown[0]}' is not a node of {type(module).__name__}; valid names: {', '.join(nodes)}."
         )
     module.train(train)
-    return_nodes = {n: n for n in feature_names}
+    return_nodes = {n: n for n in feature_names if n != EMBEDDING}
     return_nodes[_eval_nodes(module)[-1]] = LOGITS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
         extractor = create_feature_extractor(module, return_nodes=return_nodes)
+    if EMBEDDING in feature_names:
+        _return_head_input(extractor, head_prefix(module))
     return extractor.train(train)
+
+
+def _return_head_input(extractor: torch.fx.GraphModule, head: str) -> None:
+    """Add the classifier head's input to the extractor's returned dict as :data:`EMBEDDING`."""
+    calls = [n for n in extractor.graph.nodes if n.op == "call_module" and n.target == head]
+    if len(calls) != 1:
+        raise ConfigError(f"cannot find the one call of the classifier head '{head}' in the traced graph of "
+                          f"{type(extractor).__name__}, so it has no '{EMBEDDING}' feature; name a node instead.")
+    output = next(n for n in extractor.graph.nodes if n.op == "output")
+    output.args = ({**output.args[0], EMBEDDING: calls[0].args[0]},)
+    extractor.recompile()
 
 
 LOGITS = "__logits__"
