@@ -172,7 +172,9 @@ def test_unknown_arch_raises_config_error():
 
 
 def test_registered_models_come_first_then_torchvision_and_unknown_names_get_close_matches():
-    assert MODELS.names() == ("seed_cnn", "small_cnn")
+    from fkd.models.cifar import RESNETS, WIDE_RESNETS
+
+    assert MODELS.names() == ("seed_cnn", "small_cnn", *RESNETS, *WIDE_RESNETS)
     assert model_builder("small_cnn") is MODELS.get("small_cnn")
     assert accepted_keywords(model_builder("small_cnn")) == ("num_classes", "image_size", "widths", "batch_norm")
     assert accepted_keywords(model_builder("seed_cnn")) == ("num_classes", "image_size")
@@ -180,9 +182,10 @@ def test_registered_models_come_first_then_torchvision_and_unknown_names_get_clo
     with pytest.raises(ConfigError, match=r"^teacher.arch = 'smal_cnn' is not a known model; "
                                           r"did you mean 'small_cnn' or 'seed_cnn'\?$"):
         model_builder("smal_cnn", key="teacher.arch")
-    with pytest.raises(ConfigError, match="use seed_cnn, small_cnn or a torchvision classifier"):
+    with pytest.raises(ConfigError, match="use seed_cnn, small_cnn, resnet8, .*, wrn_40_2 or a torchvision classifier"):
         model_builder("zzzz")
-    with pytest.raises(ConfigError, match="student.arch = 'resnet81' is not a known model; did you mean 'resnet18'"):
+    with pytest.raises(ConfigError, match="student.arch = 'resnet81' is not a known model; "
+                                          "did you mean 'resnet8' or 'resnet18'"):
         load_config(None, ['student.arch="resnet81"'])
 
 

@@ -25,6 +25,14 @@ from fkd.data.views import center_offsets
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+CHANNEL_STATS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    # CIFAR-100's training-set statistics, as the distillation benchmark normalises (RepDistiller's and
+    # mdistiller's dataset/cifar100.py).
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+"""``data.normalize`` name -> per-channel (mean, std) of ``x / 255``; ``"none"`` is the plain ``x / 255``."""
+
 
 @attrs.frozen
 class BatchTransform:
@@ -33,7 +41,8 @@ class BatchTransform:
     ``crop == "random"``: zero-pad by ``pad`` and take a random ``size x size`` crop per image;
     ``"center"``: the centred crop. ``flip``: mirror each image left-right with probability 1/2.
     Both apply only when the batch is augmented; otherwise the centred crop is taken.
-    ``normalize == "imagenet"`` maps ``x / 255`` to ``(x / 255 - mean) / std`` per channel.
+    ``normalize`` names the statistics (:data:`CHANNEL_STATS`) that map ``x / 255`` to
+    ``(x / 255 - mean) / std`` per channel; ``"none"`` keeps ``x / 255``.
     """
 
     size: int
@@ -126,18 +135,18 @@ def crop_and_flip(views: torch.Tensor, top: torch.Tensor, left: torch.Tensor, fl
 
 
 @functools.lru_cache(maxsize=8)
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_stats(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Built once per device: creating them per batch would be a host-to-device copy each time.
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    return mean, std
+    mean, std = CHANNEL_STATS[kind]
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
 def normalize(x: torch.Tensor, kind: str = "imagenet") -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32: ``x / 255``, then ``(x / 255 - mean) / std`` for ``"imagenet"``."""
+    """uint8 (B, 3, H, W) -> float32: ``x / 255``, then ``(x / 255 - mean) / std`` with the statistics
+    :data:`CHANNEL_STATS` names (``"imagenet"``, ``"cifar100"``); ``"none"`` stops at ``x / 255``."""
     out = x.float() / 255.0  # always a new tensor, so the in-place steps below touch only ours
-    if kind == "imagenet":
-        mean, std = _imagenet_stats(out.device)
+    if kind in CHANNEL_STATS:
+        mean, std = _channel_stats(kind, out.device)
         out.sub_(mean).div_(std)
     elif kind != "none":
         raise ValueError(f"unknown normalisation {kind!r}")

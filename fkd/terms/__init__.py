@@ -1,4 +1,5 @@
-"""Loss terms, one registered unit per module: ``ce``, ``logit``, ``feature``, ``attention``.
+"""Loss terms, one registered unit per module: ``ce``, ``logit``, ``feature``, ``attention``, and ``dkd``,
+``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``.
 
 A term declares its hyper-parameters (an attrs class), what it consumes, ``init`` for its own
 parameters and state, and a pure ``apply`` built on :mod:`fkd.losses` (see :mod:`fkd.terms.base`).
@@ -23,6 +24,8 @@ from fkd.terms.base import (
     register_term,
 )
 from fkd.terms import ce, logit, feature, attention  # noqa: E402,F401,I001 -- registers the built-ins, in this order
+from fkd.terms import dkd, dist, lskd, sp, rkd, pkt, cc, nst, vid  # noqa: E402,F401,I001 -- issue 9 methods
+from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
 
 __all__ = [
     "INPUTS", "TERMS", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",

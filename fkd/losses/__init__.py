@@ -22,6 +22,14 @@ feature distillation ``feature_mse``, ``init_regressor``, ``fitnet_hint``, ``fea
                                                                            (Romero et al. 2015)
 attention transfer   ``attention_map``, ``attention_transfer``       (Zagoruyko & Komodakis 2017)
 combining terms      ``weighted_sum``
+
+and, re-exported from their own modules (which import only torch and einops):
+
+:mod:`fkd.losses.logits`     ``dkd`` (and ``dkd_per_example``), ``dist``, ``logit_standardized_kd``
+:mod:`fkd.losses.relations`  ``similarity_preserving``, ``rkd``, ``pkt``, ``correlation_congruence``
+:mod:`fkd.losses.maps`       ``nst``, ``vid_nll`` (with ``init_vid_params``, ``vid_regressor``,
+                             ``pool_to_common_size``)
+:mod:`fkd.losses.contrastive` ``crd`` (with its memory banks: ``init_memory``, ``momentum_update``)
 """
 
 from __future__ import annotations
@@ -33,16 +41,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fkd.losses.contrastive import crd
+from fkd.losses.logits import dist, dkd, dkd_per_example, logit_standardized_kd
+from fkd.losses.maps import init_vid_params, nst, pool_to_common_size, vid_nll, vid_regressor
+from fkd.losses.relations import correlation_congruence, pkt, rkd, similarity_preserving
+
 __all__ = [
     "attention_map",
     "attention_transfer",
     "blended_kd",
+    "correlation_congruence",
+    "crd",
     "cross_entropy",
+    "dist",
+    "dkd",
+    "dkd_per_example",
     "feature_kd",
     "feature_mse",
     "fitnet_hint",
     "init_regressor",
+    "init_vid_params",
+    "logit_standardized_kd",
+    "nst",
+    "pkt",
+    "pool_to_common_size",
+    "rkd",
+    "similarity_preserving",
     "soft_target_kl",
+    "vid_nll",
+    "vid_regressor",
     "weighted_sum",
 ]
 
@@ -95,19 +122,23 @@ def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    r"""Mean cross-entropy with integer class labels, ``-(1/B) sum_b log softmax(z_b)[y_b]``.
+    r"""Mean cross-entropy over the labeled examples, ``-(1/L) sum_{b: y_b >= 0} log softmax(z_b)[y_b]``.
 
-    A thin wrapper over ``F.cross_entropy`` so that every term of a distillation objective is
-    found in this module.
+    An example with label -1 is unlabeled (a transfer-set image, see :mod:`fkd.data.transfer`) and
+    contributes nothing; ``L = max(#labeled, 1)``, so a batch without labels gives 0 with zero (finite)
+    gradients. The mask is a multiplication, not an index, so shapes never depend on the data and the
+    loss stays compilable and vmappable. With every example labeled it equals ``F.cross_entropy``.
 
     Args:
         logits: ``(B, C)`` raw scores (or ``(C,)`` for a single sample).
-        labels: ``(B,)`` int64 class indices in ``[0, C)`` (or ``()``).
+        labels: ``(B,)`` int64 class indices in ``[0, C)``, or -1 for unlabeled (or ``()``).
 
     Returns:
-        0-d tensor, nats, mean over the batch.
+        0-d tensor, nats, mean over the labeled examples.
     """
-    return F.cross_entropy(logits, labels)
+    labeled = labels >= 0
+    per_example = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return (per_example * labeled).sum() / labeled.sum().clamp(min=1)
 
 
 def blended_kd(

@@ -1,0 +1,40 @@
+"""``dkd``: decoupled knowledge distillation (Zhao et al., CVPR 2022), with the authors' optional warm-up."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from fkd import losses
+from fkd.terms.base import Term, hyper, non_negative, positive, register_term
+
+
+@register_term("dkd")
+@attrs.frozen
+class DecoupledKD(Term):
+    """:func:`fkd.losses.dkd`: ``alpha TCKD + beta NCKD`` at temperature T, averaged over the labeled examples.
+
+    Examples with label ``-1`` (an unlabeled transfer set) are left out by a masked mean, since both
+    parts need the target class. With ``warmup_epochs = w > 0`` the loss is scaled by
+    ``min(epoch / w, 1)``, ``epoch`` being the fractional epoch count of the step (mdistiller's
+    ``min(epoch / warmup, 1)``, which steps once per epoch; here it ramps every step). The authors
+    train CIFAR-100 with CE weight 1, alpha 1, beta 8, T 4 and a 20-epoch warm-up.
+    """
+
+    summary = "decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled (Zhao et al. 2022)"
+    sweepable = frozenset({"alpha", "beta", "temperature"})
+    consumes = frozenset({"labels", "student_logits", "teacher_logits", "epoch"})
+    alpha: float = hyper(1.0, non_negative, help="weight of TCKD, the KL of the binary (target, rest) distributions")
+    beta: float = hyper(8.0, non_negative, help="weight of NCKD, the KL among the non-target classes")
+    temperature: float = hyper(4.0, positive, help="softmax temperature T (both parts carry the T^2 factor)")
+    warmup_epochs: float = hyper(0.0, non_negative,
+                                 help="ramp the loss in linearly over this many epochs (0: off; the authors use 20 "
+                                      "on CIFAR-100)")
+
+    def apply(self, params, state, inputs):
+        loss = losses.dkd(inputs.student_logits, inputs.teacher_logits, inputs.labels,
+                          alpha=self.hp(inputs, "alpha"), beta=self.hp(inputs, "beta"),
+                          temperature=self.hp(inputs, "temperature"))
+        if self.warmup_epochs > 0:  # a config value, not a tensor: no data-dependent branch
+            loss = loss * torch.clamp(inputs.epoch / self.warmup_epochs, max=1.0)
+        return loss, state
