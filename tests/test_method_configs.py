@@ -1,0 +1,74 @@
+"""configs/methods/: one digits config per method, equal in everything but [distill], each one trainable."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fkd import objective as objective_lib
+from fkd.clone_files import load_clone_module
+from fkd.config import load_config
+from fkd.models.from_config import build_student, build_teacher
+from fkd.models.functional import feature_shapes
+from fkd.terms import Shapes, TermInputs
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_FILES = sorted((ROOT / "configs" / "methods").glob("*.toml"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _method_table():
+    return load_clone_module("bench/method_table.py", "the method-table script")
+
+
+def test_the_table_covers_every_method_config_and_every_term():
+    table = _method_table()
+    assert sorted(table.METHODS) == sorted(p.stem for p in METHOD_FILES)
+    terms = {table.method_term(p)[0] for p in METHOD_FILES if table.method_term(p)}
+    from fkd.terms import TERMS
+
+    assert terms == set(TERMS.names()) - {"ce"}  # every registered method, once
+
+
+def test_method_configs_differ_only_in_distill_and_name():
+    raw = {p.stem: tomllib.loads(p.read_text()) for p in METHOD_FILES}
+    reference = {k: v for k, v in raw["baseline"].items() if k not in ("distill", "name")}
+    for method, cfg in raw.items():
+        assert {k: v for k, v in cfg.items() if k not in ("distill", "name")} == reference, method
+        assert cfg["distill"]["terms"]["ce"] == {"weight": 1.0}, method  # CE weighs 1 everywhere
+
+
+def test_grid_is_the_default_weight_times_a_tenth_one_and_ten():
+    table = _method_table()
+    assert table.grid_values(9.0) == [0.9, 9.0, 90.0]
+    assert table.grid_values(0.02) == [0.002, 0.02, 0.2]
+
+
+@pytest.mark.parametrize("path", METHOD_FILES, ids=lambda p: p.stem)
+def test_method_config_gives_a_finite_loss_and_gradient(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path.relative_to(ROOT).as_posix())
+    obj = objective_lib.from_config(cfg.distill)
+    k, side, batch = 10, cfg.data.image_size, 4
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, side, side, generator=gen), torch.randint(0, k, (batch,), generator=gen)
+    student, sp, sb = build_student(cfg, k, obj.student_feature_names)
+    teacher, tp, tb = build_teacher(cfg, k, obj.teacher_feature_names, seed=1)
+    shapes = Shapes(feature_shapes(student, sp, sb, side, "cpu"), feature_shapes(teacher, tp, tb, side, "cpu"), k, 50)
+    params, state = obj.init(shapes, seed=0)
+    with torch.no_grad():
+        t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
+
+    def loss(sp):
+        s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)
+        inputs = TermInputs(s_logits, s_feats, y, t_logits, t_feats, torch.arange(batch),
+                            torch.zeros((), dtype=torch.int64), torch.tensor(1.0))
+        return obj(params, state, inputs)[0]
+
+    grads = torch.func.grad(loss)(sp)
+    assert torch.isfinite(loss(sp))
+    assert all(torch.isfinite(g).all() for g in grads.values())
