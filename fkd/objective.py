@@ -138,9 +138,10 @@ class Objective:
     def structure(self) -> "Objective":
         """This objective with its weights and sweepable fields zeroed: equal for objectives that one
         sweep step can serve (the same terms, pairs and non-sweepable settings)."""
-        return Objective(tuple(
-            WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}))
-            for t in self.terms))
+        with attrs.validators.disabled():  # a placeholder value, not a setting: no field's range applies
+            return Objective(tuple(
+                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}))
+                for t in self.terms))
 
 
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
