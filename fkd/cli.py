@@ -17,29 +17,33 @@ from fkd.errors import FkdError
 EXIT_USAGE = 2
 
 
-def _fail(message: str, code: int = EXIT_USAGE):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 def friendly_errors(fn):
     """Turn fkd's user errors into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from fkd import distributed
         from fkd.loop import Interrupted
 
         try:
-            return fn(*args, **kwargs)
-        except FkdError as exc:
-            _fail(str(exc))
+            result = fn(*args, **kwargs)
+        except (FkdError, RuntimeError) as exc:  # under torchrun, one line for the job
+            if not isinstance(exc, FkdError) and not distributed.lost_peer(exc):
+                raise  # not a failed collective: a bug, shown with its traceback
+            line = distributed.error_line(exc)
+            if line is not None:
+                click.echo(line, err=True)
+            sys.exit(EXIT_USAGE if isinstance(exc, FkdError) else 1)
         except Interrupted as exc:
-            ctx = click.get_current_context()
-            click.echo(f"\n{exc}; checkpoint saved. Resume with: {_resume_command(ctx)}", err=True)
+            if distributed.is_main():
+                ctx = click.get_current_context()
+                click.echo(f"\n{exc}; checkpoint saved. Resume with: {_resume_command(ctx)}", err=True)
             sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted.", err=True)
             sys.exit(128 + signal.SIGINT)
+        distributed.shutdown()
+        return result
 
     return wrapper
 
@@ -58,7 +62,9 @@ def _resume_command(ctx: click.Context) -> str:
         else:
             for item in value if param.multiple else [value]:
                 args += [param.opts[0], str(item)]
-    return shlex.join(["fkd", ctx.info_name, *args, "--resume"])
+    from fkd.distributed import launcher_words
+
+    return shlex.join([*launcher_words(), ctx.info_name, *args, "--resume"])
 
 
 def run_options(fn):
@@ -81,15 +87,18 @@ def run_options(fn):
 
 
 def _setup(config_path, overrides, out, seed, device):
+    from fkd import distributed
     from fkd.rundir import RunDir
     from fkd.device import resolve_device
 
     cfg = load_config(config_path, overrides, seed=seed, device=device)
     run = RunDir(out if out is not None else Path("runs") / cfg.name)
-    dev = resolve_device(cfg.device)
-    click.echo(f"# resolved config ({config_path or 'defaults'}; device {dev}; run directory {run.path})")
-    click.echo(dumps(cfg))
-    return cfg, run, dev
+    dev = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
+    echo = distributed.echo_main(click.echo)
+    echo(f"# resolved config ({config_path or 'defaults'}; device {dev}{distributed.describe()}; "
+         f"run directory {run.path})")
+    echo(dumps(cfg))
+    return cfg, run, dev, echo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,9 +136,9 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite)
     from fkd.data import load_data
     from fkd.teacher import fit_teacher
 
-    cfg, run, dev = _setup(config_path, overrides, out, seed, device)
+    cfg, run, dev, echo = _setup(config_path, overrides, out, seed, device)
     data = load_data(cfg.data, device=dev)
-    fit_teacher(cfg, data, dev, run, resume=resume, overwrite=overwrite, quiet=quiet, echo=click.echo)
+    fit_teacher(cfg, data, dev, run, resume=resume, overwrite=overwrite, quiet=quiet, echo=echo)
 
 
 @main.command()
@@ -157,8 +166,8 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     """
     from fkd.distill import run_distill
 
-    cfg, run, dev = _setup(config_path, overrides, out, seed, device)
-    run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=click.echo)
+    cfg, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=echo)
 
 
 @main.command()
@@ -210,12 +219,16 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
 
     plan = plan_sweep(config_path, list(overrides), parse_seeds(seeds), parse_grid(list(grid)), device=device)
     base = plan.groups[0].base.config
-    dev = resolve_device(base.device)
+    from fkd import distributed
+
+    dev = distributed.init_from_env(resolve_device(base.device))  # under torchrun: join the job
+    echo = distributed.echo_main(click.echo)
     chosen = choose_strategy(strategy, dev)
     plan = in_chunks(plan, chunk if chunk is not None else auto_chunk(plan, chosen, dev))
     run = RunDir(out if out is not None else Path("runs") / f"{base.name}-sweep")
-    click.echo(f"# sweep of {config_path or 'defaults'}: {plan.describe()}; device {dev}; directory {run.path}")
-    run_sweep(plan, run, dev, strategy=chosen, save=save, resume=resume, quiet=quiet, echo=click.echo)
+    echo(f"# sweep of {config_path or 'defaults'}: {plan.describe()}; device {dev}{distributed.describe()}; "
+         f"directory {run.path}")
+    run_sweep(plan, run, dev, strategy=chosen, save=save, resume=resume, quiet=quiet, echo=echo)
 
 
 @main.command("config")
@@ -265,19 +278,28 @@ def evaluate(path, config_path, overrides, out, device, as_json):
     """Test accuracy, per-class accuracy, parameter count, size and CPU latency of PATH.
 
     PATH is a run directory or a checkpoint file written by fkd; the data come from the config
-    saved with it unless --config / --set say otherwise.
+    saved with it unless --config / --set say otherwise. PATH may also be a file written by
+    `fkd export` (.pt2 or .onnx): it runs in its own runtime on the CPU. torch.export.load
+    unpickles parts of a .pt2 file, so evaluate only .pt2 files you trust.
 
     \b
     Examples:
       python cli.py evaluate runs/feature
       python cli.py evaluate runs/digits-teacher/teacher.pt --json
       python cli.py evaluate runs/stl10-logit --set data.root=/mnt/datasets --out reports/stl10-logit
+      python cli.py evaluate runs/baseline/export/student-int8.onnx --config configs/baseline.toml
     """
     from fkd.evaluate import evaluate_path, write_report
     from fkd.device import resolve_device
+    from fkd.export.exported_file import is_exported_file
 
-    result = evaluate_path(path, resolve_device(device or "auto"), config_path=config_path,
-                           overrides=list(overrides))
+    if is_exported_file(path):
+        from fkd.export.evaluate_exported import evaluate_exported
+
+        result = evaluate_exported(path, config_path=config_path, overrides=list(overrides))
+    else:
+        result = evaluate_path(path, resolve_device(device or "auto"), config_path=config_path,
+                               overrides=list(overrides))
     if out is not None:
         click.echo(f"report written to {write_report(result, out)}", err=True)
     if as_json:
@@ -285,10 +307,56 @@ def evaluate(path, config_path, overrides, out, device, as_json):
         return
     click.echo(f"{result['arch']} on {result['data']} ({result['checkpoint']})")
     click.echo(f"  test accuracy  {result['test_acc']:.2%} over {result['test_images']} images")
-    click.echo(f"  parameters     {result['params']:,}  ({result['size_bytes'] / 1e6:.2f} MB)")
+    params = "unknown" if result["params"] is None else f"{result['params']:,}"
+    click.echo(f"  parameters     {params}  ({result['size_bytes'] / 1e6:.2f} MB)")
     click.echo(f"  CPU latency    {result['cpu_latency_ms']:.2f} ms / image")
     click.echo("  per class      " + "  ".join(
         f"{name}: {'n/a' if acc is None else f'{acc:.0%}'}" for name, acc in result["per_class_acc"].items()))
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["pt2", "onnx"]), required=True,  # fkd.export FORMATS
+              help="pt2: torch.export program; onnx: ONNX for onnxruntime (needs the [export] extra).")
+@click.option("--quantize", type=click.Choice(["int8"]),  # fkd.export.quantize SCHEMES
+              help="Post-training static int8, calibrated on training images (onnx only).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="The exported file (default: RUN/export/student[-int8].pt2|.onnx).")
+@click.option("--teacher", is_flag=True, help="Export the teacher (PATH's teacher.pt, or the teacher a "
+              "student run was distilled from) instead of a student, for comparison.")
+@click.option("--latency-repeats", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Timed calls per CPU latency figure (median); 0 skips timing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export.json entry instead of a summary.")
+@friendly_errors
+def export(path, fmt, quantize, out, teacher, latency_repeats, as_json):
+    """Export a trained student to a file a serving stack loads, verified against fkd.
+
+    PATH is a distill run directory or a student checkpoint. The file takes float32
+    (batch, 3, S, S) RGB images with values pixels / 255; the run's normalisation is built
+    in. It is loaded back and its logits checked against fkd's (1e-4) before it is written;
+    int8 reports its test accuracy. Writes the file and an entry in export.json beside it.
+
+    \b
+    Examples:
+      python cli.py export runs/feature --format pt2
+      python cli.py export runs/feature --format onnx --quantize int8
+      python cli.py export runs/feature --format onnx --teacher
+      python cli.py export runs/feature/checkpoints/latest.pt --format onnx --out student.onnx
+    """
+    from fkd.export.pipeline import export_model
+
+    entry = export_model(path, fmt=fmt, quantize=quantize, out=out, teacher=teacher,
+                         latency_repeats=latency_repeats, echo=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(entry))
+        return
+    click.echo(f"wrote {entry['file']} ({entry['file_size_bytes'] / 1e6:.2f} MB); report: {entry['report']}")
+    click.echo(f"  test accuracy  {entry['test_acc']:.2%} (fkd's model {entry['fkd_test_acc']:.2%})")
+    latency = entry["latency_ms_per_image"]
+    if latency is not None:
+        for who in ("fkd", "exported", "teacher"):
+            click.echo(f"  CPU ms/image   {who:<9} batch 1: {latency[who]['batch_1']:.3f}  "
+                       f"batch 64: {latency[who]['batch_64']:.3f}")
 
 
 @main.command()

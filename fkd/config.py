@@ -109,7 +109,8 @@ class DataConfig:
     crop: str = _field("center", _one_of("center", "random"), help="crop to image_size")
     pad: int = _field(0, _at_least(0), help="zero padding before a random crop (CIFAR style)")
     flip: bool = _field(False, help="random horizontal flips while training")
-    normalize: str = _field("imagenet", _one_of("imagenet", "none"), help="per-channel normalisation")
+    normalize: str = _field("imagenet", _one_of("imagenet", "cifar100", "none"),
+                            help="per-channel normalisation (ImageNet or CIFAR-100 statistics)")
     batch_size: int = _field(64, _at_least(1), help="training batch size")
     eval_batch_size: int = _field(256, _at_least(1), help="evaluation batch size")
     in_memory: str = _field("auto", _one_of("auto", "always", "never"), help="hold the data set as tensors")
@@ -119,13 +120,48 @@ class DataConfig:
     train_limit: int = _field(0, _at_least(0), help="use only the first N training images (0: all)")
     synthetic_size: int = _field(256, _at_least(1), help="synthetic: images per split")
     synthetic_classes: int = _field(10, _at_least(2), help="synthetic: number of classes")
+    # Transfer sets and function matching: see fkd/data/transfer.py and fkd/mixup.py, README "Transfer sets".
+    transfer: str = _field(
+        "none", _one_of("none", "unlabeled"),
+        help="extra unlabeled training images for the teacher-based terms (label -1; label terms skip them): "
+             "'unlabeled' adds stl10's 100,000-image unlabeled split, imagefolder's root/unlabeled/ (images, "
+             "no class folders) and the images whose labels label_fraction removed")
+    label_fraction: float = _field(
+        1.0, _positive, _unit_interval,
+        help="keep the labels of this fraction of the training split (deterministic, the same in every class "
+             "and run); the rest become unlabeled with transfer = 'unlabeled', else they are dropped")
+    labeled_share: float = _field(
+        0.0, _unit_interval,
+        help="with a transfer set: share of each training batch drawn from the labeled images, "
+             "round(batch_size * share), the rest unlabeled, each in its own shuffled order cycled within the "
+             "epoch (an epoch stays floor(N / batch_size) batches); 0: shuffle both together, as they come")
+    mixup: float = _field(
+        0.0, _non_negative,
+        help="function matching: mixup alpha (0: off); one Beta(alpha, alpha) ratio per batch, the same "
+             "mixed images for student and teacher, drawn from the step's key (distillation only)")
+    cutmix: float = _field(
+        0.0, _non_negative,
+        help="function matching: cutmix alpha (0: off); one box per batch pasted from a shuffled partner, the "
+             "same for student and teacher; with mixup too, each step picks one of the two at random")
 
     def __attrs_post_init__(self) -> None:
         # Views of side resize cannot be cropped to image_size. Checked here, the one place, so that a
         # config file and a DataConfig built in code fail alike, before any data are read.
+        if self.labeled_share and self.transfer == "none":
+            raise ConfigError(f"data.labeled_share = {self.labeled_share} mixes labeled and unlabeled images, but "
+                              "data.transfer is 'none'; set data.transfer = 'unlabeled' or data.labeled_share = 0.")
+        if self.labeled_share >= 1:
+            raise ConfigError("data.labeled_share must be below 1 (a batch of labeled images only has no room for "
+                              "the transfer set); use e.g. 0.5, or 0 to shuffle both together.")
         if self.resize and self.resize < self.image_size:
             raise ConfigError(f"data.resize = {self.resize} is smaller than data.image_size = {self.image_size}; "
                               "set data.resize to 0 or to at least image_size.")
+
+    @property
+    def mixes(self) -> bool:
+        """True when the step mixes images (function matching: ``mixup`` or ``cutmix``): the teacher then
+        runs live on the mixed view, which no cache can hold."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @property
     def augments(self) -> bool:
@@ -171,6 +207,9 @@ class TrainConfig:
     channels_last: bool = _field(False, help="channels_last memory format on CUDA")
     log_every: int = _field(50, _at_least(1), help="steps between host syncs for the progress line")
     checkpoint_every: int = _field(0, _at_least(0), help="steps between mid-epoch checkpoints (0: per epoch)")
+    sync_batchnorm: bool = _field(
+        True, help="under torchrun: BatchNorm uses the moments of the whole global batch (SyncBatchNorm); "
+                   "false: each process normalises its own slice")
 
 
 _TEACHER_TRAIN = TrainConfig(
@@ -200,6 +239,10 @@ class TeacherConfig:
     mode: str = _field("linear_probe", _one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
     cache: str = _field("auto", _one_of("auto", "memory", "disk", "off"), help="reuse teacher outputs")
     cache_dir: str = _field(".fkd_cache", help="where disk caches of teacher outputs live")
+    cache_max_gb: float = _field(
+        16.0, _positive,
+        help="most a teacher cache may take (GB, and never more than cache_dir's free space): when the features "
+             "would not fit, only the logits are cached and the teacher runs live up to its last feature")
     train: TrainConfig = _field(_TEACHER_TRAIN, help="how the teacher is fitted")
 
 
@@ -354,7 +397,10 @@ def _check_whole(cfg: Config) -> Config:
         raise ConfigError(f"data.test_fraction must be below 1 (got {cfg.data.test_fraction}).")
     from fkd.objective import from_config  # imports torch: only here
 
-    from_config(d)  # unknown terms, keys, values and unpaired features fail here, before any run
+    objective = from_config(d)  # unknown terms, keys, values and unpaired features fail here, before any run
+    from fkd.mixup import check_mixing
+
+    check_mixing(cfg.data, objective)  # function matching: a teacher term, no label term
     for key, widths in (("student.widths", cfg.student.widths), ("teacher.widths", cfg.teacher.widths)):
         if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ConfigError(f"{key} must be a non-empty list of positive integers (got {widths!r}).")

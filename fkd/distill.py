@@ -20,14 +20,18 @@ from typing import Callable
 import attrs
 import torch
 
+from fkd import distributed
 from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
 from fkd.config import Config, dumps
 from fkd.data import load_data
+from fkd.data.transfer import describe as describe_transfer
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
+from fkd.mixup import describe as describe_mixing
+from fkd.mixup import make_mixer
 from fkd.models import param_count, size_bytes
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
@@ -55,7 +59,7 @@ def teacher_to_use(cfg: Config) -> Path:
 def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
     """The teacher checkpoint path, fitting the teacher first when it is missing and allowed."""
     path = teacher_to_use(cfg)
-    if path.is_file():
+    if distributed.world().from_main(path.is_file):  # under torchrun every rank follows rank 0's view
         return path
     echo(f"teacher checkpoint {path} not found: fitting the teacher first ([teacher] section, "
          f"{cfg.teacher.arch}, {cfg.teacher.mode}, {cfg.teacher.train.epochs} epochs)")
@@ -109,9 +113,11 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
         raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
                           "would be fitted too; set it to a file in another folder.")
-    with RunLock(run.path):
-        start = decide_start(run, kind="student_run", config_text=dumps(cfg), resume=resume,
-                             num_examples=len(data.train), batch_size=cfg.data.batch_size, label="student")
+    world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
+    with distributed.on_main(lambda: RunLock(run.path)):
+        start = world.from_main(lambda: decide_start(
+            run, kind="student_run", config_text=dumps(cfg), resume=resume, num_examples=len(data.train),
+            batch_size=cfg.data.batch_size, label="student"))
         teacher = teacher_vars = teacher_acc = None
         if obj.needs_teacher:
             ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
@@ -123,18 +129,26 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
             objective_state=objective_state, teacher=teacher,
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
-            seed=cfg.seed, augment=augment, device=device, quiet=quiet)
+            seed=cfg.seed, augment=augment, device=device, quiet=quiet,
+            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix))
         start.check_state(training.state)
-        start.begin(echo=echo)
-        run.write_config(cfg)
+        if world.is_main:
+            start.begin(echo=echo)
+            run.write_config(cfg)
 
         batch_extras = None
         cache_note = "off"
-        if obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
+        if (note := describe_transfer(cfg.data, data.train.labels)) is not None:
+            echo(note)
+        if cfg.data.mixes:
+            echo(describe_mixing(cfg.data.mixup, cfg.data.cutmix))
+            cache_note = "off (the teacher runs live on the mixed view)"
+        elif obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
             key = cache_key(t_path, data.fingerprint, teacher.feature_names, cfg.train.precision)
             cache = build_cache(teacher, teacher_vars, data.train, mode=cfg.teacher.cache, key=key,
                                 cache_dir=cfg.teacher.cache_dir, batch_size=cfg.data.eval_batch_size,
-                                precision=cfg.train.precision, device=device, echo=echo)
+                                precision=cfg.train.precision, device=device, echo=echo,
+                                max_bytes=int(cfg.teacher.cache_max_gb * 1e9))
             batch_extras = cache.lookup
             cache_note = cache.where
         if teacher_vars is not None:
@@ -150,9 +164,11 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                     extra_payload=lambda st: {"model": dict(student.spec)})
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, teacher_vars, teacher_acc,
                              t_path, obj)
-        run.write_summary(summary)
-        plot_curves(run.read_metrics(), run.curves_path)
-    echo(format_table(summary))
+        if world.is_main:
+            run.write_summary(summary)
+            plot_curves(run.read_metrics(), run.curves_path)
+    if world.is_main:
+        echo(format_table(summary))
     return summary
 
 

@@ -32,3 +32,7 @@ class WriteError(FkdError):
 
 class RunInUseError(FkdError):
     """Another fkd process is using the run directory (see :mod:`fkd.runlock`)."""
+
+
+class ExportError(FkdError):
+    """An exported model failed its check (its outputs differ from fkd's) or could not be written."""

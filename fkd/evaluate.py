@@ -9,6 +9,7 @@ student; the config inside it says which data to evaluate on).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import tomllib
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fkd import distributed
 from fkd.checkpoint import load_checkpoint
+from fkd.data.order import batch_count
 from fkd.config import Config, apply_overrides, build_attrs, from_dict, read_toml
 from fkd.data import load_data
 from fkd.errors import CheckpointError, DataError
@@ -27,20 +30,29 @@ from fkd.step import make_eval_step
 
 
 def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: int, num_classes: int,
-                   device: torch.device, precision: str = "fp32") -> dict:
+                   device: torch.device, precision: str = "fp32", shard: bool = True) -> dict:
     """Accuracy over a whole split: ``{"accuracy", "per_class", "correct", "count"}``.
 
     ``per_class`` is a list of per-class accuracies (None for classes with no test images).
+
+    Under torchrun each rank evaluates a contiguous block of the batches and the confusion counts are
+    summed over ranks, so every rank returns the single-process result (``shard=False``: this rank
+    evaluates everything alone, as a sweep does for the students it trains).
     """
     eval_step = make_eval_step(model, precision=precision, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for x, y, _ in source.batches(batch_size, shuffle=False):
+    world = distributed.world() if shard else distributed.World()
+    batches = source.batches(batch_size, shuffle=False)
+    if world.parallel:
+        first, last = world.part(batch_count(len(source), batch_size))
+        batches = itertools.islice(source.batches(batch_size, shuffle=False, start=first), last - first)
+    for x, y, _ in batches:
         logits = eval_step(params, buffers, x, y)["logits"]
         pred = logits.argmax(dim=-1)
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
             num_classes, num_classes
         )
-    confusion = confusion.cpu().numpy()
+    confusion = world.sum(confusion).cpu().numpy()
     per_class_total = confusion.sum(axis=1)
     correct = int(np.trace(confusion))
     count = int(confusion.sum())
@@ -118,6 +130,18 @@ def _model_spec(data: dict, params: dict) -> dict:
     probe, _, _ = _build(spec)
     spec["num_classes"] = int(params[head_prefix(probe.eval_template) + ".weight"].shape[0])
     return spec
+
+
+def saved_model(ckpt: Path, data: dict):
+    """The model that ``data``, the loaded model checkpoint ``ckpt`` (teacher, teacher run or student run),
+    holds as it was trained: ``(model, params, buffers)`` with the saved weights. Weights that do not fit
+    the model are a CheckpointError (:func:`check_fits`)."""
+    params, buffers = _weights(data)
+    built = _build(_model_spec(data, params))
+    model = built[0]
+    check_fits(ckpt, built, params, buffers, num_classes=model.num_classes, data_name="",
+               image_size=model.image_size)
+    return model, params, buffers
 
 
 def _build(spec: dict):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from fkd import distributed
 from fkd.checkpoint import save_checkpoint
 from fkd.loop import LoopSpec, run_epochs
 from fkd.pytree import tree_map, tree_to
@@ -59,7 +60,11 @@ def fit(
         if start.epoch >= spec.epochs:
             return state
 
+    main = distributed.is_main()  # under torchrun only rank 0 writes; the states are identical
+
     def save(st: dict, epoch: int, batch: int) -> None:
+        if not main:
+            return
         payload = {
             "state": tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, st),
             "epoch": epoch,
@@ -73,6 +78,6 @@ def fit(
         save_checkpoint(run.latest, payload, start.kind)
 
     return run_epochs(
-        step, state, source, spec, save=save, on_epoch=run.append_metrics,
+        step, state, source, spec, save=save, on_epoch=run.append_metrics if main else None,
         start_epoch=start.epoch, start_batch=start.batch, **loop_kwargs,
     )

@@ -4,6 +4,10 @@ It drives a pure ``step(state, batch, teacher_vars) -> (state, metrics)`` over a
 everything impure around it: progress, host syncs (only every ``log_every`` steps and at epoch ends),
 the non-finite check, checkpoints, and Ctrl-C / SIGTERM.
 
+Under torchrun (see :mod:`fkd.distributed`) each rank takes its slice of every global batch, only rank 0
+shows progress, and a signal is acted on at the next sync point, where the ranks agree on it (one small
+all-reduce), so every rank stops after the same step and rank 0 writes the one checkpoint.
+
 Resumption is exact: the data order and augmentation are functions of (seed, epoch, batch) (see
 :mod:`fkd.data.order`), the train state is saved whole, and the global RNG state travels with it, so
 a run interrupted at any step and resumed ends with the same parameters as an uninterrupted one.
@@ -18,6 +22,7 @@ from typing import Any, Callable
 import attrs
 import torch
 
+from fkd import distributed
 from fkd.data.order import batch_count
 from fkd.errors import TrainingError
 from fkd.progress import Progress
@@ -54,6 +59,14 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def should_stop(stop: StopRequest, world: distributed.World, sync: bool) -> bool:
+    """Whether to stop after this step: at once on a signal in a single process; under torchrun when a
+    signal reached any rank, agreed at a sync point (``sync``) so that every rank stops after the same step."""
+    if not world.parallel:
+        return stop.signum is not None
+    return sync and world.any(stop.signum is not None)
 
 
 @attrs.frozen
@@ -111,22 +124,28 @@ def run_epochs(
             f"{spec.batch_size}; lower data.batch_size."
         )
     run_start = time.perf_counter()
+    world = distributed.world()
     with StopRequest() as stop:
         for epoch in range(start_epoch, spec.epochs):
             first = start_batch if epoch == start_epoch else 0
-            progress = None if spec.quiet else Progress(nb, f"{spec.label} epoch {epoch + 1}/{spec.epochs}")
+            progress = None if spec.quiet or not world.is_main else Progress(
+                nb, f"{spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({world.size} processes)" if world.parallel
+                                                                       else ""))
             sums: dict[str, torch.Tensor] = {}
             done, images, t0 = first, 0, time.perf_counter()
             batches = source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=first,
                                      augment=spec.augment, drop_last=True)
             for x, y, idx in batches:
+                if world.parallel:  # this rank's slice of the global batch (see fkd.data_parallel)
+                    lo, hi = world.part(y.shape[0])
+                    x, y, idx = x[lo:hi], y[lo:hi], idx[lo:hi]
                 batch = {"x": x, "y": y, "idx": idx}
                 if batch_extras is not None:
                     batch.update(batch_extras(idx))
                 state, metrics = step(state, batch, teacher_vars)
                 sums = _accumulate(sums, metrics)
                 done += 1
-                images += y.shape[0]
+                images += spec.batch_size if world.parallel else y.shape[0]
                 sync = done % spec.log_every == 0 or done == nb
                 if sync:
                     _check_finite(state, spec, nb)
@@ -135,11 +154,11 @@ def run_epochs(
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
                     _check_finite(state, spec, nb)
                     save(state, epoch, done)
-                if stop.signum is not None:
+                if should_stop(stop, world, sync):
                     _check_finite(state, spec, nb)
                     if save:
                         save(state, epoch, done) if done < nb else save(state, epoch + 1, 0)
-                    raise Interrupted(stop.signum, epoch, done)
+                    raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
             if progress is not None:
                 progress.close()
             _check_finite(state, spec, nb)

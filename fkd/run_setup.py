@@ -13,7 +13,12 @@ from typing import Any, Callable
 import attrs
 import torch
 
+from fkd import distributed
 from fkd.config import TrainConfig
+from fkd.data_parallel import DataParallel
+from fkd.errors import ConfigError
+from fkd.models.sync_batchnorm import with_synced_batchnorm
+from fkd.pytree import tree_leaves
 from fkd.loop import LoopSpec
 from fkd.objective import Objective
 from fkd.optim import GradientTransformation, optimizer_from_config
@@ -52,6 +57,27 @@ class TrainingSetup:
         return current_lr(self.schedule, state)
 
 
+def for_this_world(model, train: TrainConfig, objective_state: dict | None, *, batch_size: int, train_mode: bool):
+    """``(model, data_parallel)`` for this process: as given in a single process; under torchrun the
+    step's :class:`~fkd.data_parallel.DataParallel` and, with ``train.sync_batchnorm`` (the default),
+    the model with synchronised BatchNorm in its train template (:mod:`fkd.models.sync_batchnorm`).
+
+    Refused under torchrun: a global batch smaller than the process count, and loss terms with state
+    (a memory bank), which each rank would update from its own slice only.
+    """
+    world = distributed.world()
+    if not world.parallel:
+        return model, None
+    world.check_batch(batch_size)
+    stateful = [name for name, st in (objective_state or {}).items() if tree_leaves(st)]
+    if stateful:
+        raise ConfigError(f"loss term '{stateful[0]}' keeps state across steps, which data-parallel training "
+                          "does not yet share between processes; run it in one process (without torchrun).")
+    if train.sync_batchnorm and train_mode:
+        model = with_synced_batchnorm(model, world.group_name, world.rank, world.size)
+    return model, DataParallel(world.group_name, batch_size)
+
+
 def build_training(
     model,
     objective: Objective,
@@ -73,6 +99,8 @@ def build_training(
     optimizer_key: str = "train.optimizer",
     compile: str | None = None,
     quiet: bool = False,
+    mix: Callable | None = None,
+    split_batches: bool = True,
 ) -> TrainingSetup:
     """Optimizer and schedule (from ``train.optimizer``), initial state, step and loop spec of one run.
 
@@ -88,9 +116,16 @@ def build_training(
         augment: whether the training view is random (:attr:`fkd.data.DataBundle.augments`).
         teacher: the teacher's template when the step runs it live (None with cached outputs).
         compile: overrides ``train.compile`` (the bench times eager and compiled steps side by side).
+        mix: the step's image mixing for function matching (:func:`fkd.mixup.make_mixer`), or None.
+        split_batches: under torchrun, split each batch over the ranks (:func:`for_this_world`); False
+            when every rank trains models of its own (a sweep's students).
     """
     optimizer, schedule = optimizer_from_config(train.optimizer, max(steps_per_epoch, 1), train.epochs,
                                                 key=optimizer_key)
+    data_parallel = None
+    if split_batches:
+        model, data_parallel = for_this_world(model, train, objective_state, batch_size=batch_size,
+                                              train_mode=train_mode)
     channels_last = uses_channels_last(train, device)
     layout = to_channels_last if channels_last else _same_layout
     state = layout(init_train_state(params, buffers, optimizer, objective_params=objective_params,
@@ -98,6 +133,6 @@ def build_training(
     step = make_train_step(model, objective, optimizer, teacher=teacher, train_mode=train_mode,
                            precision=train.precision, compile=train.compile if compile is None else compile,
                            compile_mode=train.compile_mode, channels_last=channels_last, device=device,
-                           steps_per_epoch=max(steps_per_epoch, 1))
+                           steps_per_epoch=max(steps_per_epoch, 1), data_parallel=data_parallel, mix=mix)
     spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet)
     return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

@@ -39,6 +39,7 @@ import torch
 from torch.func import grad_and_value
 
 from fkd import prng
+from fkd.data_parallel import DataParallel
 from fkd.models import Model
 from fkd.objective import Objective
 from fkd.optim import GradientTransformation, apply_updates, global_norm
@@ -47,6 +48,8 @@ from fkd.terms import TermInputs
 
 State = dict[str, Any]
 Metrics = dict[str, torch.Tensor]
+
+MIX_STREAM = 0x6D6978  # folded into the step's key for the image mixing ("mix")
 
 
 def init_train_state(
@@ -115,6 +118,8 @@ def make_train_step(
     channels_last: bool = False,
     device: torch.device | str | None = None,
     steps_per_epoch: int | None = None,
+    mix: Callable | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)``.
 
@@ -138,20 +143,42 @@ def make_train_step(
         steps_per_epoch: optimizer steps per epoch; the terms then see ``inputs.epoch = step /
             steps_per_epoch`` (a 0-d tensor computed in the step, so a warm-up never recompiles). None
             leaves ``epoch`` unset, and a term that consumes it fails with its name.
+        mix: ``mix(x, key) -> x`` mixes the batch's images (function matching's mixup / cutmix, see
+            :func:`fkd.mixup.make_mixer`) with a key folded from this step's key; the teacher and the
+            student both see the mixed images, so the teacher runs live (a batch with cached teacher
+            outputs is refused).
+        data_parallel: under torchrun, how this rank's slice of the global batch joins the others'
+            (:class:`fkd.data_parallel.DataParallel`): the rank differentiates its share of the global
+            mean loss and one all-reduce sums gradients, loss and metrics, so every rank applies the
+            single-process gradient of the global batch. None in a single process.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
-    ``grad_norm``, ``finite`` (bool).
+    ``grad_norm``, ``finite`` (bool). ``correct`` and ``count`` cover the labeled examples only
+    (label >= 0; unlabeled transfer-set examples carry -1).
     """
     device_type = torch.device(device).type if device is not None else "cpu"
     layout = to_channels_last if channels_last else (lambda tree: tree)
     # When no term reads the teacher's logits, run it only as far as its features need (an FX teacher
     # is cut after its last feature; torch.compile would drop the rest anyway).
-    teacher_features_only = None
-    if teacher is not None and objective.needs_teacher_features and not objective.needs_teacher_logits:
-        teacher_features_only = teacher.features_fn()
+    # The same cut teacher serves a cache that holds the logits only (features too large for it).
+    teacher_features_only = live_features = None
+    if teacher is not None and objective.needs_teacher_features:
+        live_features = teacher.features_fn()
+        if not objective.needs_teacher_logits:
+            teacher_features_only = live_features
 
     def teacher_outputs(batch, x, teacher_vars):
         if "teacher_logits" in batch:
+            if mix is not None:
+                raise ValueError("the step mixes images (function matching), so the teacher must see the mixed "
+                                 "view: pass teacher_vars instead of cached teacher outputs")
+            if objective.needs_teacher_features and "teacher_features" not in batch:  # a logits-only cache
+                if live_features is None or teacher_vars is None:
+                    raise ValueError("the cache holds teacher logits only: pass teacher= and teacher_vars for "
+                                     "the features")
+                with torch.no_grad(), precision_autocast(device_type, precision):
+                    features = live_features(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
+                return batch["teacher_logits"], {k: v.float() for k, v in features.items()}
             return batch["teacher_logits"], batch.get("teacher_features", {})
         if not objective.needs_teacher:
             return None, {}
@@ -166,8 +193,10 @@ def make_train_step(
 
     def step(state: State, batch: dict, teacher_vars: dict | None = None) -> tuple[State, Metrics]:
         x, y = layout(batch["x"]), batch["y"]
-        t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         key = prng.fold_in(state["key"], state["step"])
+        if mix is not None:  # its own stream, independent of the numbers the terms draw from ``key``
+            x = mix(x, prng.fold_in(key, MIX_STREAM))
+        t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         epoch = state["step"].to(torch.float32) / steps_per_epoch if steps_per_epoch else None
         hyper = state.get("hyper")  # a sweep member's own numbers (see fkd.sweep); None in a plain run
 
@@ -181,10 +210,17 @@ def make_train_step(
             inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key, epoch)
             loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs,
                                                        hyper.get("terms") if hyper else None)
+            if data_parallel is not None:  # this rank's share of the global batch mean
+                share = data_parallel.share(y.shape[0])
+                loss, metrics = loss * share, {k: v * share for k, v in metrics.items()}
             return loss, (metrics, new_buffers, logits, objective_state)
 
         grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
             state["params"])
+        correct = ((logits.argmax(dim=-1) == y) & (y >= 0)).sum()  # labeled examples only
+        count = (y >= 0).sum()
+        if data_parallel is not None:  # sums over ranks: the global batch's gradient, loss and tallies
+            grads, loss, metrics, correct, count = data_parallel.reduce(grads, loss, metrics, correct, count)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         if hyper:  # the optimizer runs at the group's reference rate; each student scales its own step
             updates = tree_map(lambda u: u * hyper["lr_scale"].to(u.dtype), updates)
@@ -213,8 +249,8 @@ def make_train_step(
         metrics = {
             **metrics,
             "loss": loss.detach(),
-            "correct": (logits.argmax(dim=-1) == y).sum(),
-            "count": torch.full((), y.shape[0], dtype=torch.int64, device=y.device),
+            "correct": correct,
+            "count": count,
             "grad_norm": grad_norm.detach(),
             "finite": finite,
         }

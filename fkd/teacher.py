@@ -9,6 +9,9 @@ Fit modes (``teacher.mode``):
 
 A teacher checkpoint (kind ``teacher``) holds the model spec, the full params and buffers, and its
 test accuracy; it never holds optimizer state.
+
+A teacher is fitted on labeled examples only: with a transfer set (``data.transfer``) the data are read
+again without it (:func:`fkd.data.transfer.labeled_only`); ``data.label_fraction`` still applies.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from typing import Callable
 
 import torch
 
+from fkd import distributed
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
+from fkd.data import load_data
+from fkd.data.transfer import labeled_only
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import make_evaluator
 from fkd.fit import fit
@@ -69,14 +75,23 @@ def fit_teacher(
     t = cfg.teacher
     if t.mode == "scratch" and t.weights != "none":
         raise ConfigError("teacher.mode = 'scratch' trains from random weights; set teacher.weights = 'none'.")
+    if bool((data.train.labels < 0).any()):  # a transfer set: the teacher is fitted on labeled examples only
+        data = load_data(labeled_only(cfg.data), device=device)
+        echo(f"teacher fit: the {len(data.train)} labeled training images only (data.transfer ignored)")
     ckpt_path = teacher_checkpoint_path(cfg, run)
     model, params, buffers = build_teacher(
         cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
     )
-    with RunLock(run.path):
+    world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
+
+    def decide() -> RunStart:
         start = decide_start(run, kind="teacher_run", config_text=dumps(cfg), resume=resume,
                              num_examples=len(data.train), batch_size=cfg.data.batch_size, label="teacher")
         _check_may_replace(ckpt_path, start, overwrite)
+        return start
+
+    with distributed.on_main(lambda: RunLock(run.path)):
+        start = world.from_main(decide)
         trainable, frozen = _split_trainable(model, params, t.mode)
         training = build_training(
             model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
@@ -85,9 +100,10 @@ def fit_teacher(
             batch_size=cfg.data.batch_size, seed=cfg.seed, augment=cfg.data.augments, device=device,
             label="teacher", optimizer_key="teacher.train.optimizer", quiet=quiet)
         start.check_state(training.state)
-        _check_writable(ckpt_path)
-        start.begin(echo=echo)
-        run.write_config(cfg)
+        if world.is_main:
+            _check_writable(ckpt_path)
+            start.begin(echo=echo)
+            run.write_config(cfg)
 
         def weights_of(st: dict) -> dict:
             return {**st["frozen"], **st["params"]["model"]}
@@ -99,7 +115,8 @@ def fit_teacher(
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate,
                     extra_payload=lambda st: {"model": dict(model.spec)})
         final = evaluate(state)
-        save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
+        if world.is_main:
+            save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
         summary = {
             "kind": "teacher",
             "arch": t.arch,
@@ -110,9 +127,12 @@ def fit_teacher(
             "size_bytes": size_bytes(weights_of(state), state["buffers"]),
             "checkpoint": str(ckpt_path),
         }
-        run.write_summary(summary)
-        plot_curves(run.read_metrics(), run.curves_path)
-    echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")
+        if world.is_main:
+            run.write_summary(summary)
+            plot_curves(run.read_metrics(), run.curves_path)
+    world.barrier()  # the checkpoint is written before any rank goes on to read it (a distill fitting its teacher)
+    if world.is_main:
+        echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")
     return summary
 
 

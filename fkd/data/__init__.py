@@ -4,6 +4,9 @@
 sources yield ``(x, y, idx)`` batches. The pieces, one concept per module:
 
 * :mod:`fkd.data.datasets` -- reading digits, synthetic, CIFAR-10/100, STL-10, image folders;
+* :mod:`fkd.data.stl10` -- STL-10's binaries memory-mapped (its 100,000 unlabeled images included);
+* :mod:`fkd.data.transfer` -- transfer sets: unlabeled examples (label -1), ``label_fraction`` and
+  batches with a fixed share of labeled examples;
 * :mod:`fkd.data.views` -- the deterministic per-example view (resize shorter side, centre crop);
 * :mod:`fkd.data.transforms` -- the batched on-device crop / flip / normalise;
 * :mod:`fkd.data.order` -- the shuffle order and augmentation seeds, pure functions of

@@ -49,10 +49,12 @@ class Source(Protocol):
 class _SourceBase:
     """What both sources share: labels, the transform, the order and the per-batch seeds."""
 
-    def __init__(self, labels: Tensor, transform: BatchTransform, device: torch.device | str) -> None:
+    def __init__(self, labels: Tensor, transform: BatchTransform, device: torch.device | str,
+                 labeled_share: float = 0.0) -> None:
         self.labels = labels.to("cpu", torch.int64)
         self.transform = transform
         self.device = torch.device(device)
+        self.labeled_share = labeled_share
         self._labels_on_device = self.labels.to(self.device)
 
     def __len__(self) -> int:
@@ -61,6 +63,19 @@ class _SourceBase:
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """``ceil(N / batch_size)``, or ``floor`` with ``drop_last``."""
         return batch_count(len(self), batch_size, drop_last)
+
+    def epoch_order(self, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool) -> Tensor:
+        """The epoch's example order, (num_batches * B,) or (N,) int64 on the CPU.
+
+        Shuffled with ``labeled_share > 0``: every batch holds that share of labeled examples
+        (:func:`fkd.data.transfer.mixed_order`); otherwise :func:`fkd.data.order.epoch_order`.
+        """
+        if shuffle and self.labeled_share:
+            from fkd.data.transfer import mixed_order
+
+            return mixed_order(self.labels, batch_size, self.labeled_share, seed=seed, epoch=epoch,
+                               batches=self.num_batches(batch_size, drop_last))
+        return epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch)
 
     def _to_device(self, t: Tensor) -> Tensor:
         if self.device.type == "cuda":
@@ -89,8 +104,8 @@ class InMemorySource(_SourceBase):
     """
 
     def __init__(self, views: Tensor, labels: Tensor, transform: BatchTransform,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__(labels, transform, device)
+                 device: torch.device | str = "cpu", labeled_share: float = 0.0) -> None:
+        super().__init__(labels, transform, device, labeled_share)
         if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[0] != len(self):
             raise ValueError(f"views must be uint8 (N, 3, R, R) with N = {len(self)}, got {views.dtype} {tuple(views.shape)}")
         self.views = views.to(self.device)
@@ -98,8 +113,9 @@ class InMemorySource(_SourceBase):
     def batches(self, batch_size: int, *, shuffle: bool, epoch: int = 0, seed: int = 0, start: int = 0,
                 augment: bool = False, drop_last: bool = False) -> Iterator[Batch]:
         """Batches of the epoch from batch ``start`` on (see :class:`Source`)."""
-        order = self._to_device(epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch))
-        for b, lo, hi in batch_bounds(len(self), batch_size, start=start, drop_last=drop_last):
+        order = self._to_device(self.epoch_order(batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                                 drop_last=drop_last))
+        for b, lo, hi in batch_bounds(order.shape[0], batch_size, start=start, drop_last=drop_last):
             idx = order[lo:hi]
             yield self._finish(self.views.index_select(0, idx), idx, b, augment=augment, seed=seed, epoch=epoch)
 
@@ -158,8 +174,8 @@ class StreamingSource(_SourceBase):
     """
 
     def __init__(self, dataset: Dataset, labels: Tensor, transform: BatchTransform,
-                 device: torch.device | str = "cpu", num_workers: int = 0) -> None:
-        super().__init__(labels, transform, device)
+                 device: torch.device | str = "cpu", num_workers: int = 0, labeled_share: float = 0.0) -> None:
+        super().__init__(labels, transform, device, labeled_share)
         if len(dataset) != len(self):
             raise ValueError(f"dataset has {len(dataset)} items but {len(self)} labels")
         self.dataset = dataset
@@ -172,8 +188,8 @@ class StreamingSource(_SourceBase):
         The batch sampler is the same permutation :class:`InMemorySource` uses, cut into the
         same chunks, so both produce identical batches; skipped batches are never loaded.
         """
-        order = epoch_order(len(self), shuffle=shuffle, seed=seed, epoch=epoch)
-        bounds = list(batch_bounds(len(self), batch_size, start=start, drop_last=drop_last))
+        order = self.epoch_order(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        bounds = list(batch_bounds(order.shape[0], batch_size, start=start, drop_last=drop_last))
         if not bounds:
             return
         loader = DataLoader(

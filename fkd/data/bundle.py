@@ -11,6 +11,7 @@ import torch
 from fkd.config import DataConfig
 from fkd.data.batches import InMemorySource, Source, StreamingSource, load_views
 from fkd.data.datasets import Split, TensorViews, read_splits
+from fkd.data.transfer import training_split
 from fkd.data.transforms import BatchTransform
 
 # in_memory = "auto" holds a split on the device when its uint8 views fit in this many bytes.
@@ -65,7 +66,8 @@ def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu") -> DataBun
     device = torch.device(device)
     splits = read_splits(cfg, view_size(cfg))
     train_split = splits.train.head(cfg.train_limit) if cfg.train_limit else splits.train
-    train = _make_source(train_split, BatchTransform.for_split(cfg, train=True), cfg, device)
+    train_split = training_split(cfg, train_split, splits.unlabeled)  # label_fraction, the transfer set
+    train = _make_source(train_split, BatchTransform.for_split(cfg, train=True), cfg, device, cfg.labeled_share)
     test = _make_source(splits.test, BatchTransform.for_split(cfg, train=False), cfg, device)
     return DataBundle(
         train=train, test=test,
@@ -74,14 +76,15 @@ def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu") -> DataBun
     )
 
 
-def _make_source(split: Split, transform: BatchTransform, cfg: DataConfig, device: torch.device) -> Source:
+def _make_source(split: Split, transform: BatchTransform, cfg: DataConfig, device: torch.device,
+                 labeled_share: float = 0.0) -> Source:
     if not holds_in_memory(cfg.in_memory, len(split), view_size(cfg)):
-        return StreamingSource(split.dataset, split.labels, transform, device, cfg.num_workers)
+        return StreamingSource(split.dataset, split.labels, transform, device, cfg.num_workers, labeled_share)
     if isinstance(split.dataset, TensorViews):
         views = split.dataset.views
     else:
         views = load_views(split.dataset, num_workers=cfg.num_workers)
-    return InMemorySource(views, split.labels, transform, device)
+    return InMemorySource(views, split.labels, transform, device, labeled_share)
 
 
 def data_fingerprint(cfg: DataConfig, identity: dict, train_labels: torch.Tensor) -> str:
@@ -98,4 +101,6 @@ def data_fingerprint(cfg: DataConfig, identity: dict, train_labels: torch.Tensor
         "n": int(labels.shape[0]),
         "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
     }
+    if cfg.transfer != "none" or cfg.label_fraction < 1:  # which images the split holds (absent: as before)
+        payload.update(transfer=cfg.transfer, label_fraction=cfg.label_fraction)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -75,12 +75,17 @@ class Split:
 
 @attrs.frozen
 class Splits:
-    """A data set as read: both splits, class names, and ``identity`` (JSON-able, for fingerprints)."""
+    """A data set as read: both splits, class names, and ``identity`` (JSON-able, for fingerprints).
+
+    ``unlabeled``: the data set's own unlabeled images (labels all -1), read only when
+    ``data.transfer = "unlabeled"`` (STL-10's unlabeled split, an image folder's ``unlabeled/``), else None.
+    """
 
     train: Split
     test: Split
     class_names: list[str]
     identity: dict
+    unlabeled: Split | None = None
 
 
 def read_splits(cfg: DataConfig, view_size: int) -> Splits:
@@ -233,8 +238,46 @@ def _read_torchvision(cfg: DataConfig, view_size: int) -> Splits:
     )
 
 
-for _name in _TORCHVISION:
+for _name in ("cifar10", "cifar100"):
     DATASETS.register(_name, _read_torchvision)
+
+
+@DATASETS.register("stl10")
+def _read_stl10(cfg: DataConfig, view_size: int) -> Splits:
+    """STL-10's binaries memory-mapped (:mod:`fkd.data.stl10`): train (5,000), test (8,000) and, with
+    ``data.transfer = "unlabeled"``, the 100,000 unlabeled images. Missing files are downloaded once by
+    torchvision's own code (which md5-checks the archive) when ``data.download`` allows."""
+    from fkd.data import stl10
+
+    spec = _TORCHVISION["stl10"]
+    root = Path(cfg.root).expanduser()
+    folder = root / stl10.FOLDER
+    splits = ["train", "test"] + (["unlabeled"] if cfg.transfer == "unlabeled" else [])
+    missing = [f for split in splits for f in stl10.split_files(folder, split) if not f.is_file()]
+    if missing:
+        if not cfg.download:
+            raise DataError(_unavailable(spec, folder, False, FileNotFoundError(missing[0])))
+        import torchvision.datasets
+
+        try:  # the first download: torchvision fetches, md5-checks and extracts the archive
+            torchvision.datasets.STL10(str(root), split="test", download=True)
+        except _READ_ERRORS as exc:
+            raise DataError(_unavailable(spec, folder, True, exc)) from None
+    view = PilSquareView(view_size)
+    read = {}
+    for split in splits:
+        images = folder / stl10.FILES[split][0]
+        n = stl10.image_count(images)
+        labels_file = stl10.FILES[split][1]
+        labels = stl10.read_labels(folder / labels_file, n) if labels_file else torch.full((n,), -1, dtype=torch.int64)
+        read[split] = Split(stl10.Stl10Images(images, labels, view), labels)
+    names_file = folder / "class_names.txt"
+    class_names = names_file.read_text().splitlines() if names_file.is_file() else list(STL10_CLASSES)
+    identity = {"source": "stl10_binary", "root": str(root.resolve())}
+    if "unlabeled" in read:
+        identity["unlabeled"] = len(read["unlabeled"])
+    return Splits(train=read["train"], test=read["test"], class_names=[c for c in class_names if c],
+                  identity=identity, unlabeled=read.get("unlabeled"))
 
 
 def _unavailable(spec: _TorchvisionSpec, folder: Path, download: bool, exc: Exception) -> str:
@@ -311,10 +354,40 @@ def _read_imagefolder(cfg: DataConfig, view_size: int) -> Splits:
             raise DataError(f"class folder '{directory / empty}' has no images; add some or remove the folder "
                             "from both splits.")
         splits.append(Split(dataset, torch.as_tensor(dataset.targets, dtype=torch.int64)))
-    return Splits(
-        train=splits[0], test=splits[1], class_names=list(splits[0].dataset.classes),
-        identity={"source": "imagefolder", "root": str(root.resolve()), "files": _files_digest(splits[0].dataset)},
-    )
+    identity = {"source": "imagefolder", "root": str(root.resolve()), "files": _files_digest(splits[0].dataset)}
+    unlabeled = None
+    if cfg.transfer == "unlabeled":
+        unlabeled = _unlabeled_folder(root / "unlabeled", view)
+        identity["unlabeled"] = _files_digest(unlabeled.dataset)
+    return Splits(train=splits[0], test=splits[1], class_names=list(splits[0].dataset.classes), identity=identity,
+                  unlabeled=unlabeled)
+
+
+class _ImageFiles(Dataset):
+    """Images without classes: ``dataset[i] = (view(image i), -1)``; ``samples`` as ImageFolder's (for the digest)."""
+
+    def __init__(self, paths: list[str], view) -> None:
+        self.samples = [(p, -1) for p in paths]
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return self.view(_load_rgb(self.samples[i][0])), -1
+
+
+def _unlabeled_folder(directory: Path, view) -> Split:
+    """Every image under ``directory`` (subfolders included, sorted by path) as an unlabeled split."""
+    if not directory.is_dir():
+        raise DataError(f"data.transfer = 'unlabeled' reads '{directory}', which does not exist; put the unlabeled "
+                        "images there (no class folders needed) or set data.transfer = 'none'.")
+    paths = sorted(str(p) for p in directory.rglob("*")
+                   if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS) and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"no images found under '{directory}' (looked for {', '.join(IMG_EXTENSIONS)}); add the "
+                        "unlabeled images or set data.transfer = 'none'.")
+    return Split(_ImageFiles(paths, view), torch.full((len(paths),), -1, dtype=torch.int64))
 
 
 def _files_digest(dataset: ImageFolder) -> str:

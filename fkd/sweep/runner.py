@@ -26,6 +26,7 @@ continues bit-exactly on a CPU.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,15 +34,19 @@ from typing import Callable
 import attrs
 import torch
 
+from fkd import distributed
 from fkd.atomic import remove_stale_temporaries
 from fkd.cache import build_cache, cache_key, teacher_batch_outputs
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
 from fkd.data import load_data
+from fkd.data.transfer import describe as describe_transfer
 from fkd.distill import ensure_teacher, preflight
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
-from fkd.loop import Interrupted, StopRequest, steps_per_epoch
+from fkd.mixup import describe as describe_mixing
+from fkd.mixup import make_mixer
+from fkd.loop import Interrupted, StopRequest, should_stop, steps_per_epoch
 from fkd.models.from_config import build_student
 from fkd.progress import Progress
 from fkd.pytree import tree_map, tree_to
@@ -106,11 +111,19 @@ class GroupSetup:
     reference_lr: float
     augment: bool
     steps_per_epoch: int
+    mixes: bool = False  # function matching: the step mixes images and runs the teacher on them itself
+    part: tuple | None = None  # under torchrun: [lo, hi) of the group's students this rank trains
+
+    @property
+    def members(self) -> tuple:
+        """The students this process trains: the whole group, or its rank's part under torchrun."""
+        return self.group.students if self.part is None else self.group.students[self.part[0]:self.part[1]]
 
     @property
     def shared_order(self) -> bool:
-        """Random views and a live teacher: all students see the same batches (seeds vary the init only)."""
-        return self.augment and self.objective.needs_teacher
+        """Random views and a live teacher: all students see the same batches (seeds vary the init only).
+        Not with function matching: each student's step mixes with its own key and runs the teacher there."""
+        return self.augment and self.objective.needs_teacher and not self.mixes
 
     def init_state(self, s: Student, device) -> dict:
         return student_state(s.config, self.objective, self.shapes, self.data.num_classes, self.optimizer,
@@ -141,24 +154,31 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
     obj = pre.objective
     teacher = teacher_vars = lookup = None
     augment = base.data.augments
+    if (note := describe_transfer(base.data, data.train.labels)) is not None:
+        echo(note)
+    if base.data.mixes:
+        echo(describe_mixing(base.data.mixup, base.data.cutmix))
     if obj.needs_teacher:
         t_path = ensure_teacher(base, data, device, echo=echo, quiet=quiet)
         teacher, teacher_vars, _ = load_teacher(t_path, base, data.num_classes, obj.teacher_feature_names, device)
-        if base.teacher.cache != "off" and not augment:
+        if base.teacher.cache != "off" and not augment and not base.data.mixes:
             ck = cache_key(t_path, data.fingerprint, teacher.feature_names, base.train.precision)
             cache = build_cache(teacher, teacher_vars, data.train, mode=base.teacher.cache, key=ck,
                                 cache_dir=base.teacher.cache_dir, batch_size=base.data.eval_batch_size,
-                                precision=base.train.precision, device=device, echo=echo)
+                                precision=base.train.precision, device=device, echo=echo,
+                                max_bytes=int(base.teacher.cache_max_gb * 1e9))
             lookup = cache.lookup
     nb = steps_per_epoch(len(data.train), base.data.batch_size)
     training = build_training(
         pre.student, obj, base.train, params=pre.params, buffers=pre.buffers, teacher=teacher,
         steps_per_epoch=nb, batch_size=base.data.batch_size, seed=base.seed, augment=augment, device=device,
-        compile="off", quiet=True)
+        compile="off", quiet=True, mix=make_mixer(base.data.mixup, base.data.cutmix),
+        split_batches=False)  # under torchrun each rank trains students of its own
     if teacher_vars is not None:
         teacher_vars = training.layout(teacher_vars)
     return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher, teacher_vars, lookup, training.step,
-                      training.optimizer, training.layout, base.train.optimizer.learning_rate, augment, nb)
+                      training.optimizer, training.layout, base.train.optimizer.learning_rate, augment, nb,
+                      base.data.mixes)
 
 
 def _stack(states: list[dict]) -> dict:
@@ -194,7 +214,7 @@ class _Trainer:
         return [o[0] for o in out], [o[1] for o in out]
 
     def to_list(self, states) -> list[dict]:
-        return _unstack(states, len(self.setup.group.students)) if self.strategy == "vmap" else list(states)
+        return _unstack(states, len(self.setup.members)) if self.strategy == "vmap" else list(states)
 
     def from_list(self, states: list[dict]):
         return _stack(states) if self.strategy == "vmap" else states
@@ -210,7 +230,7 @@ def _teacher_batch(setup: GroupSetup, x: torch.Tensor) -> dict:
 def _epoch_batches(setup: GroupSetup, epoch: int, start: int, strategy: str):
     """Per step, one batch dict per student (each its own order, or the shared one)."""
     cfg = setup.group.base.config
-    students = setup.group.students
+    students = setup.members
     seeds = [cfg.seed] if setup.shared_order else [s.seed for s in students]
     iters = [setup.data.train.batches(cfg.data.batch_size, shuffle=True, epoch=epoch, seed=seed, start=start,
                                       augment=setup.augment, drop_last=True) for seed in seeds]
@@ -231,7 +251,8 @@ def _epoch_batches(setup: GroupSetup, epoch: int, start: int, strategy: str):
 def _evaluate(setup: GroupSetup, state: dict, device) -> float:
     cfg = setup.group.base.config
     result = evaluate_model(setup.student, state["params"]["model"], state["buffers"], setup.data.test,
-                            batch_size=cfg.data.eval_batch_size, num_classes=setup.data.num_classes, device=device)
+                            batch_size=cfg.data.eval_batch_size, num_classes=setup.data.num_classes, device=device,
+                            shard=False)  # under torchrun each rank evaluates its own students
     return result["accuracy"]
 
 
@@ -242,16 +263,24 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
         raise FkdError(f"--save must be one of {', '.join(SAVE_CHOICES)} (got {save!r}).")
     strategy = choose_strategy(strategy, device)
     sweep_text = _sweep_text(plan)
-    with RunLock(run.path):  # one process per sweep directory; a refusal below leaves it as it was
-        saved = _resume_point(run, sweep_text, resume)
-        run.prepare()
-        remove_stale_temporaries(run.path, [run.config_path.name, "grid.json", "sweep.jsonl", "sweep_summary.json",
-                                            "sweep.png"])
-        remove_stale_temporaries(run.checkpoint_dir, [run.latest.name])
-        write_text_atomic(run.config_path, dumps(plan.groups[0].base.config))
-        write_text_atomic(run.path / "grid.json", sweep_text)
+    world = distributed.world()  # under torchrun: each rank trains a part of every group, rank 0 writes
+    smallest = min(len(g.students) for g in plan.groups)
+    if smallest < world.size:
+        raise distributed.SharedError(f"a group of this sweep has {smallest} students, fewer than the {world.size} "
+                                      "processes sharing them; start fewer processes or sweep more seeds.")
+    # one process per sweep directory; a refusal below leaves it as it was
+    with distributed.on_main(lambda: RunLock(run.path)):
+        saved = world.from_main(lambda: _resume_point(run, sweep_text, resume))
+        if world.is_main:
+            run.prepare()
+            remove_stale_temporaries(run.path, [run.config_path.name, "grid.json", "sweep.jsonl",
+                                                "sweep_summary.json", "sweep.png"])
+            remove_stale_temporaries(run.checkpoint_dir, [run.latest.name])
+            write_text_atomic(run.config_path, dumps(plan.groups[0].base.config))
+            write_text_atomic(run.path / "grid.json", sweep_text)
         echo(f"sweep: {plan.describe()}, strategy {strategy} "
-             f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}")
+             f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}"
+             + (f", students spread over {world.size} processes" if world.parallel else ""))
         finished = saved["finished"] if saved else []
         records = saved["records"] if saved else []
         data_cache: dict = {}
@@ -260,43 +289,50 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
                 if saved and gi < saved["group"]:
                     continue
                 setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
+                if world.parallel:
+                    setup = attrs.evolve(setup, part=world.part(len(group.students)))
                 where = saved if saved and gi == saved["group"] else None
                 finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records,
                                          finished, sweep_text, stop, quiet, echo, save)
                 saved = None
-        summary = _write_outputs(plan, run, finished, strategy, echo)
+        summary = _write_outputs(plan, run, finished, strategy, echo) if world.is_main else {}
     return summary
 
 
 def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, records, finished, sweep_text,
                  stop, quiet, echo, save) -> list[dict]:
-    students = setup.group.students
+    students = setup.members
     cfg = setup.group.base.config
+    world = distributed.world()
     trainer = _Trainer(setup, strategy, device)
     if where is not None:
-        states = [tree_to(st, device) for st in where["states"]]
+        lo, hi = setup.part if setup.part is not None else (0, len(students))
+        states = [tree_to(st, device) for st in where["states"][lo:hi]]
         start_epoch, start_batch = where["epoch"], where["batch"]
     else:
         states = [setup.init_state(s, device) for s in students]
         start_epoch, start_batch = 0, 0
-    echo(f"group {gi + 1}/{n_groups}: {len(students)} students, "
+    echo(f"group {gi + 1}/{n_groups}: {len(setup.group.students)} students, "
          f"{'shared order: seeds vary initialisation only' if setup.shared_order else 'independent orders'}"
          f"{', teacher outputs cached' if setup.lookup is not None else ''}")
     stacked = trainer.from_list(states)
     nb = setup.steps_per_epoch
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_checkpoint(run.latest, {
-            "sweep": sweep_text, "group": gi, "epoch": epoch, "batch": batch,
-            "states": [tree_map(lambda t: t.detach().cpu(), st) for st in trainer.to_list(stacked)],
-            "finished": finished, "records": records,
-        }, "sweep_run")
+        # every rank's students, in group order, gathered to be written by rank 0
+        states = world.gather([tree_map(lambda t: t.detach().cpu(), st) for st in trainer.to_list(stacked)])
+        if world.is_main:
+            save_checkpoint(run.latest, {
+                "sweep": sweep_text, "group": gi, "epoch": epoch, "batch": batch,
+                "states": states, "finished": finished, "records": records,
+            }, "sweep_run")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         first = start_batch if epoch == start_epoch else 0
         sums = [dict() for _ in students]
-        progress = None if quiet else Progress(nb, f"group {gi + 1}/{n_groups} epoch {epoch + 1}/{cfg.train.epochs} "
-                                                   f"({len(students)} students)")
+        progress = None if quiet or not world.is_main else Progress(
+            nb, f"group {gi + 1}/{n_groups} epoch {epoch + 1}/{cfg.train.epochs} ({len(setup.group.students)} students"
+                + (f" over {world.size} processes)" if world.parallel else ")"))
         t0, images, done = time.perf_counter(), 0, first
         for batches in _epoch_batches(setup, epoch, first, strategy):
             stacked, metrics = trainer.run(stacked, batches, setup.teacher_vars)
@@ -304,18 +340,20 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                 sums[k] = {name: sums[k].get(name, 0) + v.detach() for name, v in m.items() if name != "finite"}
             done += 1
             images += sum(b["y"].shape[0] for b in batches)
-            if progress is not None and (done % cfg.train.log_every == 0 or done == nb):
+            sync = done % cfg.train.log_every == 0 or done == nb
+            if progress is not None and sync:
                 progress.update(done, **{"img/s": images / (time.perf_counter() - t0)})
-            if stop.signum is not None:
+            if should_stop(stop, world, sync):
                 checkpoint(epoch, done) if done < nb else checkpoint(epoch + 1, 0)
-                raise Interrupted(stop.signum, epoch, done)
+                raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
         if progress is not None:
             progress.close()
         states_now = trainer.to_list(stacked)
+        epoch_records = []
         for k, (s, st) in enumerate(zip(students, states_now)):
             steps = max(done - first, 1)
             diverged = int(st["bad_step"]) >= 0
-            records.append({
+            epoch_records.append({
                 "student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi, "epoch": epoch + 1,
                 "train_loss": float(sums[k]["loss"]) / steps if "loss" in sums[k] else None,
                 **{f"train_{n}": float(v) / steps for n, v in sums[k].items()
@@ -324,21 +362,27 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                 "test_acc": _evaluate(setup, st, device),
                 "diverged": diverged,
             })
-        write_text_atomic(run.path / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        records += world.gather(epoch_records)
+        if world.is_main:
+            write_text_atomic(run.path / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         checkpoint(epoch + 1, 0)
+    students = setup.group.students  # the whole group from here on: rank 0 saves what was asked for
     states_now = trainer.to_list(stacked)
+    if world.parallel:
+        states_now = world.gather([tree_map(lambda t: t.detach().cpu(), st) for st in states_now]
+                                  if save != "none" else [None] * len(states_now))
     results = []
     for s, st in zip(students, states_now):
         last = next(r for r in reversed(records) if r["student"] == s.label)
         results.append({"student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi,
                         "test_acc": last["test_acc"], "diverged": last["diverged"],
                         "baseline": not s.objective.needs_teacher})
-        if save == "all":
+        if save == "all" and world.is_main:
             _save_student(run, setup, s, st)
     if save == "best":  # the best of the whole sweep so far: replaces an earlier group's best
         best = max((r for r in results if not r["diverged"]), key=lambda r: r["test_acc"], default=None)
         before = max((r for r in finished if not r["diverged"]), key=lambda r: r["test_acc"], default=None)
-        if best is not None and (before is None or best["test_acc"] > before["test_acc"]):
+        if best is not None and (before is None or best["test_acc"] > before["test_acc"]) and world.is_main:
             k = [r["student"] for r in results].index(best["student"])
             _save_student(run, setup, students[k], states_now[k])
             if before is not None:

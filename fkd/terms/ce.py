@@ -11,9 +11,11 @@ from fkd.terms.base import Term, register_term
 @register_term("ce")
 @attrs.frozen
 class CrossEntropy(Term):
-    """``-(1/B) sum_b log softmax(z_s)_b[y_b]`` (:func:`fkd.losses.cross_entropy`); no hyper-parameters."""
+    """``-(1/L) sum_{b: y_b >= 0} log softmax(z_s)_b[y_b]`` over the L labeled examples of the batch
+    (:func:`fkd.losses.cross_entropy`; unlabeled transfer-set examples carry label -1 and are masked out,
+    an all-unlabeled batch gives 0); no hyper-parameters."""
 
-    summary = "cross-entropy with the labels"
+    summary = "cross-entropy with the labels (labeled examples only)"
     consumes = frozenset({"student_logits", "labels"})
 
     def apply(self, params, state, inputs):
