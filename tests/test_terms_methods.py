@@ -253,6 +253,7 @@ CLI_TABLES = {
     "dkd": (1.0, "warmup_epochs = 0.5"), "dist": (2.0, "temperature = 4.0"), "lskd": (9.0, ""),
     "sp": (100.0, 'student_feature = "block2"\nteacher_feature = "block2"'), "rkd": (1.0, ""),
     "pkt": (1000.0, ""), "cc": (0.5, ""), "nst": (10.0, ""), "vid": (0.5, ""),
+    "crd": (0.1, "nce_k = 32\nfeat_dim = 16"),
 }
 
 
@@ -261,7 +262,7 @@ def digits_root(tmp_path_factory):
     return tmp_path_factory.mktemp("digits_methods")  # one teacher for every term: fitted once
 
 
-@pytest.mark.parametrize("name", NEW_TERMS)
+@pytest.mark.parametrize("name", (*NEW_TERMS, "crd"))
 def test_term_trains_from_the_cli_on_digits(name, digits_root, one_thread):
     weight, keys = CLI_TABLES[name]
     cfg = digits_root / f"{name}.toml"
@@ -279,10 +280,16 @@ def test_term_trains_from_the_cli_on_digits(name, digits_root, one_thread):
         state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")["state"]
         log_scale = state["params"]["objective"]["vid"]["block1->block1"]["log_scale"]
         assert not torch.allclose(log_scale, torch.full_like(log_scale, math.log(math.expm1(5.0 - 1e-5))))
+    if name == "crd":  # its memory banks (one row per training image) and normalisers are checkpointed
+        state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")["state"]
+        bank = state["objective"]["crd"]
+        assert bank["memory_student"].shape == (48, 16) and bank["memory_teacher"].shape == (48, 16)
+        assert torch.allclose(bank["memory_student"].norm(dim=1), torch.ones(48))  # every row was updated
+        assert bank["z_student"] > 0 and bank["z_teacher"] > 0
 
 
 ALL_TABLES = "\n".join(f"[distill.terms.{name}]\nweight = {w}\n{keys}\n" for name, (w, keys) in CLI_TABLES.items()
-                       if name != "dkd")
+                       if name not in ("dkd", "crd"))
 
 
 def test_all_terms_in_one_sweep_vmapped_equal_the_loop(digits_root, one_thread):
