@@ -142,7 +142,8 @@ def test_a_diverging_student_is_frozen_and_the_others_go_on(tiny_config, tmp_pat
     assert all(torch.isfinite(t).all() for t in params.values())  # frozen at its last good weights
 
 
-def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [4 * 8, 4 * 6], ids=["mid-epoch", "epoch-end"])
+def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch, stop_at):
     cfg = tiny_config("logit")
     args = ["--config", cfg, "--quiet", "--seeds", "2", "--grid", "distill.temperature=2,4", "--strategy", "loop",
             "--save", "all"]
@@ -151,7 +152,7 @@ def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatc
     cut = tmp_path / "cut"
 
     def interrupt(n, batch):
-        if n == 4 * 8:  # 4 students a step, 6 steps an epoch: stops in epoch 2
+        if n == stop_at:  # 4 students a step, 6 steps an epoch: in epoch 2, or at epoch 1's last step
             signal.raise_signal(signal.SIGINT)
 
     with monkeypatch.context() as m:

@@ -333,7 +333,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         progress = None if quiet or not world.is_main else Progress(
             nb, f"group {gi + 1}/{n_groups} epoch {epoch + 1}/{cfg.train.epochs} ({len(setup.group.students)} students"
                 + (f" over {world.size} processes)" if world.parallel else ")"))
-        t0, images, done = time.perf_counter(), 0, first
+        t0, images, done, stopping = time.perf_counter(), 0, first, False
         for batches in _epoch_batches(setup, epoch, first, strategy):
             stacked, metrics = trainer.run(stacked, batches, setup.teacher_vars)
             for k, m in enumerate(metrics):
@@ -343,9 +343,11 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
             sync = done % cfg.train.log_every == 0 or done == nb
             if progress is not None and sync:
                 progress.update(done, **{"img/s": images / (time.perf_counter() - t0)})
-            if should_stop(stop, world, sync):
-                checkpoint(epoch, done) if done < nb else checkpoint(epoch + 1, 0)
+            stopping = should_stop(stop, world, sync)
+            if stopping and done < nb:
+                checkpoint(epoch, done)
                 raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
+            # at the epoch's last step: finish it (records, then the checkpoint), then stop below
         if progress is not None:
             progress.close()
         states_now = trainer.to_list(stacked)
@@ -366,6 +368,8 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         if world.is_main:
             write_text_atomic(run.path / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         checkpoint(epoch + 1, 0)
+        if stopping and epoch + 1 < cfg.train.epochs:  # the last epoch's stop comes at the next group's step
+            raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
     students = setup.group.students  # the whole group from here on: rank 0 saves what was asked for
     states_now = trainer.to_list(stacked)
     if world.parallel:
