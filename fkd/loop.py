@@ -132,7 +132,7 @@ def run_epochs(
                 nb, f"{spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({world.size} processes)" if world.parallel
                                                                        else ""))
             sums: dict[str, torch.Tensor] = {}
-            done, images, t0 = first, 0, time.perf_counter()
+            done, images, t0, stopping = first, 0, time.perf_counter(), False
             batches = source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=first,
                                      augment=spec.augment, drop_last=True)
             for x, y, idx in batches:
@@ -154,11 +154,13 @@ def run_epochs(
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
                     _check_finite(state, spec, nb)
                     save(state, epoch, done)
-                if should_stop(stop, world, sync):
+                stopping = should_stop(stop, world, sync)
+                if stopping and done < nb:
                     _check_finite(state, spec, nb)
                     if save:
-                        save(state, epoch, done) if done < nb else save(state, epoch + 1, 0)
+                        save(state, epoch, done)
                     raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
+                # at the epoch's last step: its record and checkpoint first, then the stop (below)
             if progress is not None:
                 progress.close()
             _check_finite(state, spec, nb)
@@ -182,6 +184,8 @@ def run_epochs(
                 on_epoch(record)
             if save:
                 save(state, epoch + 1, 0)
+            if stopping and epoch + 1 < spec.epochs:  # after the last epoch the run is complete anyway
+                raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
     return state
 
 

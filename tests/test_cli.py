@@ -183,6 +183,25 @@ def test_interrupt_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, 
     assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_interrupt_at_an_epoch_end_keeps_that_epoch_record(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("logit")
+    full = tmp_path / "full"  # fits the teacher, so that the counted steps below are the student's
+    assert invoke("distill", "--config", cfg, "--out", full, "--quiet").exit_code == 0
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 6)  # 6 steps per epoch: the signal arrives at epoch 1's last step
+        result = invoke("distill", "--config", cfg, "--out", cut, "--quiet")
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    saved = load_checkpoint(cut / "checkpoints" / "latest.pt", "student_run")
+    assert (saved["epoch"], saved["batch"]) == (1, 0)
+    assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = invoke("distill", "--config", cfg, "--out", cut, "--quiet", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(x)["epoch"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    a, b = _final_params(full), _final_params(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_nothing_to_resume_fails_clearly(tiny_config, tmp_path):
     result = invoke("distill", "--config", tiny_config("none"), "--out", tmp_path / "new", "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.output
