@@ -133,3 +133,28 @@ def test_crd_term_caps_negatives_and_checks_examples():
         build({"crd": {"momentum": 1.0}})
     with pytest.raises(ConfigError, match="student_feature"):
         build({"crd": {}}).init(Shapes({"block1": (4, 2, 2)}, {"embedding": (32,)}, 10, N))
+
+
+def test_crd_run_resumes_bit_exactly_with_its_memory_banks(tiny_config, tmp_path, monkeypatch):
+    """A distill run with CRD stopped mid-epoch and resumed equals an uninterrupted one: heads, memory
+    banks and normalisers are part of the checkpoint, and the negatives follow the step's key."""
+    from tests.test_cli import _final_params, _interrupt_after, invoke
+
+    from fkd.checkpoint import load_checkpoint
+
+    extra = "[distill.terms.ce]\nweight = 1.0\n[distill.terms.crd]\nweight = 0.1\nnce_k = 32\nfeat_dim = 8\n"
+    cfg = tiny_config("terms", extra)
+    full = tmp_path / "full"
+    assert invoke("distill", "--config", cfg, "--out", full, "--quiet").exit_code == 0
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 8)  # 6 steps per epoch: mid-way through epoch 2
+        assert invoke("distill", "--config", cfg, "--out", cut, "--quiet").exit_code != 0
+    resumed = invoke("distill", "--config", cfg, "--out", cut, "--quiet", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, b = _final_params(full), _final_params(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    banks = [load_checkpoint(run / "checkpoints" / "latest.pt", "student_run")["state"]["objective"]["crd"]
+             for run in (full, cut)]
+    for name in ("memory_student", "memory_teacher", "z_student", "z_teacher"):
+        assert torch.equal(banks[0][name], banks[1][name]), name
