@@ -1,7 +1,8 @@
 """Data parallelism inside the pure step: one global batch split over ranks, one gradient.
 
-Every rank holds the same train state and takes its own contiguous slice of each global batch
-(:func:`fkd.distributed.slice_bounds`). The single-process loss is the mean over the global batch of
+Every rank holds the same train state and takes its own share of each global batch: every W-th
+example from position ``rank`` (:meth:`fkd.distributed.World.interleaved`), so that each rank holds its
+proportion of a batch laid out in blocks (a transfer-set batch: labeled examples first). The single-process loss is the mean over the global batch of
 ``B`` examples; rank ``r`` with ``B_r`` of them computes the mean ``L_r`` over its slice, so
 
     L = (1 / B) * sum_i l_i = sum_r (B_r / B) * L_r        and        dL/dθ = sum_r (B_r / B) * dL_r/dθ.

@@ -118,6 +118,16 @@ class World:
         """This rank's contiguous ``[lo, hi)`` of ``n`` items (see :func:`slice_bounds`)."""
         return slice_bounds(n, self.rank, self.size)
 
+    def interleaved(self) -> slice:
+        """This rank's examples of a global batch: every ``size``-th one from position ``rank``.
+
+        Interleaved rather than contiguous, so that a batch laid out in blocks (a transfer-set batch puts
+        its labeled examples first, :func:`fkd.data.transfer.mixed_order`) gives every rank its share of
+        each block: a loss averaged over the labeled examples then stays the global batch's. Sizes differ
+        by at most one (31 over 2 ranks: 16 + 15).
+        """
+        return slice(self.rank, None, self.size)
+
     def check_batch(self, batch_size: int, key: str = "data.batch_size") -> None:
         """Every rank needs at least one example of each global batch."""
         if batch_size < self.size:

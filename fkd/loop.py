@@ -136,9 +136,9 @@ def run_epochs(
             batches = source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=first,
                                      augment=spec.augment, drop_last=True)
             for x, y, idx in batches:
-                if world.parallel:  # this rank's slice of the global batch (see fkd.data_parallel)
-                    lo, hi = world.part(y.shape[0])
-                    x, y, idx = x[lo:hi], y[lo:hi], idx[lo:hi]
+                if world.parallel:  # this rank's share of the global batch (see fkd.data_parallel)
+                    mine = world.interleaved()
+                    x, y, idx = x[mine], y[mine], idx[mine]
                 batch = {"x": x, "y": y, "idx": idx}
                 if batch_extras is not None:
                     batch.update(batch_extras(idx))

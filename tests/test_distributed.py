@@ -74,7 +74,9 @@ method = "logit"
 
 
 SWEEP_SETS = ("student.arch=small_cnn", "train.epochs=1", "train.log_every=4")
-SETS = {"bn": ("student.arch=small_cnn", "train.epochs=1"),
+SETS = {"transfer": ("data.batch_size=32", "data.label_fraction=0.25", "data.transfer=unlabeled",
+                     "data.labeled_share=0.25", "train.epochs=1"),
+        "bn": ("student.arch=small_cnn", "train.epochs=1"),
         "bn-local": ("student.arch=small_cnn", "train.epochs=1", "train.sync_batchnorm=false")}
 
 
@@ -101,6 +103,7 @@ def job(tmp_path_factory):
     jobs = [
         {"name": "two", "args": distill_args("two")},
         {"name": "bn", "args": distill_args("bn", *SETS["bn"], "train.log_every=4")},
+        {"name": "transfer", "args": distill_args("transfer", *SETS["transfer"])},
         {"name": "bn-local", "args": distill_args("bn-local", *SETS["bn-local"], "train.log_every=4")},
         # rank 1 alone gets SIGTERM before its 11th step: epoch 2, step 3 of 8
         {"name": "stopped", "args": distill_args("stopped"), "signal": "1:11"},
@@ -195,6 +198,17 @@ def test_two_processes_equal_one_and_write_the_run_once(job):
     assert two[0]["out"].count("student (seed_cnn, logit)") == 1
     assert two[0]["err"].count("student epoch 2/2 (2 processes)") == 8
     assert two[1]["out"] == two[1]["err"] == ""
+
+
+def test_a_transfer_set_batch_is_shared_out_by_kind(job):
+    """Each batch puts its 8 labeled images first: interleaved shares give each rank 4 of them, so the CE
+    averaged over the labeled images (and the whole step) equals one process's."""
+    two = job("transfer")
+    assert two[0]["rc"] == two[1]["rc"] == "0", two[0]["err"][-3000:] + two[1]["err"][-3000:]
+    ref = single(two["config"], two["root"] / "transfer-one", *SETS["transfer"])
+    assert max_diff(ref["state"]["params"], load(two["run"])["state"]["params"]) < 1e-5
+    assert records(two["run"])[-1]["train_ce"] == pytest.approx(records(two["root"] / "transfer-one")[-1]["train_ce"],
+                                                                rel=1e-5)
 
 
 def test_synchronised_batchnorm_equals_one_process(job):
