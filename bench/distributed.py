@@ -38,7 +38,7 @@ def worker(args) -> None:
 
     from fkd import distributed
     from fkd.cache import build_cache
-    from fkd.config import load_config
+    from fkd.build import load_config
     from fkd.data import load_data
     from fkd.device import resolve_device
     from fkd.distill import preflight

@@ -532,7 +532,7 @@ def run_bench(
         "image_size": int(setup.x.shape[-1]),
         "student": cfg.student.arch,
         "teacher": cfg.teacher.arch if obj.needs_teacher else "none",
-        "method": cfg.distill.method,
+        "method": cfg.distill.preset,
         "weights": ", ".join(f"{k} {w:g}" for k, w in obj.weights.items()),
         "precision": cfg.train.precision,
         "channels_last": uses_channels_last(cfg.train, device),

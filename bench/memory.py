@@ -37,7 +37,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))  # run from a clone without installing fkd
 
-from fkd.config import Config, load_config  # noqa: E402
+from fkd.config import Config  # noqa: E402
+from fkd.build import load_config  # noqa: E402
 from fkd.rundir import RunDir  # noqa: E402
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run([sys.executable, str(REPOSITORY / "cli.py"), "teacher", "--config", args.config, *sets,
                             "--out", str(folder / "teacher"), "--quiet"], check=True, stdout=subprocess.DEVNULL)
         print(f"# {args.config}, {cfg.train.epochs} epochs, data {cfg.data.name}, student {cfg.student.arch}, "
-              f"method {cfg.distill.method}, device {resolve_device(cfg.device)}; memory after each epoch")
+              f"method {cfg.distill.preset}, device {resolve_device(cfg.device)}; memory after each epoch")
         rows = measure(cfg, folder)
     if len(rows) > 2:
         print(f"epoch 2 -> {rows[-1]['epoch']}: RSS {_change(rows, 'rss_mb')}, peak {_change(rows, 'peak_rss_mb')}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from fkd.config import dumps, load_config
+from fkd.config import dumps
 from fkd.errors import FkdError
 
 EXIT_USAGE = 2
@@ -90,15 +90,17 @@ def _setup(config_path, overrides, out, seed, device):
     from fkd import distributed
     from fkd.rundir import RunDir
     from fkd.device import resolve_device
+    from fkd.build import load
 
-    cfg = load_config(config_path, overrides, seed=seed, device=device)
+    resolved = load(config_path, overrides, seed=seed, device=device)  # the one build of the run
+    cfg = resolved.config
     run = RunDir(out if out is not None else Path("runs") / cfg.name)
     dev = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
     echo = distributed.echo_main(click.echo)
     echo(f"# resolved config ({config_path or 'defaults'}; device {dev}{distributed.describe()}; "
          f"run directory {run.path})")
     echo(dumps(cfg))
-    return cfg, run, dev, echo
+    return resolved, run, dev, echo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -136,7 +138,8 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite)
     from fkd.data import load_data
     from fkd.teacher import fit_teacher
 
-    cfg, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    cfg = resolved.config
     data = load_data(cfg.data, device=dev)
     fit_teacher(cfg, data, dev, run, resume=resume, overwrite=overwrite, quiet=quiet, echo=echo)
 
@@ -166,8 +169,8 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     """
     from fkd.distill import run_distill
 
-    cfg, run, dev, echo = _setup(config_path, overrides, out, seed, device)
-    run_distill(cfg, run, dev, resume=resume, quiet=quiet, echo=echo)
+    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    run_distill(resolved.config, run, dev, resume=resume, quiet=quiet, echo=echo, objective=resolved.objective)
 
 
 @main.command()
@@ -250,11 +253,11 @@ def show_config(config_path, overrides, keys):
       python cli.py config --keys
       python cli.py config --keys --config my_terms.toml
     """
-    from fkd.config import help_text
+    from fkd.build import help_text, load_config
 
     if keys:
         if config_path is not None or overrides:
-            load_config(config_path, overrides)  # registers the terms its distill.imports define
+            load_config(config_path, overrides)  # registers what its distill.imports define
         rows = help_text()
         width = max(len(key) for key, _, _ in rows)
         for key, default, meaning in rows:
@@ -410,6 +413,7 @@ def bench(config_path, overrides, seed, device, steps, warmup, variants, sweep_k
 
     run_bench = load_clone_module("bench/harness.py", "the benchmark harness").run_bench
     from fkd.device import resolve_device
+    from fkd.build import load_config
 
     cfg = load_config(config_path, overrides, seed=seed, device=device)
     chosen = variants.split(",") if variants else None

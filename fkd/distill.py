@@ -26,6 +26,7 @@ from fkd.cache import build_cache, cache_key
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
+from fkd.data.transforms import augments
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
@@ -79,13 +80,13 @@ class Preflight:
     shapes: Shapes
 
 
-def preflight(cfg: Config, num_classes: int, num_examples: int, device) -> Preflight:
+def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None) -> Preflight:
     """Build the objective and the student and check every term against the real shapes.
 
     Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
     The teacher is built with random weights on the CPU only to read its feature shapes.
     """
-    obj = objective_lib.from_config(cfg.distill)
+    obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
     student, params, buffers = build_student(cfg, num_classes, obj.student_feature_names, device=device)
     s_shapes = t_shapes = {}
     if obj.needs_features:
@@ -99,7 +100,7 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device) -> Prefl
 
 
 def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool = False, quiet: bool = False,
-                echo: Callable = print) -> dict:
+                echo: Callable = print, objective: Objective | None = None) -> dict:
     """Distill per ``cfg`` into ``run``; returns the summary written to ``summary.json``.
 
     Everything that can refuse the command -- the config, the features, the teacher checkpoint, the run
@@ -107,7 +108,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     lock, so a refused command leaves the run directory as it was.
     """
     data = load_data(cfg.data, device=device)
-    pre = preflight(cfg, data.num_classes, len(data.train), device)
+    pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
     t_path = teacher_to_use(cfg) if obj.needs_teacher else None
     if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
@@ -124,7 +125,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes,
                                                               obj.teacher_feature_names, device)
         objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
-        augment = cfg.data.augments
+        augment = augments(cfg.data)
         training = build_training(
             student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
             objective_state=objective_state, teacher=teacher,
@@ -156,7 +157,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-        echo(f"student {cfg.student.arch}, method {cfg.distill.method} "
+        echo(f"student {cfg.student.arch}, method {cfg.distill.preset} "
              f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
         state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
@@ -177,7 +178,7 @@ def _summarize(cfg, run, data, student, state, final, teacher, teacher_vars, tea
     s_params = param_count(state["params"]["model"])
     summary = {
         "kind": "student",
-        "method": cfg.distill.method,
+        "method": cfg.distill.preset,
         "terms": obj.weights,
         "data": cfg.data.name,
         "data_fingerprint": data.fingerprint,
@@ -210,7 +211,7 @@ def _summarize(cfg, run, data, student, state, final, teacher, teacher_vars, tea
 def find_baseline(run: RunDir, fingerprint: str, cfg: Config) -> float | None:
     """Test accuracy of a finished baseline run beside this one: method ``none``, same data, student,
     epochs and seed (so the comparison isolates the distillation loss)."""
-    if cfg.distill.method == "none":
+    if cfg.distill.preset == "none":
         return None
     for summary_path in sorted(run.path.parent.glob("*/summary.json")):
         try:

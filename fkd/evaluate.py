@@ -21,7 +21,7 @@ import torch
 from fkd import distributed
 from fkd.checkpoint import load_checkpoint
 from fkd.data.order import batch_count
-from fkd.config import Config, apply_overrides, build_attrs, from_dict, read_toml
+from fkd.config import apply_overrides, from_dict, read_toml
 from fkd.data import load_data
 from fkd.errors import CheckpointError, DataError
 from fkd.models import build_model, head_prefix, param_count, size_bytes
@@ -123,10 +123,9 @@ def _model_spec(data: dict, params: dict) -> dict:
     those had one -- the teacher of the config it was trained with, its class count read off its head."""
     if "model" in data:
         return dict(data["model"])
-    saved = build_attrs(Config, tomllib.loads(data["config"]))  # no validation: it ran, so it was valid
+    saved = from_dict(tomllib.loads(data["config"]))  # parsed only: it ran, so it was valid
     t = saved.teacher
-    spec = {"arch": t.arch, "num_classes": 1, "image_size": saved.data.image_size, "widths": list(t.widths),
-            "batch_norm": t.batch_norm}
+    spec = {"arch": t.arch, "num_classes": 1, "image_size": saved.data.image_size, **t.options}
     probe, _, _ = _build(spec)
     spec["num_classes"] = int(params[head_prefix(probe.eval_template) + ".weight"].shape[0])
     return spec
@@ -145,8 +144,8 @@ def saved_model(ckpt: Path, data: dict):
 
 
 def _build(spec: dict):
-    return build_model(spec["arch"], spec["num_classes"], spec["image_size"], widths=spec["widths"],
-                       batch_norm=spec["batch_norm"])
+    options = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "image_size")}
+    return build_model(spec["arch"], spec["num_classes"], spec["image_size"], **options)
 
 
 def check_fits(ckpt: Path, built: tuple, params: dict, buffers: dict, *, num_classes: int, data_name: str,

@@ -6,26 +6,14 @@ same inputs and returns the weighted loss, one metric per term and every term's 
 Python floats fixed when the objective is built; a zero-weight term is dropped, so it is never computed
 and nothing branches on tensor values.
 
-Where an objective comes from (:func:`from_config`):
-
-* ``distill.method = "terms"``: one ``[distill.terms.<name>]`` table per term, with ``weight`` (default
-  1) and that term's own keys;
-* the presets, which expand to the same tables (and give the same losses as before terms existed):
-
-  ============  ===================================================================
-  ``none``      ce 1                                     (the baseline student)
-  ``logit``     ce ``1 - alpha``, logit ``alpha`` at T = ``temperature``  (Hinton et al. 2015)
-  ``feature``   ce ``alpha``, feature ``beta``           (FitNets; the notebook's weights)
-  ``attention`` ce 1, attention ``beta`` with p = ``attention_p``  (Zagoruyko & Komodakis 2017)
-  ``combined``  ``weights[term]`` per term, with ``temperature`` / ``attention_p``
-  ============  ===================================================================
+Where an objective comes from (:func:`from_config`): one ``[distill.terms.<name>]`` table per term,
+with ``weight`` (default 1) and that term's own keys. The presets (``distill.method = "logit"``, ...)
+are expanded to such tables when the config is read (:mod:`fkd.presets`).
 
 Feature terms match ``distill.student_features[i]`` with ``distill.teacher_features[i]``.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import attrs
 import torch
@@ -33,7 +21,7 @@ import torch
 from fkd import losses
 from fkd.errors import ConfigError
 from fkd.pytree import tree_to
-from fkd.registry import Registry
+from fkd.schema import build_attrs
 from fkd.terms import TERMS, Shapes, Term, TermInputs, config_fields
 
 
@@ -163,8 +151,6 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
     :class:`ConfigError` naming the dotted key (``where.<name>.<key>``) and the valid choices. Terms
     that match features get ``pairs``.
     """
-    from fkd.config import build_attrs  # config imports this module lazily; keep the cycle one-way
-
     if not isinstance(tables, dict):
         raise ConfigError(f"{where} must be a table of term tables, e.g. [{where}.ce] weight = 1.0.")
     terms = []
@@ -211,50 +197,16 @@ def from_weights(weights: dict[str, float], *, pairs: tuple = (), **hyper) -> Ob
     return build(tables, pairs=pairs, where="weights")
 
 
-#: ``distill.method`` -> ``DistillConfig -> term tables``; ``method = "terms"`` takes the tables as written.
-METHODS = Registry("distillation method", "distill.method")
-METHODS.register("none", lambda d: {"ce": {"weight": 1.0}})
-METHODS.register("logit", lambda d: {"ce": {"weight": 1.0 - d.alpha},
-                                     "logit": {"weight": d.alpha, "temperature": d.temperature}})
-METHODS.register("feature", lambda d: {"ce": {"weight": d.alpha}, "feature": {"weight": d.beta}})
-METHODS.register("attention", lambda d: {"ce": {"weight": 1.0},
-                                         "attention": {"weight": d.beta, "p": d.attention_p}})
-METHODS.register("combined", lambda d: _combined_tables(d))
-METHODS.register("terms", lambda d: d.terms)
-
-_PRESET_KEYS: dict[str, Callable] = {
-    "logit": lambda d: {"temperature": d.temperature},
-    "attention": lambda d: {"p": d.attention_p},
-}
-
-
-def _combined_tables(d) -> dict:
-    if not d.weights:
-        raise ConfigError("distill.method = 'combined' needs [distill.weights], e.g. {ce = 0.5, logit = 0.5}.")
-    tables = {}
-    for name, w in d.weights.items():
-        if name not in TERMS:
-            raise ConfigError(f"unknown loss term '{name}' in distill.weights; valid terms: "
-                              f"{', '.join(TERMS.names())}.")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"distill.weights.{name} must be a number >= 0 (got {w!r}).")
-        tables[name] = {"weight": float(w), **_PRESET_KEYS.get(name, lambda d: {})(d)}
-    return tables
-
-
 def term_tables(distill) -> dict[str, dict]:
-    """The ``{term: {"weight", ...}}`` tables a :class:`fkd.config.DistillConfig` stands for."""
-    if distill.method != "terms" and distill.terms:
-        raise ConfigError(f"[distill.terms] is set, but distill.method = '{distill.method}' is a preset that "
-                          "ignores it; set distill.method = 'terms' to train with your term tables.")
-    if distill.method == "terms" and not distill.terms:
-        raise ConfigError("distill.method = 'terms' needs at least one [distill.terms.<name>] table, "
-                          "e.g. [distill.terms.ce] weight = 1.0.")
-    return METHODS.get(distill.method)(distill)
+    """The ``{term: {"weight", ...}}`` tables of a :class:`fkd.config.DistillConfig` (presets are expanded
+    when it is built, so these are its ``terms``)."""
+    return distill.terms
 
 
 def from_config(distill) -> Objective:
-    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first)."""
+    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first).
+
+    Commands build it once per run, through :func:`fkd.build.load`."""
     from fkd.user_imports import import_user_files
 
     import_user_files(list(distill.imports))
@@ -264,13 +216,13 @@ def from_config(distill) -> Objective:
             f"has {len(distill.teacher_features)}; they are paired by position, so give the same number."
         )
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
-    where = "distill.weights" if distill.method == "combined" else "distill.terms"
+    where = "distill.weights" if distill.preset == "combined" else "distill.terms"
     objective = build(term_tables(distill), pairs=pairs, where=where)
     paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term))]
     if paired and not pairs:
         raise ConfigError(
             f"the {', '.join(paired)} term{'s' if len(paired) > 1 else ''} of distill.method = "
-            f"'{distill.method}' match{'' if len(paired) > 1 else 'es'} features: set distill.student_features "
+            f"'{distill.preset}' match{'' if len(paired) > 1 else 'es'} features: set distill.student_features "
             "and distill.teacher_features (e.g. ['block2'] and ['layer1'])."
         )
     return objective

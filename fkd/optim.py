@@ -35,7 +35,7 @@ normalised step). Each named optimizer matches its ``torch.optim`` counterpart s
 A config names its optimizer (``train.optimizer.name``) from the registry :data:`OPTIMIZERS`;
 :func:`optimizer_from_config` builds it with its schedule. A new optimizer is one function here, composed
 with :func:`chain` and decorated ``@OPTIMIZERS.register("name")``; the config keys it may take are its
-keyword parameters among :data:`OPTIMIZER_KEYS`.
+keyword parameters after ``learning_rate`` (see :func:`fkd.registry.options_of`).
 
 Arithmetic runs over the whole list of leaves at once with ``torch._foreach_*`` kernels (one call per
 operation, not one per tensor). ``vmap`` has no batching rules for those kernels, so under a functorch
@@ -47,13 +47,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import attrs
 import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
 from fkd.pytree import tree_leaves, tree_map, tree_unflatten_like
-from fkd.registry import Registry
-from fkd.schedules import Schedule, learning_rate_schedule
+from fkd.registry import Registry, options_of, resolve_options
+from fkd.schedules import SCHEDULES, Schedule, learning_rate_schedule
 
 if TYPE_CHECKING:  # annotations only: fkd.config looks optimizer names up here, so imports go one way
     from fkd.config import OptimizerConfig
@@ -345,11 +346,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 # ---------------------------------------------------------------------------------------------------
 
 OPTIMIZERS = Registry("optimizer", "optimizer.name")
-"""``optimizer.name`` names: ``entry(learning_rate, **keys) -> GradientTransformation``, where ``keys`` are
-the entry's keyword parameters among :data:`OPTIMIZER_KEYS` (see :func:`optimizer_from_config`)."""
-
-OPTIMIZER_KEYS = ("momentum", "nesterov", "weight_decay", "b1", "b2", "eps")
-"""The keys of ``[train.optimizer]`` that only some optimizers take."""
+"""``optimizer.name`` names: ``entry(learning_rate, **options) -> GradientTransformation``, where ``options``
+are the entry's keyword parameters, set as keys of ``[train.optimizer]`` (see :func:`optimizer_from_config`)."""
 
 
 @OPTIMIZERS.register("sgd")
@@ -435,18 +433,22 @@ def optimizer_from_config(
 ) -> tuple[GradientTransformation, Schedule]:
     """``(optimizer, schedule)`` for an ``[optimizer]`` table of a run config.
 
-    The optimizer is ``OPTIMIZERS.get(cfg.name)(schedule, **kwargs)`` with ``kwargs`` exactly those of
-    :data:`OPTIMIZER_KEYS` its signature accepts; the schedule is
-    :func:`~fkd.schedules.learning_rate_schedule` over ``epochs * steps_per_epoch`` steps. A key the
-    optimizer does not take, set to anything but its default, is a :class:`ConfigError` naming
-    ``<key>.<field>`` (``key`` is ``train.optimizer`` or ``teacher.train.optimizer``): momentum does
-    nothing to adam, and a silent no-op would hide the mistake. With ``clip_norm > 0``,
-    :func:`clip_by_global_norm` is chained first, whatever the optimizer, as
-    ``torch.nn.utils.clip_grad_norm_`` runs before ``optimizer.step()``.
+    The optimizer is ``OPTIMIZERS.get(cfg.name)(schedule, **options)``: ``cfg.options`` are checked by
+    :func:`~fkd.registry.resolve_options` against the keyword parameters of the optimizer and of the
+    schedule, and each gets those it takes; the schedule is :func:`~fkd.schedules.learning_rate_schedule`
+    over ``epochs * steps_per_epoch`` steps. A key neither takes, set to anything but another entry's
+    default, is a :class:`ConfigError` naming ``<key>.<field>`` (``key`` is ``train.optimizer`` or
+    ``teacher.train.optimizer``): momentum does nothing to adam, and a silent no-op would hide the
+    mistake. With ``clip_norm > 0``, :func:`clip_by_global_norm` is chained first, whatever the
+    optimizer, as ``torch.nn.utils.clip_grad_norm_`` runs before ``optimizer.step()``.
     """
+    fixed = tuple(k for k in attrs.fields_dict(type(cfg)) if k != "options")
+    options = resolve_options(cfg.options, [(OPTIMIZERS, cfg.name), (SCHEDULES, cfg.schedule)], prefix=key,
+                              fixed=fixed)
+    cfg = attrs.evolve(cfg, options=options)
     schedule = learning_rate_schedule(cfg, steps_per_epoch, epochs, key=key)
-    kwargs = OPTIMIZERS.keywords_for(cfg.name, cfg, OPTIMIZER_KEYS, prefix=key)
-    opt = OPTIMIZERS.get(cfg.name)(schedule, **kwargs)
+    entry = OPTIMIZERS.get(cfg.name)
+    opt = entry(schedule, **{k: v for k, v in options.items() if k in options_of(entry)})
     if cfg.clip_norm > 0:
         opt = chain(clip_by_global_norm(cfg.clip_norm), opt)
     return opt, schedule

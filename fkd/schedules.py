@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
-from fkd.registry import Registry
+from fkd.registry import Registry, options_of
 
 if TYPE_CHECKING:  # annotations only: fkd.config looks schedule names up here, so imports go one way
     from fkd.config import OptimizerConfig
@@ -198,10 +198,7 @@ def one_cycle(
 SCHEDULES = Registry("schedule", "optimizer.schedule")
 """``optimizer.schedule`` names. An entry is ``entry(learning_rate, steps_per_epoch, epochs, **keys) -> Schedule``:
 it turns the config's epochs into steps for one of the schedules above. ``keys`` are the entry's keyword-only
-parameters among :data:`SCHEDULE_KEYS`; the config may set only those (see :func:`learning_rate_schedule`)."""
-
-SCHEDULE_KEYS = ("warmup_epochs", "milestones", "gamma")
-"""The keys of ``[train.optimizer]`` that only some schedules take."""
+parameters: they are the schedule's options, keys of ``[train.optimizer]`` (see :func:`learning_rate_schedule`)."""
 
 
 def _total_steps(steps_per_epoch: int, epochs: int) -> int:
@@ -223,9 +220,13 @@ def _cosine_from_config(learning_rate: float, steps_per_epoch: int, epochs: int)
 
 @SCHEDULES.register("warmup_cosine")
 def _warmup_cosine_from_config(learning_rate: float, steps_per_epoch: int, epochs: int, *,
-                               warmup_epochs: float) -> Schedule:
+                               warmup_epochs: float = 0.0) -> Schedule:
     """Linear warmup over ``round(warmup_epochs * steps_per_epoch)`` steps, then cosine decay to 0 at the
-    end of the run (:func:`warmup_cosine`)."""
+    end of the run (:func:`warmup_cosine`).
+
+    Args:
+        warmup_epochs: warmup_cosine: warmup length in epochs
+    """
     total = _total_steps(steps_per_epoch, epochs)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup >= total:
@@ -237,8 +238,13 @@ def _warmup_cosine_from_config(learning_rate: float, steps_per_epoch: int, epoch
 
 @SCHEDULES.register("multistep")
 def _multistep_from_config(learning_rate: float, steps_per_epoch: int, epochs: int, *,
-                           milestones: Sequence[int], gamma: float) -> Schedule:
-    """``learning_rate`` multiplied by ``gamma`` at the start of each milestone epoch (:func:`multistep`)."""
+                           milestones: Sequence[int] = (), gamma: float = 0.1) -> Schedule:
+    """``learning_rate`` multiplied by ``gamma`` at the start of each milestone epoch (:func:`multistep`).
+
+    Args:
+        milestones: multistep: epochs at which the rate is multiplied by gamma
+        gamma: multistep: decay factor
+    """
     return multistep(learning_rate, [m * steps_per_epoch for m in milestones], gamma)
 
 
@@ -253,12 +259,13 @@ def learning_rate_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: i
     """The schedule ``cfg.schedule`` over ``epochs * steps_per_epoch`` optimizer steps, peaking at
     ``cfg.learning_rate``.
 
-    ``key`` is where ``cfg`` sits in the run config (``train.optimizer`` or ``teacher.train.optimizer``),
-    for messages. A key of :data:`SCHEDULE_KEYS` the schedule does not take, set to anything but its
-    default, is a :class:`ConfigError` (``milestones`` do nothing to ``cosine``).
+    The schedule gets those of ``cfg.options`` its builder takes (its other keys belong to the optimizer;
+    :func:`fkd.optim.optimizer_from_config` and :mod:`fkd.build` refuse keys that neither takes).
+    ``key`` is where ``cfg`` sits in the run config, for messages.
     """
-    kwargs = SCHEDULES.keywords_for(cfg.schedule, cfg, SCHEDULE_KEYS, prefix=key)
-    return SCHEDULES.get(cfg.schedule)(cfg.learning_rate, steps_per_epoch, epochs, **kwargs)
+    entry = SCHEDULES.get(cfg.schedule, key=f"{key}.schedule")
+    kwargs = {k: v for k, v in cfg.options.items() if k in options_of(entry)}
+    return entry(cfg.learning_rate, steps_per_epoch, epochs, **kwargs)
 
 
 def current_lr(schedule: Schedule, state: dict) -> float:

@@ -26,6 +26,7 @@ from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import labeled_only
+from fkd.data.transforms import augments
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import make_evaluator
 from fkd.fit import fit
@@ -97,7 +98,7 @@ def fit_teacher(
             model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
             train_mode=t.mode != "linear_probe",
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size),
-            batch_size=cfg.data.batch_size, seed=cfg.seed, augment=cfg.data.augments, device=device,
+            batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augments(cfg.data), device=device,
             label="teacher", optimizer_key="teacher.train.optimizer", quiet=quiet)
         start.check_state(training.state)
         if world.is_main:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from fkd import cli
 from fkd import objective as objective_lib
 from fkd.clone_files import load_clone_module
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.errors import ConfigError
 from fkd.models import build_model
 from fkd.models.functional import feature_shapes

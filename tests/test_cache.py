@@ -10,7 +10,7 @@ import fkd.cache
 from fkd import cli
 from fkd.cache import build_cache, cache_key
 from fkd.checkpoint import load_checkpoint
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.data import load_data
 from fkd.models.from_config import build_teacher
 from fkd.teacher import save_teacher

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torchvision.datasets
 
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.data import load_data
-from fkd.data.transforms import normalize
+from fkd.data.transforms import augments, normalize
 from fkd.distill import preflight
 from fkd.loop import steps_per_epoch
 from fkd.models.from_config import build_teacher
@@ -121,7 +121,7 @@ def test_cifar100_normalisation_uses_its_channel_statistics():
 def one_step(model, objective, train_cfg, cfg, data, params, buffers, teacher_vars=None, **kwargs):
     training = build_training(model, objective, train_cfg, params=params, buffers=buffers,
                               steps_per_epoch=steps_per_epoch(len(data.train), BATCH), batch_size=BATCH,
-                              seed=cfg.seed, augment=cfg.data.augments, device=torch.device("cpu"), **kwargs)
+                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device("cpu"), **kwargs)
     x, y, idx = next(data.train.batches(BATCH, shuffle=True, seed=cfg.seed, augment=True))
     assert x.shape == (BATCH, 3, 32, 32)
     state, metrics = training.step(training.state, {"x": x, "y": y, "idx": idx},
@@ -176,7 +176,7 @@ def first_step_metrics(name: str, root: Path, device: str, compile: str) -> dict
     training = build_training(pre.student, obj, cfg.train, params=pre.params, buffers=pre.buffers,
                               objective_params=objective_params, objective_state=objective_state, teacher=teacher,
                               steps_per_epoch=steps_per_epoch(len(data.train), BATCH), batch_size=BATCH,
-                              seed=cfg.seed, augment=cfg.data.augments, device=torch.device(device), compile=compile)
+                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device(device), compile=compile)
     x, y, idx = next(data.train.batches(BATCH, shuffle=True, seed=cfg.seed, augment=True))
     _, metrics = training.step(training.state, {"x": x, "y": y, "idx": idx}, {"params": t_params, "buffers": t_buffers})
     return {k: v.float().cpu() for k, v in metrics.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import vmap
 
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.errors import ConfigError
 from fkd.models import MODELS, build_model, build_module
 from fkd.models.cifar import CifarResNet, WideResNet

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from fkd import cli
 from fkd.checkpoint import load_checkpoint
-from fkd.config import load_config
+from fkd.build import load_config
 from tests.conftest import wrap_distill_step
 
 
@@ -219,7 +219,7 @@ def test_resolved_config_is_echoed(tiny_config, tmp_path):
 def test_config_command_prints_resolved_config_and_keys(tiny_config):
     result = invoke("config", "--config", tiny_config("logit"), "--set", "distill.temperature=4")
     assert result.exit_code == 0
-    assert tomllib.loads(result.output)["distill"]["temperature"] == 4.0
+    assert tomllib.loads(result.output)["distill"]["terms"]["logit"]["temperature"] == 4.0  # the expanded tables
     keys = invoke("config", "--keys")
     assert keys.exit_code == 0 and "distill.temperature" in keys.output and "softmax temperature" in keys.output
 

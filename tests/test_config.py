@@ -10,7 +10,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from fkd.config import Config, ConfigError, apply_overrides, dumps, from_dict, help_text, load_config, parse_override
+from fkd.config import Config, ConfigError, apply_overrides, dumps, from_dict, parse_override
+from fkd.build import help_text, load_config
 from fkd.objective import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
@@ -49,7 +50,9 @@ def test_stl10_config_is_the_notebooks_experiment():
     assert (logit.data.name, logit.data.image_size, logit.data.resize, logit.data.batch_size) == ("stl10", 224, 256, 64)
     assert (logit.student.arch, logit.train.epochs, logit.train.optimizer.name, logit.train.optimizer.learning_rate) == (
         "seed_cnn", 10, "adam", 1e-3)
-    assert (logit.distill.method, logit.distill.temperature, logit.distill.alpha) == ("logit", 2.0, 0.7)
+    # the preset is expanded when the config is read: [distill.terms] is the one form past loading
+    assert (logit.distill.method, logit.distill.preset) == ("terms", "logit")
+    assert logit.distill.terms == {"ce": {"weight": 1.0 - 0.7}, "logit": {"weight": 0.7, "temperature": 2.0}}
     feature = load_config(root / "feature.toml").distill
     assert feature.teacher_features == ["layer1"] and from_config(feature).weights == {"ce": 0.7, "feature": 0.3}
 
@@ -72,14 +75,14 @@ def test_overrides_apply_to_a_copy_and_are_checked():
     out = apply_overrides(raw, ["train.epochs=5", "train.optimizer.learning_rate=0.1"])
     assert raw == {"train": {"epochs": 2}}
     assert from_dict(out).train.epochs == 5 and from_dict(out).train.optimizer.learning_rate == 0.1
-    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
-        apply_overrides({}, ["train.optimizer.learning_rat=1"])
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):  # an option table: checked on load
+        load_config(None, ["train.optimizer.learning_rat=1"])
     with pytest.raises(ConfigError, match="not a table"):
         apply_overrides({}, ["train.epochs.x=1"])
 
 
 def test_integers_are_accepted_for_floats_but_not_bools_for_ints():
-    assert load_config(None, ["distill.temperature=4"]).distill.temperature == 4.0
+    assert load_config(None, ["distill.temperature=4"]).distill.terms["logit"]["temperature"] == 4.0
     with pytest.raises(ConfigError, match="must be an integer"):
         load_config(None, ["train.epochs=true"])
 

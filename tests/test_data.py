@@ -30,7 +30,7 @@ from fkd.data import (
     square_view,
 )
 from fkd.data.datasets import STL10_CLASSES, digits_split
-from fkd.data.transforms import crop_and_flip
+from fkd.data.transforms import augments, crop_and_flip
 from fkd.errors import ConfigError, DataError
 
 
@@ -215,7 +215,7 @@ def test_unknown_data_set_lists_the_registered_ones():
 def test_augments_is_the_training_transforms_randomness():
     for settings, random in (({}, False), ({"flip": True}, True), ({"crop": "random"}, True)):
         cfg = config(name="synthetic", **settings)
-        assert cfg.augments == BatchTransform.for_split(cfg, train=True).is_random == random
+        assert augments(cfg) == BatchTransform.for_split(cfg, train=True).is_random == random
 
 
 # --- batches: shapes, normalisation, order --------------------------------------------------------

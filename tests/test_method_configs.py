@@ -10,7 +10,7 @@ import torch
 
 from fkd import objective as objective_lib
 from fkd.clone_files import load_clone_module
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
 from fkd.terms import Shapes, TermInputs

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.errors import ConfigError
 from fkd.models import MODELS, build_model, build_module, model_builder, param_count, size_bytes
 from fkd.registry import accepted_keywords

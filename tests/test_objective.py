@@ -137,16 +137,19 @@ def test_from_weights_gives_each_term_its_own_keys():
 def expected_terms(cfg: DistillConfig, params, s_logits, s_feats, y, t_logits, t_feats) -> dict:
     """Each term computed directly with fkd.losses, independently of Objective and the term classes."""
     pairs = list(zip(cfg.student_features, cfg.teacher_features))
+    tables = term_tables(cfg)  # the preset's numbers, as expanded into the term tables
+    temperature = tables.get("logit", {}).get("temperature", 2.0)
+    attention_p = tables.get("attention", {}).get("p", 2.0)
     terms = {
         "ce": losses.cross_entropy(s_logits, y),
-        "logit": losses.soft_target_kl(s_logits, t_logits, cfg.temperature),
+        "logit": losses.soft_target_kl(s_logits, t_logits, temperature),
     }
     if "feature" in params:
         hints = [losses.fitnet_hint(s_feats[s], t_feats[t], params["feature"][f"{s}->{t}"]) for s, t in pairs]
         terms["feature"] = sum(hints) / len(hints)
     if pairs:
         terms["attention"] = sum(
-            losses.attention_transfer(s_feats[s], t_feats[t], p=cfg.attention_p) for s, t in pairs
+            losses.attention_transfer(s_feats[s], t_feats[t], p=attention_p) for s, t in pairs
         )
     return terms
 

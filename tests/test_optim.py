@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from fkd.config import OptimizerConfig, load_config
+from fkd.config import OptimizerConfig
+from fkd.build import load_config
 from fkd.errors import ConfigError
 from fkd.optim import (
     OPTIMIZERS,

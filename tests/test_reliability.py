@@ -23,7 +23,7 @@ from fkd import cli
 from fkd.atomic import atomic_write
 from fkd.cache import _load, build_cache, cache_key
 from fkd.checkpoint import load_checkpoint, save_checkpoint
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.data import load_data
 from fkd.errors import DataError, WriteError
 from fkd.models.from_config import build_teacher

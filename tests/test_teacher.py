@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from fkd.checkpoint import load_checkpoint
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.data import load_data
 from fkd.errors import CheckpointError, ConfigError
 from fkd.models import build_model

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 import fkd.teacher
 from fkd import cli, losses, optim, prng
 from fkd.cache import build_cache, cache_key
-from fkd.config import DataConfig, load_config
+from fkd.config import DataConfig
+from fkd.build import load_config
 from fkd.data import load_data
 from fkd.data.datasets import Split, TensorViews
 from fkd.data.transfer import labeled_mask, labeled_per_batch, training_split

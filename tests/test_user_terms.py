@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from fkd import cli
 from fkd.checkpoint import load_checkpoint
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.pytree import tree_leaves, tree_signature
 from tests.conftest import wrap_distill_step
 

@@ -11,7 +11,9 @@ Everything a user can get wrong -- missing files, no network, a malformed image 
 raises :class:`~fkd.errors.DataError` with one sentence naming the path and the fix.
 
 Readers are registered in :data:`DATASETS` under the name ``data.name`` gives; a new data set is one
-reader ``reader(cfg, view_size) -> Splits`` decorated ``@DATASETS.register("name")``.
+reader ``reader(cfg, view_size, *, option=default, ...) -> Splits`` decorated ``@DATASETS.register("name")``.
+Its keyword parameters are its options: keys of ``[data]`` (``test_fraction`` for digits), documented by
+the ``Args:`` section of its docstring (``fkd config --keys`` shows them).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fkd.config import DataConfig
 from fkd.data.views import PilSquareView, square_view
-from fkd.errors import DataError
-from fkd.registry import Registry
+from fkd.errors import ConfigError, DataError
+from fkd.registry import Registry, resolve_options
 
 DATASETS = Registry("data set", "data.name")
 """``data.name`` names: ``reader(cfg: DataConfig, view_size: int) -> Splits``."""
@@ -91,9 +93,12 @@ class Splits:
 def read_splits(cfg: DataConfig, view_size: int) -> Splits:
     """Read data set ``cfg.name`` with views of side ``view_size`` (before any ``train_limit``).
 
-    An unregistered name is a :class:`~fkd.errors.ConfigError` listing the registered ones.
+    An unregistered name is a :class:`~fkd.errors.ConfigError` listing the registered ones. The reader
+    gets ``cfg.options`` as keywords, checked against its signature (a key it does not take is refused).
     """
-    return DATASETS.get(cfg.name)(cfg, view_size)
+    options = resolve_options(cfg.options, [(DATASETS, cfg.name)], prefix="data", strict=False,
+                              fixed=tuple(k for k in attrs.fields_dict(type(cfg)) if k != "options"))
+    return DATASETS.get(cfg.name)(cfg, view_size, **options)
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -119,20 +124,24 @@ def digits_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, 
 
 
 @DATASETS.register("digits")
-def _read_digits(cfg: DataConfig, view_size: int) -> Splits:
-    """scikit-learn's bundled 8x8 digits: 1,797 images, pixel values 0..16 scaled to 0..255."""
+def _read_digits(cfg: DataConfig, view_size: int, *, test_fraction: float = 0.2) -> Splits:
+    """scikit-learn's bundled 8x8 digits: 1,797 images, pixel values 0..16 scaled to 0..255.
+
+    Args:
+        test_fraction: digits: share held out for testing
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
     views = square_view(torch.from_numpy(pixels)[:, None], view_size)  # grayscale -> (1797, 3, R, R)
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train, test = (torch.from_numpy(i) for i in digits_split(digits.target, cfg.test_fraction))
+    train, test = (torch.from_numpy(i) for i in digits_split(digits.target, test_fraction))
     return Splits(
         train=Split(TensorViews(views[train], labels[train]), labels[train]),
         test=Split(TensorViews(views[test], labels[test]), labels[test]),
         class_names=[str(d) for d in range(10)],
-        identity={"source": "sklearn.datasets.load_digits", "test_fraction": cfg.test_fraction},
+        identity={"source": "sklearn.datasets.load_digits", "test_fraction": test_fraction},
     )
 
 
@@ -156,19 +165,29 @@ def synthetic_images(n: int, num_classes: int, size: int, generator: torch.Gener
 
 
 @DATASETS.register("synthetic")
-def _read_synthetic(cfg: DataConfig, view_size: int) -> Splits:
-    """:func:`synthetic_images`: ``synthetic_size`` images per split, ``synthetic_classes`` classes, fixed seed."""
+def _read_synthetic(cfg: DataConfig, view_size: int, *, synthetic_size: int = 256,
+                    synthetic_classes: int = 10) -> Splits:
+    """:func:`synthetic_images`: ``synthetic_size`` images per split, ``synthetic_classes`` classes, fixed seed.
+
+    Args:
+        synthetic_size: synthetic: images per split
+        synthetic_classes: synthetic: number of classes
+    """
+    if synthetic_size < 1:
+        raise ConfigError(f"data.synthetic_size must be >= 1 (got {synthetic_size}).")
+    if synthetic_classes < 2:
+        raise ConfigError(f"data.synthetic_classes must be >= 2 (got {synthetic_classes}).")
     generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
-    palette = torch.randint(-80, 81, (cfg.synthetic_classes, 3), generator=generator).float()
+    palette = torch.randint(-80, 81, (synthetic_classes, 3), generator=generator).float()
     splits = []
     for _ in ("train", "test"):
-        views, labels = synthetic_images(cfg.synthetic_size, cfg.synthetic_classes, view_size, generator, palette)
+        views, labels = synthetic_images(synthetic_size, synthetic_classes, view_size, generator, palette)
         splits.append(Split(TensorViews(views, labels), labels))
     return Splits(
         train=splits[0], test=splits[1],
-        class_names=[f"class_{k}" for k in range(cfg.synthetic_classes)],
-        identity={"source": "synthetic", "seed": SYNTHETIC_SEED, "size": cfg.synthetic_size,
-                  "classes": cfg.synthetic_classes},
+        class_names=[f"class_{k}" for k in range(synthetic_classes)],
+        identity={"source": "synthetic", "seed": SYNTHETIC_SEED, "size": synthetic_size,
+                  "classes": synthetic_classes},
     )
 
 

@@ -62,7 +62,7 @@ class BatchTransform:
     def is_random(self) -> bool:
         """True when augmenting changes the output (so its outputs cannot be cached).
 
-        The one definition: :attr:`fkd.config.DataConfig.augments` asks the training transform.
+        The one definition: :func:`augments` asks the training transform.
         """
         return self.crop == "random" or self.flip
 
@@ -151,3 +151,9 @@ def normalize(x: torch.Tensor, kind: str = "imagenet") -> torch.Tensor:
     elif kind != "none":
         raise ValueError(f"unknown normalisation {kind!r}")
     return out
+
+
+def augments(cfg: DataConfig) -> bool:
+    """True when the training view is random (so teacher outputs cannot be cached): whether the training
+    :class:`BatchTransform` ``is_random``."""
+    return BatchTransform.for_split(cfg, train=True).is_random

@@ -61,7 +61,8 @@ def build_module(arch: str, num_classes: int, image_size: int, *, key: str = "ar
 
     ``options`` are the model options of a config (``widths``, ``batch_norm``, ``weights``); each
     builder gets exactly those its signature accepts (``small_cnn`` takes widths and batch_norm,
-    ``seed_cnn`` none, a torchvision classifier ``weights``).
+    ``seed_cnn`` none, a torchvision classifier ``weights``): the build layer (:mod:`fkd.build`) has
+    already refused a key the chosen model does not take, and a checkpoint's older spec may carry some.
     """
     builder = model_builder(arch, key=key)
     accepted = accepted_keywords(builder)
@@ -84,11 +85,10 @@ def build_model(
     image_size: int,
     feature_names: tuple[str, ...] | list[str] = (),
     *,
-    widths=(16, 32),
-    batch_norm: bool = True,
     weights: str = "none",
     seed: int = 0,
     device: torch.device | str = "cpu",
+    **options,
 ) -> tuple[Model, Params, Params]:
     """Build ``arch`` and return ``(model, params, buffers)``.
 
@@ -101,12 +101,14 @@ def build_model(
             names (``layer1``, ``layer2.1.relu``) for torchvision models. Unknown names raise a
             :class:`ConfigError` listing the valid ones.
         weights: ``"imagenet"`` (torchvision's default weights) or ``"none"`` (random init).
+        options: the model's own keys (``widths``, ``batch_norm`` for ``small_cnn``): its builder's
+            keyword parameters, see :func:`build_module`.
         seed: initialisation seed; the global RNG is left as it was.
     """
     feature_names = tuple(feature_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = build_module(arch, num_classes, image_size, widths=widths, batch_norm=batch_norm, weights=weights)
+        module = build_module(arch, num_classes, image_size, weights=weights, **options)
     own = getattr(module, "feature_names", None)
     if own is not None:
         unknown = [n for n in feature_names if n not in own]
@@ -125,7 +127,7 @@ def build_model(
     else:
         train_t, eval_t, returns_dict = module.train(), copy.deepcopy(module).eval(), False
     spec = {"arch": arch, "num_classes": num_classes, "image_size": image_size,
-            "widths": list(widths), "batch_norm": batch_norm}
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     names = set(params) | set(buffers)
     pruned = {mode: frozenset(names - _state_names(t)) for mode, t in ((True, train_t), (False, eval_t))}
     model = Model(arch=arch, num_classes=num_classes, feature_names=feature_names, train_template=train_t,

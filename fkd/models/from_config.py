@@ -9,8 +9,8 @@ from fkd.models import build_model
 def build_student(cfg: Config, num_classes: int, feature_names=(), *, device="cpu"):
     """The student of ``cfg`` returning ``feature_names`` -> ``(model, params, buffers)``."""
     s = cfg.student
-    return build_model(s.arch, num_classes, cfg.data.image_size, feature_names, widths=s.widths,
-                       batch_norm=s.batch_norm, seed=cfg.seed, device=device)
+    return build_model(s.arch, num_classes, cfg.data.image_size, feature_names, seed=cfg.seed, device=device,
+                       **s.options)
 
 
 def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: str = "none", seed: int | None = None,
@@ -21,6 +21,5 @@ def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: s
     distillation run then loads the teacher checkpoint over them.
     """
     t = cfg.teacher
-    return build_model(t.arch, num_classes, cfg.data.image_size, feature_names, widths=t.widths,
-                       batch_norm=t.batch_norm, weights=weights, seed=cfg.seed if seed is None else seed,
-                       device=device)
+    return build_model(t.arch, num_classes, cfg.data.image_size, feature_names, weights=weights,
+                       seed=cfg.seed if seed is None else seed, device=device, **t.options)

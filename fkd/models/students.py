@@ -106,6 +106,11 @@ def seed_cnn(num_classes: int, image_size: int) -> nn.Module:
 
 
 @MODELS.register("small_cnn")
-def small_cnn(num_classes: int, image_size: int, *, widths, batch_norm: bool) -> nn.Module:
-    """:class:`SmallCNN` with one block per entry of ``widths``; global pooling makes it size-agnostic."""
+def small_cnn(num_classes: int, image_size: int, *, widths=(16, 32), batch_norm: bool = True) -> nn.Module:
+    """:class:`SmallCNN` with one block per entry of ``widths``; global pooling makes it size-agnostic.
+
+    Args:
+        widths: small_cnn: channels per conv block
+        batch_norm: small_cnn: BatchNorm after each conv
+    """
     return SmallCNN(num_classes, tuple(widths), batch_norm)

@@ -17,9 +17,11 @@ from typing import Any
 
 import attrs
 
+from fkd.build import resolve
 from fkd.config import Config, apply_overrides, dumps, from_dict, read_toml
 from fkd.errors import ConfigError
-from fkd.objective import Objective, from_config
+from fkd.objective import Objective
+from fkd.schema import toml_value
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -121,8 +123,8 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
     for point in points:
         point_raw = apply_overrides(raw, [f"{k}={_toml(v)}" for k, v in point], option="--grid")
         for seed in seeds:
-            cfg = from_dict({**point_raw, "seed": seed})
-            students.append(Student(len(students), tuple(point), seed, cfg, from_config(cfg.distill)))
+            resolved = resolve(from_dict({**point_raw, "seed": seed}))  # presets expand after the grid's values
+            students.append(Student(len(students), tuple(point), seed, resolved.config, resolved.objective))
     groups: dict[str, list[Student]] = {}
     for s in students:
         groups.setdefault(structure_key(s), []).append(s)
@@ -131,9 +133,7 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
 
 
 def _toml(value: Any) -> str:
-    from fkd.config import _toml_value
-
-    return _toml_value(value)
+    return toml_value(value)
 
 
 def structure_key(student: Student) -> str:
@@ -143,8 +143,7 @@ def structure_key(student: Student) -> str:
     opt = attrs.evolve(cfg.train.optimizer, learning_rate=1.0)
     neutral = attrs.evolve(
         cfg, seed=0, train=attrs.evolve(cfg.train, optimizer=opt),
-        distill=attrs.evolve(cfg.distill, method="terms", alpha=0.5, beta=1.0, temperature=1.0, attention_p=1.0,
-                             weights={}, terms={}),
+        distill=attrs.evolve(cfg.distill, preset="terms", terms={"ce": {}}),
     )
     return dumps(neutral) + repr(student.objective.structure())
 

@@ -41,6 +41,7 @@ from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
+from fkd.data.transforms import augments
 from fkd.distill import ensure_teacher, preflight
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
@@ -150,10 +151,10 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
         data_cache.clear()  # one data set on the device at a time
         data_cache[key] = load_data(base.data, device=device)
     data = data_cache[key]
-    pre = preflight(base, data.num_classes, len(data.train), device)
+    pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
     obj = pre.objective
     teacher = teacher_vars = lookup = None
-    augment = base.data.augments
+    augment = augments(base.data)
     if (note := describe_transfer(base.data, data.train.labels)) is not None:
         echo(note)
     if base.data.mixes:

@@ -20,7 +20,7 @@ import torch
 
 import fkd
 from fkd import objective as objective_lib
-from fkd.config import load_config
+from fkd.build import load_config
 from fkd.distill import build_student, feature_shapes
 from fkd.models import build_model
 
