@@ -651,8 +651,9 @@ def test_warmup_covering_the_whole_run_is_a_config_error():
      lambda lr: sgd(lr, momentum=0.9, nesterov=True, weight_decay=1e-2)),
     ({"name": "adam", "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 1e-2},
      lambda lr: adam(lr, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2)),
-    # the config's weight_decay (0) reaches adamw, not adamw's own default of 1e-2
-    ({"name": "adamw"}, lambda lr: adamw(lr, weight_decay=0.0)),
+    # an option's default is its builder's: adamw's own weight_decay of 1e-2 (Architecture II), set 0 explicitly
+    ({"name": "adamw"}, lambda lr: adamw(lr, weight_decay=1e-2)),
+    ({"name": "adamw", "weight_decay": 0.0}, lambda lr: adamw(lr, weight_decay=0.0)),
 ])
 def test_optimizer_from_config_passes_the_keys_the_optimizer_takes(settings, direct):
     cfg = OptimizerConfig(learning_rate=0.05, schedule="cosine", **settings)
