@@ -100,7 +100,7 @@ class DataConfig(WithOptions):
         0.0, non_negative,
         help="function matching: cutmix alpha (0: off); one box per batch pasted from a shuffled partner, the "
              "same for student and teacher; with mixup too, each step picks one of the two at random")
-    options: dict = field({}, help="the chosen data set's own keys (its reader's keyword parameters)")
+    options: dict = field({}, help="the chosen data set's own keys (its reader's keyword parameters)", hash=False)
 
     def __attrs_post_init__(self) -> None:
         # Views of side resize cannot be cropped to image_size. Checked here, the one place, so that a
@@ -136,7 +136,7 @@ class OptimizerConfig(WithOptions):
     schedule: str = field("constant", help="learning-rate schedule over the whole run",
                            names="schedule")
     clip_norm: float = field(0.0, non_negative, help="clip gradients to this global norm (0: off)")
-    options: dict = field({}, help="the optimizer's and the schedule's own keys (their builders' keyword parameters)")
+    options: dict = field({}, help="the optimizer's and the schedule's own keys (their builders' keyword parameters)", hash=False)
 
 
 @attrs.frozen
@@ -169,7 +169,7 @@ class ModelConfig(WithOptions):
     """A student architecture; keys its builder takes (``widths``, ``batch_norm``) are its ``options``."""
 
     arch: str = field("seed_cnn", help="seed_cnn, small_cnn or a torchvision model name", names="model")
-    options: dict = field({}, help="the model's own keys (its builder's keyword parameters)")
+    options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
 @attrs.frozen(init=False)
@@ -189,7 +189,7 @@ class TeacherConfig(WithOptions):
         help="most a teacher cache may take (GB, and never more than cache_dir's free space): when the features "
              "would not fit, only the logits are cached and the teacher runs live up to its last feature")
     train: TrainConfig = field(_TEACHER_TRAIN, help="how the teacher is fitted")
-    options: dict = field({}, help="the model's own keys (its builder's keyword parameters)")
+    options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
 @attrs.frozen(init=False)

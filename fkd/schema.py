@@ -56,14 +56,14 @@ def non_negative(inst, attribute, value):
         raise ValueError(f"must be >= 0 (got {value!r})")
 
 
-def field(default, *validators, help: str = "", names: str = ""):
+def field(default, *validators, help: str = "", names: str = "", hash: bool | None = None):
     """An attrs field with its ``help`` for ``fkd config --keys``.
 
     ``names`` says what kind of registered entry the value names (``"optimizer"``, ``"model"``): the
     build layer resolves it and ``--keys`` lists the valid names. The schema itself never imports a
     registry.
     """
-    kwargs: dict[str, Any] = {"metadata": {"help": help, "names": names}}
+    kwargs: dict[str, Any] = {"metadata": {"help": help, "names": names}, "hash": hash}
     if validators:
         kwargs["validator"] = list(validators)
     if isinstance(default, (list, dict)):
@@ -84,7 +84,8 @@ def validators_of(f: attrs.Attribute) -> list:
 
 
 class WithOptions:
-    """Mixin for an ``@attrs.frozen(init=False)`` class with an ``options: dict`` field.
+    """Mixin for an ``@attrs.frozen(init=False)`` class with an ``options: dict`` field (declared with
+    ``hash=False``: a dict has no hash, and equal configs still compare their options).
 
     ``Cls(name="sgd", momentum=0.9)`` keeps ``name`` as a field and ``momentum`` in ``options``; reading
     ``cfg.momentum`` reads ``cfg.options["momentum"]``. Which options are valid, their types and defaults
