@@ -21,8 +21,6 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterator
 
-import attrs
-
 from fkd.errors import ConfigError
 
 
