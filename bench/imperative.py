@@ -40,8 +40,8 @@ def module_from(model: Model, params: dict, buffers: dict, device) -> nn.Module:
     """A real ``nn.Module`` of ``model``'s architecture holding copies of ``params`` and ``buffers``."""
     spec = model.spec
     # the same lookup as fkd.models.build_model: a registered architecture, else a torchvision classifier
-    module = build_module(spec["arch"], spec["num_classes"], spec["image_size"], widths=spec["widths"],
-                          batch_norm=spec["batch_norm"])
+    options = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "image_size")}
+    module = build_module(spec["arch"], spec["num_classes"], spec["image_size"], **options)
     # fkd's parameter names are the module's own (FX extractors keep them), so the state dict loads as is.
     module.load_state_dict({**params, **buffers}, strict=True)
     return module.to(device)

@@ -45,8 +45,7 @@ def main() -> None:
         student, sp, sb = build_student(cfg, k, "cpu")
         t = cfg.teacher
         t_names = cfg.distill.teacher_features if obj.needs_features else ()
-        teacher, tp, tb = build_model(t.arch, k, side, t_names, widths=t.widths, batch_norm=t.batch_norm,
-                                      seed=cfg.seed + 1)
+        teacher, tp, tb = build_model(t.arch, k, side, t_names, seed=cfg.seed + 1, **t.options)
         regs = {}
         if obj.needs_features:
             regs = obj.init_regressors(feature_shapes(student, sp, sb, side, "cpu"),
