@@ -17,7 +17,7 @@ import torchvision.datasets
 from fkd.config import load_config
 from fkd.data import load_data
 from fkd.data.transforms import normalize
-from fkd.distill import preflight
+from fkd.distill_setup import preflight
 from fkd.loop import steps_per_epoch
 from fkd.models.from_config import build_teacher
 from fkd.objective import from_weights

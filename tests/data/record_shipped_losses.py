@@ -21,7 +21,7 @@ import torch
 import fkd
 from fkd import objective as objective_lib
 from fkd.config import load_config
-from fkd.distill import build_student, feature_shapes
+from fkd.distill_setup import build_student, feature_shapes
 from fkd.models import build_model
 
 BATCH = 4
