@@ -175,7 +175,7 @@ class Gradients(NamedTuple):
 
 def gradients_fn(
     student: Model,
-    objective: Objective,
+    objective: Callable,
     *,
     train_mode: bool,
     precision: str,
@@ -185,8 +185,9 @@ def gradients_fn(
     """The step's second part: ``gradients(state, x, inputs) -> Gradients``.
 
     ``x`` is the student's input batch; ``inputs`` is the :class:`~fkd.terms.TermInputs` without the
-    student's outputs, which the forward pass inside the differentiated function fills in. ``torch.func.grad_and_value`` differentiates
-    the objective w.r.t. ``state["params"]`` (the model's weights and the terms' learnable parameters);
+    student's outputs, which the forward pass inside the differentiated function fills in. ``objective`` is
+    an :class:`~fkd.objective.Objective` or a wrapper with its call signature (:func:`weighted_by_share`).
+    ``torch.func.grad_and_value`` differentiates the objective w.r.t. ``state["params"]`` (the model's weights and the terms' learnable parameters);
     ``state["frozen"]`` weights join the forward without gradients. A sweep member's term numbers
     (weights, temperature) come from ``state["hyper"]["terms"]`` when the state carries them.
     """
@@ -214,21 +215,27 @@ def gradients_fn(
     return gradients
 
 
-def summed_over_ranks(gradients: Callable[..., Gradients], data_parallel: DataParallel) -> Callable[..., Gradients]:
-    """Data parallelism as a wrapper around :func:`gradients_fn` (see :mod:`fkd.data_parallel`).
+def weighted_by_share(objective: Callable, data_parallel: DataParallel) -> Callable:
+    """Data parallelism, first wrapper (around the objective): this rank's loss and term metrics times its
+    share ``B_r / B`` of the global batch, inside the differentiated function -- so that gradients flowing
+    back through synchronised BatchNorm's all-reduce are shares too (see :mod:`fkd.data_parallel`)."""
 
-    This rank's gradient, loss and term metrics are weighted by its share ``B_r / B`` of the global batch,
-    then one all-reduce sums them (and the correct / count tallies) over the ranks: every rank gets the
-    single-process gradient of the global batch.
-    """
+    def weighted(params, state, inputs: TermInputs, hyper=None):
+        loss, metrics, new_state = objective(params, state, inputs, hyper)
+        share = data_parallel.share(inputs.labels.shape[0])
+        return loss * share, {k: v * share for k, v in metrics.items()}, new_state
+
+    return weighted
+
+
+def summed_over_ranks(gradients: Callable[..., Gradients], data_parallel: DataParallel) -> Callable[..., Gradients]:
+    """Data parallelism, second wrapper (around :func:`gradients_fn`): one all-reduce sums the ranks'
+    share-weighted gradients, loss and term metrics and the correct / count tallies, so every rank gets the
+    single-process gradient of the global batch."""
 
     def reduced(state: State, x: torch.Tensor, inputs: TermInputs) -> Gradients:
         g = gradients(state, x, inputs)
-        share = data_parallel.share(inputs.labels.shape[0])
-        grads = tree_map(lambda t: t * share, g.grads)
-        metrics = {k: v * share for k, v in g.metrics.items()}
-        grads, loss, metrics, correct, count = data_parallel.reduce(grads, g.loss * share, metrics, g.correct,
-                                                                    g.count)
+        grads, loss, metrics, correct, count = data_parallel.reduce(g.grads, g.loss, g.metrics, g.correct, g.count)
         return g._replace(grads=grads, loss=loss, metrics=metrics, correct=correct, count=count)
 
     return reduced
@@ -299,7 +306,8 @@ def make_train_step(
             student both see the mixed images, so the teacher runs live (a batch with cached teacher
             outputs is refused).
         data_parallel: under torchrun, how this rank's slice of the global batch joins the others'
-            (:class:`fkd.data_parallel.DataParallel`, applied with :func:`summed_over_ranks`). None in a
+            (:class:`fkd.data_parallel.DataParallel`, applied with :func:`weighted_by_share` and
+            :func:`summed_over_ranks`). None in a
             single process.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
@@ -310,8 +318,9 @@ def make_train_step(
     layout = to_channels_last if channels_last else (lambda tree: tree)
     teacher_outputs = teacher_outputs_fn(teacher, objective, precision=precision, device_type=device_type,
                                          layout=layout, mixes=mix is not None)
-    gradients = gradients_fn(student, objective, train_mode=train_mode, precision=precision,
-                             device_type=device_type, layout=layout)
+    loss = objective if data_parallel is None else weighted_by_share(objective, data_parallel)
+    gradients = gradients_fn(student, loss, train_mode=train_mode, precision=precision, device_type=device_type,
+                             layout=layout)
     if data_parallel is not None:
         gradients = summed_over_ranks(gradients, data_parallel)
     mix_images = mix if mix is not None else (lambda x, key: x)
