@@ -38,7 +38,8 @@ def error_of(path: Path) -> str:
 def test_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
     write(tmp_path / "shared" / "common.toml", 'extends = "deeper/seed.toml"\nname = "common"\n')
     write(tmp_path / "shared" / "deeper" / "seed.toml", "seed = 7\n[data]\nbatch_size = 8\n")
-    run = write(tmp_path / "experiments" / "a" / "run.toml", 'extends = "../../shared/common.toml"\n[data]\nimage_size = 16\n')
+    run = write(tmp_path / "experiments" / "a" / "run.toml",
+                'extends = "../../shared/common.toml"\n[data]\nimage_size = 16\n')
     monkeypatch.chdir(write(tmp_path / "elsewhere" / "x", "").parent)  # the working directory plays no part
     assert read_config_file(run) == {"seed": 7, "name": "common", "data": {"batch_size": 8, "image_size": 16}}
 
@@ -171,6 +172,16 @@ def test_a_run_directory_holds_the_resolved_config(child, tmp_path, one_thread):
     written = (out / "config.toml").read_text()
     assert "extends" not in written
     assert load_config(out / "config.toml") == load_config(child)  # the run reproduces from its own folder
+
+
+def test_a_sweep_of_a_method_config_grids_over_its_resolved_tables(monkeypatch):
+    from fkd.sweep.plan import plan_sweep
+
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep("configs/methods/kd.toml", [], (0, 1), [("distill.terms.logit.weight", [0.9, 90.0])])
+    cfgs = [s.config for s in plan.students]
+    assert sorted(c.distill.terms["logit"]["weight"] for c in cfgs) == [0.9, 0.9, 90.0, 90.0]
+    assert {(c.student.arch, c.teacher.arch, c.train.epochs) for c in cfgs} == {("seed_cnn", "resnet18", 8)}
 
 
 # --- the shipped configs ---------------------------------------------------------------------------------
