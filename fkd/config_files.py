@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
 
 from fkd.errors import ConfigError
 
