@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from fkd.config_files import read_config_file
 from fkd.errors import ConfigError
 
 # --- field helpers ---------------------------------------------------------------------------
@@ -472,16 +473,9 @@ def apply_overrides(raw: dict, overrides: list[str], option: str = "--set") -> d
 
 
 def read_toml(path: str | Path) -> dict:
-    """Read a TOML file; a missing or malformed file is a :class:`ConfigError` naming where."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; pass an existing file to --config (see configs/).")
-    try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file '{p}' is not valid TOML: {exc}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{p}' is not UTF-8 text; save it as a TOML text file.") from None
+    """Read a config file with its ``extends`` chain resolved (:func:`fkd.config_files.read_config_file`);
+    a missing or malformed file is a :class:`ConfigError` naming where."""
+    return read_config_file(path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **top: Any) -> Config:

@@ -196,8 +196,7 @@ def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_random_views_share_one_order_and_run_the_teacher_live(tiny_config, tmp_path, strategy):
-    cfg = tiny_config("logit")
-    cfg.write_text(cfg.read_text().replace("[data]\n", "[data]\nflip = true\n"))
+    cfg = tiny_config("logit", data={"flip": True})
     out = tmp_path / strategy
     result = invoke("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "2", "--strategy", strategy,
                     "--set", "train.epochs=1", "--save", "all")
