@@ -41,7 +41,7 @@ def worker(args) -> None:
     from fkd.build import load_config
     from fkd.data import load_data
     from fkd.device import resolve_device
-    from fkd.distill import preflight
+    from fkd.distill_setup import preflight
     from fkd.loop import steps_per_epoch
     from fkd.models.from_config import build_teacher
     from fkd.pytree import tree_leaves

@@ -57,14 +57,15 @@ from fkd.cache import TeacherCache, compute_outputs
 from fkd.clone_files import load_clone_module
 from fkd.config import Config
 from fkd.data import load_data
-from fkd.distill import preflight
+from fkd.distill_setup import preflight
 from fkd.errors import ConfigError
 from fkd.models.from_config import build_teacher
 from fkd.objective import Objective, from_weights
 from fkd.pytree import tree_map
 from fkd.run_setup import TrainingSetup, build_training, uses_channels_last
 from fkd.step import maybe_compile, should_compile
-from fkd.sweep.runner import choose_strategy, student_state
+from fkd.population import Population, choose_strategy, freeze_diverged
+from fkd.sweep.runner import student_state
 
 def load_imperative_baseline():
     """The notebook-style baseline, ``bench/imperative.py`` beside this file.
@@ -249,27 +250,29 @@ def _functional(s: _Setup, *, compile: bool, objective: Objective, use_teacher: 
 
 def _sweep_runner(s: _Setup, *, strategy: str | None, tensors_in_state: bool) -> _Runner:
     """One step of ``s.sweep`` students (seeds ``cfg.seed + i``) on the benchmark batch, as ``fkd sweep``
-    runs them (``strategy`` "vmap" or "loop", in-step numbers as tensors in each state) or as K plain
-    single-student steps one after another (``strategy=None``). The teacher's outputs come from a cache,
-    as in a sweep with a deterministic view; every variant follows ``train.compile``."""
+    runs them (a :class:`~fkd.population.Population` with ``strategy`` "vmap" or "loop" and freeze-on-diverge,
+    term numbers as tensors in each state) or as K plain single-student steps one after another
+    (``strategy=None``). The teacher's outputs come from a cache, as in a sweep with a deterministic view;
+    every variant follows ``train.compile``."""
     training = s.training(s.objective, compile=False, teacher=None)
-    hyper = {"lr_scale": 1.0, "terms": s.objective.hyper_defaults()} if tensors_in_state else None
+    hyper = {"terms": s.objective.hyper_defaults()} if tensors_in_state else None
     states = [student_state(attrs.evolve(s.cfg, seed=s.cfg.seed + i), s.objective, s.shapes, s.num_classes,
-                            training.optimizer, training.layout, hyper, s.device) for i in range(s.sweep)]
+                            s.steps_per_epoch, training.layout, hyper, s.device) for i in range(s.sweep)]
     batch = {"x": s.x, "y": s.y, "idx": s.idx}
     if s.objective.needs_teacher:
         logits, feats = compute_outputs(s.teacher, s.teacher_vars, _OneBatch(s.x, s.y, s.idx),
                                         batch_size=s.x.shape[0], precision=s.cfg.train.precision, device=s.device)
         batch.update(teacher_logits=logits, teacher_features=feats)
     train = s.cfg.train
-    if strategy == "vmap":
-        step = maybe_compile(torch.func.vmap(training.step, in_dims=(0, 0, None)), train.compile, s.device.type,
+    if strategy is not None:
+        population = Population(s.sweep, strategy)
+        step = maybe_compile(population.wrap(freeze_diverged(training.step)), train.compile, s.device.type,
                              train.compile_mode)
-        holder = {"states": tree_map(lambda *xs: torch.stack(xs), *states)}
-        stacked = tree_map(lambda t: torch.stack([t] * s.sweep), batch)
+        holder = {"states": population.gather(states)}
+        batches = [batch] * s.sweep
 
         def step_once() -> torch.Tensor:
-            holder["states"], metrics = step(holder["states"], stacked, None)
+            holder["states"], metrics = step(holder["states"], batches, None)
             return metrics["loss"].sum()
     else:
         step = maybe_compile(training.step, train.compile, s.device.type, train.compile_mode)

@@ -17,19 +17,22 @@ import json
 import sys
 import time
 import traceback
-import tomllib
 from pathlib import Path
 
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fkd.config_files import read_config_file  # noqa: E402 -- after the clone is on the path
+
 METHODS = ("baseline", "kd", "fitnets", "at", "nst", "vid", "sp", "rkd", "pkt", "cc", "crd", "dkd", "dist", "lskd")
 SCALES = (0.1, 1.0, 10.0)
 
 
 def method_term(config: Path) -> tuple[str, float] | None:
     """``(term, default weight)`` of a method config's distillation term (the one that is not ``ce``)."""
-    terms = tomllib.loads(config.read_text())["distill"]["terms"]
+    terms = read_config_file(config)["distill"]["terms"]  # extends resolved (configs/methods/_base.toml)
     others = [(name, float(table.get("weight", 1.0))) for name, table in terms.items() if name != "ce"]
     return others[0] if others else None
 
@@ -53,7 +56,6 @@ def main():
               help="also append each method's summary to this JSON-lines file as soon as it is done")
 def run(seeds, out, device, only, overrides, collect):
     """Run the sweeps, one per method."""
-    sys.path.insert(0, str(ROOT))
     from fkd.cli import main as fkd_main
 
     chosen = [m for m in METHODS if not only or m in only.split(",")]

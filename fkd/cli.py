@@ -242,7 +242,7 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
               "also the keys of the terms its distill.imports register).")
 @friendly_errors
 def show_config(config_path, overrides, keys):
-    """Print the resolved config (defaults + file + --set) as TOML, or every key with --keys.
+    """Print the resolved config (defaults + file and its extends + --set) as TOML, or every key with --keys.
 
     Loading a config imports the files its distill.imports names: that runs their code, so name
     only term files you trust.

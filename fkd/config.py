@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 
+from fkd.config_files import read_config_file
 from fkd.errors import ConfigError
 from fkd.presets import PRESET_KEYS, PresetSettings, expand_preset
 from fkd.schema import (WithOptions, at_least, build_attrs, field, has_options, non_negative, one_of, positive,
@@ -298,16 +299,9 @@ def apply_overrides(raw: dict, overrides: list[str], option: str = "--set") -> d
 
 
 def read_toml(path: str | Path) -> dict:
-    """Read a TOML file; a missing or malformed file is a :class:`ConfigError` naming where."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; pass an existing file to --config (see configs/).")
-    try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file '{p}' is not valid TOML: {exc}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{p}' is not UTF-8 text; save it as a TOML text file.") from None
+    """Read a config file with its ``extends`` chain resolved (:func:`fkd.config_files.read_config_file`);
+    a missing or malformed file is a :class:`ConfigError` naming where."""
+    return read_config_file(path)
 
 
 # --- writing ---------------------------------------------------------------------------------

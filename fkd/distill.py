@@ -14,89 +14,27 @@ teacher-vs-student table.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Callable
 
-import attrs
 import torch
 
 from fkd import distributed
-from fkd import objective as objective_lib
-from fkd.cache import build_cache, cache_key
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.errors import CheckpointError, ConfigError
+from fkd.distill_setup import load_teacher_for, preflight, teacher_cache, teacher_to_use
+from fkd.errors import ConfigError
 from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
 from fkd.models import param_count, size_bytes
-from fkd.models.from_config import build_student, build_teacher
-from fkd.models.functional import feature_shapes
-from fkd.objective import Objective
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
 from fkd.runlock import RunLock
-from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
-from fkd.terms import Shapes
-
-
-def teacher_to_use(cfg: Config) -> Path:
-    """The teacher checkpoint path, checked before anything is written: not a folder, and present unless
-    ``teacher.fit_if_missing`` allows fitting it."""
-    path = teacher_checkpoint_path(cfg)
-    if not path.is_file() and not cfg.teacher.fit_if_missing:
-        raise CheckpointError(
-            f"teacher checkpoint '{path}' does not exist; fit it first with `fkd teacher --config ...`, "
-            "or set teacher.fit_if_missing = true to fit it here."
-        )
-    return path
-
-
-def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
-    """The teacher checkpoint path, fitting the teacher first when it is missing and allowed."""
-    path = teacher_to_use(cfg)
-    if distributed.world().from_main(path.is_file):  # under torchrun every rank follows rank 0's view
-        return path
-    echo(f"teacher checkpoint {path} not found: fitting the teacher first ([teacher] section, "
-         f"{cfg.teacher.arch}, {cfg.teacher.mode}, {cfg.teacher.train.epochs} epochs)")
-    teacher_run = RunDir(path.parent)
-    fit_teacher(cfg, data, device, teacher_run, resume=teacher_run.latest.exists(), quiet=quiet, echo=echo)
-    return path
-
-
-@attrs.frozen(eq=False)
-class Preflight:
-    """The objective, the student and the shapes the terms are sized by, all checked."""
-
-    objective: Objective
-    student: object
-    params: dict
-    buffers: dict
-    shapes: Shapes
-
-
-def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None) -> Preflight:
-    """Build the objective and the student and check every term against the real shapes.
-
-    Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
-    The teacher is built with random weights on the CPU only to read its feature shapes.
-    """
-    obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
-    student, params, buffers = build_student(cfg, num_classes, obj.student_feature_names, device=device)
-    s_shapes = t_shapes = {}
-    if obj.needs_features:
-        s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
-    if obj.needs_teacher_features:
-        teacher, t_params, t_buffers = build_teacher(cfg, num_classes, obj.teacher_feature_names)
-        t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
-    shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
-    obj.check(shapes)
-    return Preflight(obj, student, params, buffers, shapes)
 
 
 def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool = False, quiet: bool = False,
@@ -119,16 +57,14 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         start = world.from_main(lambda: decide_start(
             run, kind="student_run", config_text=dumps(cfg), resume=resume, num_examples=len(data.train),
             batch_size=cfg.data.batch_size, label="student"))
-        teacher = teacher_vars = teacher_acc = None
+        teacher = None
         if obj.needs_teacher:
-            ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
-            teacher, teacher_vars, teacher_acc = load_teacher(t_path, cfg, data.num_classes,
-                                                              obj.teacher_feature_names, device)
+            teacher = load_teacher_for(cfg, data, obj, device, echo=echo, quiet=quiet)
         objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
         augment = augments(cfg.data)
         training = build_training(
             student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,
-            objective_state=objective_state, teacher=teacher,
+            objective_state=objective_state, teacher=teacher.model if teacher else None,
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
             seed=cfg.seed, augment=augment, device=device, quiet=quiet,
             mix=make_mixer(cfg.data.mixup, cfg.data.cutmix))
@@ -137,23 +73,15 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             start.begin(echo=echo)
             run.write_config(cfg)
 
-        batch_extras = None
-        cache_note = "off"
         if (note := describe_transfer(cfg.data, data.train.labels)) is not None:
             echo(note)
         if cfg.data.mixes:
             echo(describe_mixing(cfg.data.mixup, cfg.data.cutmix))
-            cache_note = "off (the teacher runs live on the mixed view)"
-        elif obj.needs_teacher and cfg.teacher.cache != "off" and not augment:
-            key = cache_key(t_path, data.fingerprint, teacher.feature_names, cfg.train.precision)
-            cache = build_cache(teacher, teacher_vars, data.train, mode=cfg.teacher.cache, key=key,
-                                cache_dir=cfg.teacher.cache_dir, batch_size=cfg.data.eval_batch_size,
-                                precision=cfg.train.precision, device=device, echo=echo,
-                                max_bytes=int(cfg.teacher.cache_max_gb * 1e9))
-            batch_extras = cache.lookup
-            cache_note = cache.where
-        if teacher_vars is not None:
-            teacher_vars = training.layout(teacher_vars)
+        batch_extras, cache_note = None, "off"
+        teacher_vars = None
+        if teacher is not None:
+            batch_extras, cache_note = teacher_cache(cfg, data, teacher, augment=augment, device=device, echo=echo)
+            teacher_vars = training.layout(teacher.variables)
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
@@ -163,8 +91,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
                     batch_extras=batch_extras, learning_rate=training.learning_rate,
                     extra_payload=lambda st: {"model": dict(student.spec)})
-        summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, teacher_vars, teacher_acc,
-                             t_path, obj)
+        summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
         if world.is_main:
             run.write_summary(summary)
             plot_curves(run.read_metrics(), run.curves_path)
@@ -173,7 +100,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     return summary
 
 
-def _summarize(cfg, run, data, student, state, final, teacher, teacher_vars, teacher_acc, t_path, obj) -> dict:
+def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
     """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's."""
     s_params = param_count(state["params"]["model"])
     summary = {
@@ -194,14 +121,15 @@ def _summarize(cfg, run, data, student, state, final, teacher, teacher_vars, tea
         "seed": cfg.seed,
     }
     if teacher is not None:
+        teacher_vars = teacher.variables
         t_params = param_count(teacher_vars["params"])
         summary.update({
             "teacher_arch": cfg.teacher.arch,
-            "teacher_checkpoint": str(t_path),
-            "teacher_test_acc": teacher_acc,
+            "teacher_checkpoint": str(teacher.path),
+            "teacher_test_acc": teacher.accuracy,
             "teacher_params": t_params,
             "teacher_size_bytes": size_bytes(teacher_vars["params"], teacher_vars["buffers"]),
-            "teacher_cpu_latency_ms": cpu_latency_ms(teacher, teacher_vars["params"], teacher_vars["buffers"],
+            "teacher_cpu_latency_ms": cpu_latency_ms(teacher.model, teacher_vars["params"], teacher_vars["buffers"],
                                                      cfg.data.image_size),
             "compression_ratio": t_params / s_params,
         })

@@ -1,4 +1,4 @@
-"""The epoch loop shared by ``fkd teacher`` and ``fkd distill``.
+"""The one epoch loop: ``fkd teacher``, ``fkd distill`` and each group of ``fkd sweep`` train through it.
 
 It drives a pure ``step(state, batch, teacher_vars) -> (state, metrics)`` over a data source and owns
 everything impure around it: progress, host syncs (only every ``log_every`` steps and at epoch ends),
@@ -15,9 +15,10 @@ a run interrupted at any step and resumed ends with the same parameters as an un
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 import torch
@@ -25,6 +26,7 @@ import torch
 from fkd import distributed
 from fkd.data.order import batch_count
 from fkd.errors import TrainingError
+from fkd.population import Population
 from fkd.progress import Progress
 
 
@@ -71,7 +73,14 @@ def should_stop(stop: StopRequest, world: distributed.World, sync: bool) -> bool
 
 @attrs.frozen
 class LoopSpec:
-    """What the loop needs to know besides the step."""
+    """What the loop needs to know besides the step.
+
+    ``label`` names what is trained in messages ("teacher", "student"); ``title`` replaces it at the start
+    of the progress line and ``detail`` is added after the epoch, in brackets (a sweep: "group 1/2",
+    "8 students"). ``on_non_finite`` is ``"stop"`` (a plain run: stop with a message) or ``"freeze"``
+    (a population: the step's :func:`fkd.population.freeze_diverged` keeps a diverged member as it was,
+    and its records say ``diverged``).
+    """
 
     label: str  # "teacher" or "student", for messages
     epochs: int
@@ -81,6 +90,9 @@ class LoopSpec:
     log_every: int = 50
     checkpoint_every: int = 0
     quiet: bool = False
+    title: str = ""
+    detail: str = ""
+    on_non_finite: str = "stop"
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -88,30 +100,65 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return batch_count(num_examples, batch_size, drop_last=True)
 
 
+def single_order_batches(source, spec: LoopSpec, batch_extras: Callable[[torch.Tensor], dict] | None = None):
+    """``batches(epoch, start)``: the batch dicts of one model's epoch, in the order of ``(spec.seed, epoch)``.
+
+    Under torchrun each rank keeps its share of every global batch (:meth:`fkd.distributed.World.interleaved`);
+    ``batch_extras(idx)`` adds cached teacher outputs.
+    """
+    world = distributed.world()
+
+    def batches(epoch: int, start: int) -> Iterator[dict]:
+        for x, y, idx in source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=start,
+                                        augment=spec.augment, drop_last=True):
+            if world.parallel:  # this rank's share of the global batch (see fkd.data_parallel)
+                mine = world.interleaved()
+                x, y, idx = x[mine], y[mine], idx[mine]
+            batch = {"x": x, "y": y, "idx": idx}
+            if batch_extras is not None:
+                batch.update(batch_extras(idx))
+            yield batch
+
+    return batches
+
+
 def run_epochs(
     step: Callable,
-    state: dict,
+    state: Any,
     source,
     spec: LoopSpec,
     *,
+    population: Population | None = None,
+    batches: Callable[[int, int], Iterable] | None = None,
     teacher_vars: dict | None = None,
     batch_extras: Callable[[torch.Tensor], dict] | None = None,
-    evaluate: Callable[[dict], float] | None = None,
-    learning_rate: Callable[[dict], float] | None = None,
-    save: Callable[[dict, int, int], None] | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    evaluate: Callable[[Any], Any] | None = None,
+    learning_rate: Callable[[Any], Any] | None = None,
+    save: Callable[[Any, int, int], None] | None = None,
+    on_epoch: Callable[[Any], None] | None = None,
     start_epoch: int = 0,
     start_batch: int = 0,
-) -> dict:
+    stop: StopRequest | None = None,
+) -> Any:
     """Train from ``(start_epoch, start_batch)`` to the end; returns the final state.
 
+    One loop drives every training: a teacher fit, a distillation, a sweep's group. ``step`` is a
+    single model's step (``population`` None) or a population's (:meth:`fkd.population.Population.wrap`),
+    whose metrics carry a leading axis of members; then ``evaluate`` and ``learning_rate`` return one
+    value per member and ``on_epoch`` receives the list of member records.
+
     Args:
+        source: the training split (its length sets the steps per epoch).
+        batches: ``(epoch, start) -> iterable of step batches``; by default :func:`single_order_batches`
+            over ``source`` with ``batch_extras``.
         batch_extras: ``idx -> {...}`` merged into each batch (cached teacher outputs).
         evaluate: ``state -> test accuracy`` at each epoch end.
         learning_rate: ``state -> lr`` for the metrics.
         save: ``save(state, epoch, batch)`` writes a checkpoint from which training resumes at
             ``(epoch, batch)``; called at epoch ends, every ``checkpoint_every`` steps, and on a signal.
-        on_epoch: receives each epoch's metrics record (for metrics.jsonl).
+        on_epoch: receives each epoch's metrics record (for metrics.jsonl), or the list of member records.
+        stop: a :class:`StopRequest` shared with the caller (a sweep's groups); by default the loop
+            installs its own.
 
     Raises:
         TrainingError: the loss or gradients became non-finite (the last checkpoint is left as it was).
@@ -123,65 +170,72 @@ def run_epochs(
             f"the {spec.label} training set has {len(source)} images, fewer than one batch of "
             f"{spec.batch_size}; lower data.batch_size."
         )
+    if batches is None:
+        batches = single_order_batches(source, spec, batch_extras)
+    members = population.size if population is not None else 1
+    bad_steps = population.bad_steps if population is not None else (lambda st: st["bad_step"].reshape(1))
+    check = (lambda st: None) if spec.on_non_finite == "freeze" else (lambda st: _check_finite(bad_steps(st), spec, nb))
     run_start = time.perf_counter()
     world = distributed.world()
-    with StopRequest() as stop:
+    detail = spec.detail or (f"{world.size} processes" if world.parallel else "")
+    with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
         for epoch in range(start_epoch, spec.epochs):
             first = start_batch if epoch == start_epoch else 0
             progress = None if spec.quiet or not world.is_main else Progress(
-                nb, f"{spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({world.size} processes)" if world.parallel
-                                                                       else ""))
+                nb, f"{spec.title or spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({detail})" if detail else ""))
             sums: dict[str, torch.Tensor] = {}
             done, images, t0, stopping = first, 0, time.perf_counter(), False
-            batches = source.batches(spec.batch_size, shuffle=True, epoch=epoch, seed=spec.seed, start=first,
-                                     augment=spec.augment, drop_last=True)
-            for x, y, idx in batches:
-                if world.parallel:  # this rank's share of the global batch (see fkd.data_parallel)
-                    mine = world.interleaved()
-                    x, y, idx = x[mine], y[mine], idx[mine]
-                batch = {"x": x, "y": y, "idx": idx}
-                if batch_extras is not None:
-                    batch.update(batch_extras(idx))
+            for batch in batches(epoch, first):
                 state, metrics = step(state, batch, teacher_vars)
                 sums = _accumulate(sums, metrics)
                 done += 1
-                images += spec.batch_size if world.parallel else y.shape[0]
+                images += spec.batch_size * members
                 sync = done % spec.log_every == 0 or done == nb
                 if sync:
-                    _check_finite(state, spec, nb)
+                    check(state)
                     if progress is not None:
                         progress.update(done, loss=_mean(sums, "loss"), **{"img/s": images / (time.perf_counter() - t0)})
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
-                    _check_finite(state, spec, nb)
+                    check(state)
                     save(state, epoch, done)
                 stopping = should_stop(stop, world, sync)
                 if stopping and done < nb:
-                    _check_finite(state, spec, nb)
+                    check(state)
                     if save:
                         save(state, epoch, done)
                     raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
                 # at the epoch's last step: its record and checkpoint first, then the stop (below)
             if progress is not None:
                 progress.close()
-            _check_finite(state, spec, nb)
+            check(state)
             seconds = time.perf_counter() - t0
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": _mean(sums, "loss"),
-                **{f"train_{k}": _mean(sums, k) for k in sums if k not in _NOT_LOSSES},
-                "train_acc": float(sums["correct"]) / max(float(sums["count"]), 1.0),
-                "test_acc": evaluate(state) if evaluate else None,
-                "images_per_s": images / seconds if seconds > 0 else None,
-                "lr": learning_rate(state) if learning_rate else None,
-                "epoch_seconds": seconds,
-                "wall_seconds": time.perf_counter() - run_start,
-            }
-            if first:
-                record["resumed_at_step"] = first
+            shared = {"images_per_s": images / seconds if seconds > 0 else None, "epoch_seconds": seconds,
+                      "wall_seconds": time.perf_counter() - run_start}
+            tests = _per_member(evaluate(state) if evaluate else None, members)
+            rates = _per_member(learning_rate(state) if learning_rate else None, members)
+            diverged = bad_steps(state).tolist() if spec.on_non_finite == "freeze" else None
+            records = []
+            for k in range(members):
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": _mean(sums, "loss", k),
+                    **{f"train_{name}": _mean(sums, name, k) for name in sums if name not in _NOT_LOSSES},
+                    "train_acc": _member(sums["correct"], k) / max(_member(sums["count"], k), 1.0),
+                    "test_acc": tests[k],
+                    "images_per_s": shared["images_per_s"],
+                    "lr": rates[k],
+                    "epoch_seconds": shared["epoch_seconds"],
+                    "wall_seconds": shared["wall_seconds"],
+                }
+                if first:
+                    record["resumed_at_step"] = first
+                if diverged is not None:
+                    record["diverged"] = diverged[k] >= 0
+                records.append(record)
             # The record first: a crash between the two leaves a record the checkpoint has not reached,
             # which a resume drops and writes again, never a finished epoch without its record.
             if on_epoch:
-                on_epoch(record)
+                on_epoch(records if population is not None else records[0])
             if save:
                 save(state, epoch + 1, 0)
             if stopping and epoch + 1 < spec.epochs:  # after the last epoch the run is complete anyway
@@ -200,12 +254,22 @@ def _accumulate(sums: dict, metrics: dict) -> dict:
     return {k: sums[k] + v for k, v in add.items()}
 
 
-def _mean(sums: dict, key: str) -> float:
-    return float(sums[key]) / max(int(sums["steps"]), 1) if key in sums else float("nan")
+def _member(value: torch.Tensor, k: int) -> float:
+    """Member ``k``'s entry of a summed metric: 0-d for one model, ``(K,)`` for a population."""
+    return float(value.reshape(-1)[k]) if value.ndim else float(value)
 
 
-def _check_finite(state: dict, spec: LoopSpec, steps_per_epoch_: int) -> None:
-    bad = int(state["bad_step"])  # the one host sync, at logging intervals only
+def _per_member(value: Any, members: int) -> list:
+    """One value per member: a population's list as it is, a single model's value in a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * members
+
+
+def _mean(sums: dict, key: str, k: int = 0) -> float:
+    return _member(sums[key], k) / max(int(sums["steps"]), 1) if key in sums else float("nan")
+
+
+def _check_finite(bad_steps: torch.Tensor, spec: LoopSpec, steps_per_epoch_: int) -> None:
+    bad = int(bad_steps.max())  # the one host sync, at logging intervals only
     if bad >= 0:
         epoch, step = divmod(bad, steps_per_epoch_)
         raise TrainingError(

@@ -33,7 +33,7 @@ with a message, so weights are never overwritten with NaNs and the loop never sy
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.func import grad_and_value
@@ -105,6 +105,157 @@ def precision_autocast(device_type: str, precision: str):
     return contextlib.nullcontext()
 
 
+def teacher_outputs_fn(
+    teacher: Model | None,
+    objective: Objective,
+    *,
+    precision: str,
+    device_type: str,
+    layout: Callable,
+    mixes: bool,
+) -> Callable:
+    """The step's first part: ``outputs(batch, x, teacher_vars) -> (teacher_logits or None, {name: feature})``.
+
+    Cached outputs in the batch (``teacher_logits``, ``teacher_features``) are used as they are; otherwise
+    the teacher runs in eval mode without gradients, only when a term consumes it, and only as far as its
+    last feature when no term reads its logits (:meth:`fkd.models.Model.features_fn`; the same cut teacher
+    completes a cache that holds the logits only). Outputs are float32 whatever the autocast precision.
+    """
+    live_features = features_only = None
+    if teacher is not None and objective.needs_teacher_features:
+        live_features = teacher.features_fn()
+        if not objective.needs_teacher_logits:
+            features_only = live_features
+
+    def as_float(features: dict) -> dict:
+        return {k: v.float() for k, v in features.items()}
+
+    def outputs(batch: dict, x: torch.Tensor, teacher_vars: dict | None):
+        if "teacher_logits" in batch:
+            if mixes:
+                raise ValueError("the step mixes images (function matching), so the teacher must see the mixed "
+                                 "view: pass teacher_vars instead of cached teacher outputs")
+            if objective.needs_teacher_features and "teacher_features" not in batch:  # a logits-only cache
+                if live_features is None or teacher_vars is None:
+                    raise ValueError("the cache holds teacher logits only: pass teacher= and teacher_vars for "
+                                     "the features")
+                with torch.no_grad(), precision_autocast(device_type, precision):
+                    features = live_features(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
+                return batch["teacher_logits"], as_float(features)
+            return batch["teacher_logits"], batch.get("teacher_features", {})
+        if not objective.needs_teacher:
+            return None, {}
+        if teacher is None or teacher_vars is None:
+            raise ValueError("the objective needs the teacher: pass teacher= and teacher_vars, or cached outputs")
+        with torch.no_grad(), precision_autocast(device_type, precision):
+            if features_only is not None:
+                return None, as_float(features_only(layout(teacher_vars["params"]), teacher_vars["buffers"], x))
+            logits, features, _ = teacher.apply(layout(teacher_vars["params"]), teacher_vars["buffers"], x,
+                                                train=False)
+        return logits.float(), as_float(features)
+
+    return outputs
+
+
+class Gradients(NamedTuple):
+    """The objective's part of a step: gradients w.r.t. the trainable pytree and what the forward returned.
+
+    ``loss`` and ``metrics`` are 0-d tensors (the batch means); ``correct`` / ``count`` tally the labeled
+    examples (label >= 0); ``buffers`` and ``objective`` are the new BatchNorm statistics and loss-term state.
+    """
+
+    grads: dict
+    loss: torch.Tensor
+    metrics: dict
+    correct: torch.Tensor
+    count: torch.Tensor
+    buffers: dict
+    objective: dict
+
+
+def gradients_fn(
+    student: Model,
+    objective: Callable,
+    *,
+    train_mode: bool,
+    precision: str,
+    device_type: str,
+    layout: Callable,
+) -> Callable[..., Gradients]:
+    """The step's second part: ``gradients(state, x, inputs) -> Gradients``.
+
+    ``x`` is the student's input batch; ``inputs`` is the :class:`~fkd.terms.TermInputs` without the
+    student's outputs, which the forward pass inside the differentiated function fills in. ``objective`` is
+    an :class:`~fkd.objective.Objective` or a wrapper with its call signature (:func:`weighted_by_share`).
+    ``torch.func.grad_and_value`` differentiates the objective w.r.t. ``state["params"]`` (the model's weights and the terms' learnable parameters);
+    ``state["frozen"]`` weights join the forward without gradients. A sweep member's term numbers
+    (weights, temperature) come from ``state["hyper"]["terms"]`` when the state carries them.
+    """
+
+    def gradients(state: State, x: torch.Tensor, inputs: TermInputs) -> Gradients:
+        hyper = state.get("hyper", {}).get("terms")
+
+        def loss_fn(trainable):
+            trainable = layout(trainable)
+            weights = {**layout(state["frozen"]), **trainable["model"]}
+            with precision_autocast(device_type, precision):
+                logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
+            logits = logits.float()
+            features = {k: v.float() for k, v in features.items()}
+            term_inputs = inputs._replace(student_logits=logits, student_features=features)
+            loss, metrics, objective_state = objective(trainable["objective"], state["objective"], term_inputs, hyper)
+            return loss, (metrics, new_buffers, logits, objective_state)
+
+        grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
+            state["params"])
+        y = inputs.labels
+        correct = ((logits.argmax(dim=-1) == y) & (y >= 0)).sum()  # labeled examples only
+        return Gradients(grads, loss, metrics, correct, (y >= 0).sum(), new_buffers, objective_state)
+
+    return gradients
+
+
+def weighted_by_share(objective: Callable, data_parallel: DataParallel) -> Callable:
+    """Data parallelism, first wrapper (around the objective): this rank's loss and term metrics times its
+    share ``B_r / B`` of the global batch, inside the differentiated function -- so that gradients flowing
+    back through synchronised BatchNorm's all-reduce are shares too (see :mod:`fkd.data_parallel`)."""
+
+    def weighted(params, state, inputs: TermInputs, hyper=None):
+        loss, metrics, new_state = objective(params, state, inputs, hyper)
+        share = data_parallel.share(inputs.labels.shape[0])
+        return loss * share, {k: v * share for k, v in metrics.items()}, new_state
+
+    return weighted
+
+
+def summed_over_ranks(gradients: Callable[..., Gradients], data_parallel: DataParallel) -> Callable[..., Gradients]:
+    """Data parallelism, second wrapper (around :func:`gradients_fn`): one all-reduce sums the ranks'
+    share-weighted gradients, loss and term metrics and the correct / count tallies, so every rank gets the
+    single-process gradient of the global batch."""
+
+    def reduced(state: State, x: torch.Tensor, inputs: TermInputs) -> Gradients:
+        g = gradients(state, x, inputs)
+        grads, loss, metrics, correct, count = data_parallel.reduce(g.grads, g.loss, g.metrics, g.correct, g.count)
+        return g._replace(grads=grads, loss=loss, metrics=metrics, correct=correct, count=count)
+
+    return reduced
+
+
+def keep_finite(state: State, new_state: State, finite: torch.Tensor) -> State:
+    """The non-finite guard: ``new_state`` where ``finite``, else the previous params, buffers, objective
+    and optimizer state (``torch.where``, no host sync); ``bad_step`` records the first bad step's index.
+
+    The training loop reads ``bad_step`` at its sync points and stops with a message (a plain run), or a
+    population freezes the member (:func:`fkd.population.freeze_diverged`).
+    """
+    keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
+    guarded = dict(new_state)
+    for part in ("params", "buffers", "objective", "opt_state"):
+        guarded[part] = tree_map(keep, new_state[part], state[part])
+    guarded["bad_step"] = torch.where((state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"])
+    return guarded
+
+
 def make_train_step(
     student: Model,
     objective: Objective,
@@ -121,12 +272,19 @@ def make_train_step(
     mix: Callable | None = None,
     data_parallel: DataParallel | None = None,
 ) -> Callable[..., tuple[State, Metrics]]:
-    """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)``.
+    """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)`` for one model.
+
+    The step is composed of small pure parts, the way optax chains transforms: the teacher's outputs
+    (:func:`teacher_outputs_fn`: cached or live), the objective's gradients (:func:`gradients_fn`, wrapped
+    by :func:`summed_over_ranks` under torchrun), the optimizer's ``update`` and ``apply_updates``, and the
+    non-finite guard (:func:`keep_finite`). Policies are chosen here, when the step is built, never by
+    branches inside it. A population of K models (a sweep's students) wraps this step with
+    :mod:`fkd.population` (vmap or a loop, and freeze-on-diverge).
 
     Args:
         student: the model being trained.
         objective: the loss (:class:`fkd.objective.Objective`).
-        optimizer: an ``(init, update)`` pair from :mod:`fkd.optim`.
+        optimizer: an ``(init, update)`` pair from :mod:`fkd.optim` (its hyper-parameters live in its state).
         teacher: the teacher's template; required when the objective uses it and the batch carries no
             cached teacher outputs.
         train_mode: run the student in train mode (BatchNorm batch statistics); a linear probe uses False.
@@ -148,9 +306,9 @@ def make_train_step(
             student both see the mixed images, so the teacher runs live (a batch with cached teacher
             outputs is refused).
         data_parallel: under torchrun, how this rank's slice of the global batch joins the others'
-            (:class:`fkd.data_parallel.DataParallel`): the rank differentiates its share of the global
-            mean loss and one all-reduce sums gradients, loss and metrics, so every rank applies the
-            single-process gradient of the global batch. None in a single process.
+            (:class:`fkd.data_parallel.DataParallel`, applied with :func:`weighted_by_share` and
+            :func:`summed_over_ranks`). None in a
+            single process.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
     ``grad_norm``, ``finite`` (bool). ``correct`` and ``count`` cover the labeled examples only
@@ -158,103 +316,37 @@ def make_train_step(
     """
     device_type = torch.device(device).type if device is not None else "cpu"
     layout = to_channels_last if channels_last else (lambda tree: tree)
-    # When no term reads the teacher's logits, run it only as far as its features need (an FX teacher
-    # is cut after its last feature; torch.compile would drop the rest anyway).
-    # The same cut teacher serves a cache that holds the logits only (features too large for it).
-    teacher_features_only = live_features = None
-    if teacher is not None and objective.needs_teacher_features:
-        live_features = teacher.features_fn()
-        if not objective.needs_teacher_logits:
-            teacher_features_only = live_features
-
-    def teacher_outputs(batch, x, teacher_vars):
-        if "teacher_logits" in batch:
-            if mix is not None:
-                raise ValueError("the step mixes images (function matching), so the teacher must see the mixed "
-                                 "view: pass teacher_vars instead of cached teacher outputs")
-            if objective.needs_teacher_features and "teacher_features" not in batch:  # a logits-only cache
-                if live_features is None or teacher_vars is None:
-                    raise ValueError("the cache holds teacher logits only: pass teacher= and teacher_vars for "
-                                     "the features")
-                with torch.no_grad(), precision_autocast(device_type, precision):
-                    features = live_features(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
-                return batch["teacher_logits"], {k: v.float() for k, v in features.items()}
-            return batch["teacher_logits"], batch.get("teacher_features", {})
-        if not objective.needs_teacher:
-            return None, {}
-        if teacher is None or teacher_vars is None:
-            raise ValueError("the objective needs the teacher: pass teacher= and teacher_vars, or cached outputs")
-        with torch.no_grad(), precision_autocast(device_type, precision):
-            if teacher_features_only is not None:
-                features = teacher_features_only(layout(teacher_vars["params"]), teacher_vars["buffers"], x)
-                return None, {k: v.float() for k, v in features.items()}
-            logits, features, _ = teacher.apply(layout(teacher_vars["params"]), teacher_vars["buffers"], x, train=False)
-        return logits.float(), {k: v.float() for k, v in features.items()}
+    teacher_outputs = teacher_outputs_fn(teacher, objective, precision=precision, device_type=device_type,
+                                         layout=layout, mixes=mix is not None)
+    loss = objective if data_parallel is None else weighted_by_share(objective, data_parallel)
+    gradients = gradients_fn(student, loss, train_mode=train_mode, precision=precision, device_type=device_type,
+                             layout=layout)
+    if data_parallel is not None:
+        gradients = summed_over_ranks(gradients, data_parallel)
+    mix_images = mix if mix is not None else (lambda x, key: x)
 
     def step(state: State, batch: dict, teacher_vars: dict | None = None) -> tuple[State, Metrics]:
-        x, y = layout(batch["x"]), batch["y"]
         key = prng.fold_in(state["key"], state["step"])
-        if mix is not None:  # its own stream, independent of the numbers the terms draw from ``key``
-            x = mix(x, prng.fold_in(key, MIX_STREAM))
+        # the mixing has its own stream, independent of the numbers the terms draw from ``key``
+        x = mix_images(layout(batch["x"]), prng.fold_in(key, MIX_STREAM))
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         epoch = state["step"].to(torch.float32) / steps_per_epoch if steps_per_epoch else None
-        hyper = state.get("hyper")  # a sweep member's own numbers (see fkd.sweep); None in a plain run
-
-        def loss_fn(trainable):
-            trainable = layout(trainable)
-            weights = {**layout(state["frozen"]), **trainable["model"]}
-            with precision_autocast(device_type, precision):
-                logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
-            logits = logits.float()
-            features = {k: v.float() for k, v in features.items()}
-            inputs = TermInputs(logits, features, y, t_logits, t_features, batch.get("idx"), key, epoch)
-            loss, metrics, objective_state = objective(trainable["objective"], state["objective"], inputs,
-                                                       hyper.get("terms") if hyper else None)
-            if data_parallel is not None:  # this rank's share of the global batch mean
-                share = data_parallel.share(y.shape[0])
-                loss, metrics = loss * share, {k: v * share for k, v in metrics.items()}
-            return loss, (metrics, new_buffers, logits, objective_state)
-
-        grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
-            state["params"])
-        correct = ((logits.argmax(dim=-1) == y) & (y >= 0)).sum()  # labeled examples only
-        count = (y >= 0).sum()
-        if data_parallel is not None:  # sums over ranks: the global batch's gradient, loss and tallies
-            grads, loss, metrics, correct, count = data_parallel.reduce(grads, loss, metrics, correct, count)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        if hyper:  # the optimizer runs at the group's reference rate; each student scales its own step
-            updates = tree_map(lambda u: u * hyper["lr_scale"].to(u.dtype), updates)
-        params = apply_updates(state["params"], updates)
-
-        grad_norm = global_norm(grads)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if hyper:  # a sweep member's own rate can overflow the update even when its gradients are finite
-            finite = finite & torch.isfinite(global_norm(updates))
-        # A sweep member that diverged once stays frozen, so the others go on; a plain run stops instead.
-        ok = finite & (state["bad_step"] < 0) if hyper else finite
-        keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731 -- skip a non-finite step
+        inputs = TermInputs(None, {}, batch["y"], t_logits, t_features, batch.get("idx"), key, epoch)
+        g = gradients(state, x, inputs)
+        updates, opt_state = optimizer.update(g.grads, state["opt_state"], state["params"])
+        grad_norm = global_norm(g.grads)
+        finite = torch.isfinite(g.loss) & torch.isfinite(grad_norm)
         new_state = {
-            "params": tree_map(keep, params, state["params"]),
-            "frozen": state["frozen"],
-            "buffers": tree_map(keep, new_buffers, state["buffers"]),
-            "objective": tree_map(keep, objective_state, state["objective"]),
-            "opt_state": tree_map(keep, opt_state, state["opt_state"]),
-            "key": state["key"],
-            **({"hyper": hyper} if hyper else {}),
+            **state,
+            "params": apply_updates(state["params"], updates),
+            "buffers": g.buffers,
+            "objective": g.objective,
+            "opt_state": opt_state,
             "step": state["step"] + 1,
-            "bad_step": torch.where(
-                (state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"]
-            ),
         }
-        metrics = {
-            **metrics,
-            "loss": loss.detach(),
-            "correct": correct,
-            "count": count,
-            "grad_norm": grad_norm.detach(),
-            "finite": finite,
-        }
-        return new_state, metrics
+        metrics = {**g.metrics, "loss": g.loss.detach(), "correct": g.correct, "count": g.count,
+                   "grad_norm": grad_norm.detach(), "finite": finite}
+        return keep_finite(state, new_state, finite), metrics
 
     return maybe_compile(step, compile, device_type, compile_mode)
 

@@ -25,6 +25,7 @@ from fkd.objective import from_weights
 from fkd.optim import apply_updates, sgd
 from fkd.pytree import tree_map
 from fkd.terms import Shapes, TermInputs
+from tests.conftest import tiny_config_text
 
 harness = load_clone_module("bench/harness.py", "the benchmark harness")
 VARIANTS, resolve_variants, run_bench = harness.VARIANTS, harness.resolve_variants, harness.run_bench
@@ -39,32 +40,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(tmp_path, method="feature", extra=()):
     """A tiny config: small_cnn student, ResNet-18 teacher (features by hook), 16 px synthetic data."""
     path = tmp_path / "bench.toml"
-    path.write_text(
-        """
-name = "bench-tiny"
-device = "cpu"
-[data]
-name = "synthetic"
-image_size = 16
-batch_size = 8
-synthetic_size = 16
-synthetic_classes = 4
-num_workers = 0
-[teacher]
-arch = "resnet18"
-[student]
-arch = "small_cnn"
-widths = [4, 8]
-[train.optimizer]
-name = "adam"
-learning_rate = 1e-2
-[distill]
-method = "%s"
-student_features = ["block1", "block2"]
-teacher_features = ["layer1", "layer1"]
-beta = 2.0
-""" % method
-    )
+    path.write_text(tiny_config_text(
+        tmp_path, method, name="bench-tiny", seed=None,
+        data={"batch_size": 8, "synthetic_size": 16, "eval_batch_size": None, "num_workers": 0},
+        teacher={"arch": "resnet18", "widths": None, "weights": None, "mode": None, "checkpoint": None,
+                 "fit_if_missing": None, "train": None},
+        train={"epochs": None, "log_every": None},
+        distill={"student_features": ["block1", "block2"], "teacher_features": ["layer1", "layer1"], "beta": 2.0}))
     return load_config(path, list(extra)), path
 
 

@@ -7,7 +7,6 @@ written in torchvision's format (a few random images; no network).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ import torch
 import torchvision.datasets
 
 from fkd.build import load_config
+from fkd.config_files import read_config_file
 from fkd.data import load_data
 from fkd.data.transforms import augments, normalize
-from fkd.distill import preflight
+from fkd.distill_setup import preflight
 from fkd.loop import steps_per_epoch
 from fkd.models.from_config import build_teacher
 from fkd.objective import from_weights
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "configs" / "cifar100"
 PAIRS = {"resnet32x4": "resnet8x4", "wrn_40_2": "wrn_16_2"}
 METHODS = ("baseline", "kd", "fitnets", "at", "sp", "rkd", "pkt", "crd", "dkd", "dist")
-CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in FOLDER.rglob("*.toml"))
+CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in FOLDER.rglob("[!_]*.toml"))  # not the _base.toml files
 TEACHERS = [c for c in CONFIGS if Path(c).name.startswith("teacher_")]
 STUDENTS = [c for c in CONFIGS if c not in TEACHERS]
 BATCH = 4
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def load(name: str, *overrides: str):
     """The config ``name``; a term it names that fkd does not register yet fails with that term's name."""
-    raw = tomllib.loads((ROOT / name).read_text())
+    raw = read_config_file(ROOT / name)
     missing = sorted(set(raw.get("distill", {}).get("terms", {})) - set(TERMS.names()))
     if missing:
         pytest.fail(f"{name} uses loss term(s) {', '.join(missing)}, not registered in fkd.terms "

@@ -14,7 +14,7 @@ from fkd.config import Config, ConfigError, apply_overrides, dumps, from_dict, p
 from fkd.build import help_text, load_config
 from fkd.objective import from_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("[!_]*.toml"))  # _*.toml: bases to extend
 
 
 def test_configs_exist():

@@ -22,55 +22,21 @@ from click.testing import CliRunner
 from fkd import cli
 from fkd.distributed import slice_bounds
 from fkd.pytree import tree_leaves
+from tests.conftest import tiny_config_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "dp_child.py"
 
-CONFIG = """
-name = "dp"
-seed = 0
-device = "cpu"
 
-[data]
-name = "digits"
-image_size = 16
-train_limit = 248
-batch_size = 31
-eval_batch_size = 100
-
-[teacher]
-arch = "small_cnn"
-widths = [8, 16]
-weights = "none"
-mode = "scratch"
-checkpoint = "{root}/teacher/teacher.pt"
-cache_dir = "{root}/cache"
-fit_if_missing = true
-
-[teacher.train]
-epochs = 1
-log_every = 4
-
-[teacher.train.optimizer]
-name = "adam"
-learning_rate = 1e-2
-
-[student]
-arch = "seed_cnn"
-widths = [8, 16]
-
-[train]
-epochs = 2
-log_every = 1
-
-[train.optimizer]  # SGD: Adam's first steps enlarge last-bit differences of near-zero gradients (README)
-name = "sgd"
-learning_rate = 0.05
-momentum = 0.9
-
-[distill]
-method = "logit"
-"""
+def dp_config(root: Path) -> str:
+    """The two-process digits run: seed_cnn student, small_cnn teacher fitted once, batches of 31."""
+    return tiny_config_text(
+        root, "logit", dataset="digits", name="dp",
+        data={"train_limit": 248, "batch_size": 31, "eval_batch_size": 100},
+        teacher={"cache_dir": f"{root.as_posix()}/cache", "train": {"epochs": 1, "log_every": 4}},
+        student={"arch": "seed_cnn", "widths": [8, 16]},
+        # SGD: Adam's first steps enlarge last-bit differences of near-zero gradients (README)
+        train={"log_every": 1, "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}})
 
 
 SWEEP_SETS = ("student.arch=small_cnn", "train.epochs=1", "train.log_every=4")
@@ -86,7 +52,7 @@ def job(tmp_path_factory):
     torchrun launch: ``job(name)`` gives that command's run folder and each rank's output and exit code."""
     root = tmp_path_factory.mktemp("dp")
     config = root / "dp.toml"
-    config.write_text(CONFIG.format(root=root.as_posix()))
+    config.write_text(dp_config(root))
     with one_thread():
         result = CliRunner().invoke(cli.main, ["teacher", "--config", str(config), "--out", str(root / "teacher"),
                                                "--quiet"])
@@ -237,7 +203,7 @@ def test_signal_on_one_rank_stops_all_at_one_step_and_resume_is_exact(job):
 
 def test_bad_config_fails_on_every_rank_with_one_message(tmp_path):
     config = tmp_path / "dp.toml"
-    config.write_text(CONFIG.format(root=tmp_path.as_posix()))
+    config.write_text(dp_config(tmp_path))
     run = torchrun("distill", "--config", str(config), "--out", str(tmp_path / "bad"), "--set", "train.epochs=0")
     assert run.returncode != 0
     assert run.stderr.count("error: train.epochs must be >= 1 (got 0).") == 1

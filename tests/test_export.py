@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,48 +17,18 @@ from fkd.export.exported_file import load_exported
 from fkd.export.pipeline import export_model
 from fkd.export.saved_model import load_saved_model
 from fkd.export.verify import fkd_logits
+from tests.conftest import tiny_config_text
 
-RUN_CONFIG = """
-name = "export-{arch}"
-seed = 0
-device = "cpu"
 
-[data]
-name = "digits"
-image_size = 16
-batch_size = 64
-eval_batch_size = 180
-train_limit = {train_limit}
+def run_config(root: Path, arch: str, epochs: int, lr: float, train_limit: int, method: str) -> str:
+    """A short digits run of ``arch`` (student widths 16, 32 where it has them), its teacher fitted in one epoch."""
+    return tiny_config_text(
+        root, method, dataset="digits", name=f"export-{arch}", student={"arch": arch, "widths": [16, 32]},
+        data={"batch_size": 64, "eval_batch_size": 180, "train_limit": train_limit},
+        teacher={"train": {"epochs": 1, "log_every": None}},
+        train={"epochs": epochs, "log_every": None, "optimizer": {"learning_rate": lr}},
+        distill={"student_features": None, "teacher_features": None})
 
-[teacher]
-arch = "small_cnn"
-widths = [8, 16]
-weights = "none"
-mode = "scratch"
-checkpoint = "{root}/teacher/teacher.pt"
-fit_if_missing = true
-
-[teacher.train]
-epochs = 1
-
-[teacher.train.optimizer]
-name = "adam"
-learning_rate = 1e-2
-
-[student]
-arch = "{arch}"
-widths = [16, 32]
-
-[train]
-epochs = {epochs}
-
-[train.optimizer]
-name = "adam"
-learning_rate = {lr}
-
-[distill]
-method = "{method}"
-"""
 
 # small_cnn is trained enough to judge int8 (about 80% on digits), and its teacher is fitted too (for the
 # --teacher tests); the others only need weights that are not the initial ones.
@@ -81,7 +52,7 @@ def digits_run(tmp_path_factory):
     def run(arch: str):
         if arch not in made:
             config = root / f"{arch}.toml"
-            config.write_text(RUN_CONFIG.format(arch=arch, root=root.as_posix(), **RUNS[arch]))
+            config.write_text(run_config(root, arch, **RUNS[arch]))
             out = root / arch
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # nothing here is timed; one thread is faster on a busy machine

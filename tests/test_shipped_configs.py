@@ -54,7 +54,7 @@ def test_shipped_config_gives_the_recorded_loss(name, monkeypatch):
         assert got[term] == pytest.approx(value, rel=1e-6, abs=1e-7), term
 
 
-SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.toml"))
+SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("[!_]*.toml"))  # _*.toml: bases
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -112,6 +112,30 @@ def test_a_student_in_a_sweep_equals_the_same_student_alone(tiny_config, tmp_pat
     assert report.exit_code == 0, report.output
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_optimizer_hyperparameters_sweep_in_one_group(tiny_config, tmp_path, strategy):
+    # Momentum and weight decay are 0-d tensors in each student's optimizer state: one group, one step,
+    # and each student equals the same distill run.
+    cfg = tiny_config("logit")
+    sgd = ["--set", "train.optimizer.name=sgd", "--set", "train.optimizer.learning_rate=0.05"]
+    alone = tmp_path / "alone"
+    result = invoke("distill", "--config", cfg, "--out", alone, "--quiet", *sgd,
+                    "--set", "train.optimizer.momentum=0.9", "--set", "train.optimizer.weight_decay=0.0005")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / f"sweep-{strategy}"
+    result = invoke("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "1", "--strategy", strategy, *sgd,
+                    "--grid", "train.optimizer.momentum=0,0.9", "--grid", "train.optimizer.weight_decay=0,0.0005",
+                    "--save", "all")
+    assert result.exit_code == 0, result.output
+    assert "1 group of 4 students" in result.output
+    a = load_checkpoint(alone / "checkpoints" / "latest.pt", "student_run")["state"]["params"]["model"]
+    b = _sweep_params(out, "train.optimizer.momentum=0.9,train.optimizer.weight_decay=0.0005__seed=0")
+    c = _sweep_params(out, "train.optimizer.momentum=0,train.optimizer.weight_decay=0__seed=0")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(not torch.allclose(c[k], a[k]) for k in a)  # the members really differ
+
+
 def test_outputs_and_baseline(tiny_config, tmp_path):
     out = tmp_path / "sweep"
     result = invoke("sweep", "--config", tiny_config("logit"), "--out", out, "--quiet", "--seeds", "2",
@@ -172,8 +196,7 @@ def test_interrupted_sweep_resumes_bit_exactly(tiny_config, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_random_views_share_one_order_and_run_the_teacher_live(tiny_config, tmp_path, strategy):
-    cfg = tiny_config("logit")
-    cfg.write_text(cfg.read_text().replace("[data]\n", "[data]\nflip = true\n"))
+    cfg = tiny_config("logit", data={"flip": True})
     out = tmp_path / strategy
     result = invoke("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "2", "--strategy", strategy,
                     "--set", "train.epochs=1", "--save", "all")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from fkd.checkpoint import load_checkpoint
 from fkd.errors import ConfigError
 from fkd.objective import build
 from fkd.terms import TERMS, Shapes, TermInputs, config_fields, pair_key
+from tests.conftest import tiny_config_text
 
 NEW_TERMS = ("dkd", "dist", "lskd", "sp", "rkd", "pkt", "cc", "nst", "vid")
 B, K = 6, 5
@@ -197,56 +199,18 @@ def test_config_keys_lists_every_new_key():
 
 # --- end to end from the CLI on digits -------------------------------------------------------------------
 
-DIGITS = """
-name = "methods"
-seed = 0
-device = "cpu"
 
-[data]
-name = "digits"
-image_size = 8
-batch_size = 16
-train_limit = 48
-eval_batch_size = 400
+def digits_config(root: Path, name: str, weight: float, keys: str) -> str:
+    """One epoch on 48 digits at 8 px: CE plus the term ``name`` (its ``weight`` and extra TOML ``keys``)
+    on two feature pairs."""
+    return tiny_config_text(
+        root, "terms", dataset="digits", name="methods",
+        extra=f"[distill.terms.ce]\nweight = 1.0\n[distill.terms.{name}]\nweight = {weight}\n{keys}",
+        data={"image_size": 8, "train_limit": 48, "eval_batch_size": 400},
+        teacher={"checkpoint": f"{root.as_posix()}/teacher.pt", "train": {"epochs": 1, "log_every": None}},
+        train={"epochs": 1, "log_every": None},
+        distill={"student_features": ["block1", "block2"], "teacher_features": ["block1", "block2"]})
 
-[teacher]
-arch = "small_cnn"
-widths = [8, 16]
-weights = "none"
-mode = "scratch"
-checkpoint = "{root}/teacher.pt"
-fit_if_missing = true
-
-[teacher.train]
-epochs = 1
-
-[teacher.train.optimizer]
-name = "adam"
-learning_rate = 1e-2
-
-[student]
-arch = "small_cnn"
-widths = [4, 8]
-
-[train]
-epochs = 1
-
-[train.optimizer]
-name = "adam"
-learning_rate = 1e-2
-
-[distill]
-method = "terms"
-student_features = ["block1", "block2"]
-teacher_features = ["block1", "block2"]
-
-[distill.terms.ce]
-weight = 1.0
-
-[distill.terms.{name}]
-weight = {weight}
-{keys}
-"""
 
 #: The term's table for the CLI run (weights of the order the methods' papers use, scaled for digits).
 CLI_TABLES = {
@@ -266,7 +230,7 @@ def digits_root(tmp_path_factory):
 def test_term_trains_from_the_cli_on_digits(name, digits_root, one_thread):
     weight, keys = CLI_TABLES[name]
     cfg = digits_root / f"{name}.toml"
-    cfg.write_text(DIGITS.format(root=digits_root.as_posix(), name=name, weight=weight, keys=keys))
+    cfg.write_text(digits_config(digits_root, name, weight, keys))
     out = digits_root / f"run_{name}"
     result = CliRunner().invoke(cli.main, ["distill", "--config", str(cfg), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -296,7 +260,7 @@ def test_all_terms_in_one_sweep_vmapped_equal_the_loop(digits_root, one_thread):
     """Every new term in one objective, students differing in sweepable fields: the vmapped step (the
     sweep on a GPU) gives the same losses as one step per student."""
     cfg = digits_root / "all.toml"
-    cfg.write_text(DIGITS.format(root=digits_root.as_posix(), name="dkd", weight=1.0, keys="warmup_epochs = 0.5")
+    cfg.write_text(digits_config(digits_root, "dkd", 1.0, "warmup_epochs = 0.5")
                    + ALL_TABLES)
     runs = {}
     for how in ("loop", "vmap"):

@@ -244,7 +244,7 @@ def test_cache_keeps_logits_only_when_features_exceed_the_budget(tiny_config, tm
     assert set(small.lookup(idx)) == {"teacher_logits"}
     torch.testing.assert_close(small.lookup(idx)["teacher_logits"], full.lookup(idx)["teacher_logits"])
     # the step computes the features live for a logits-only cache: the same loss as the full cache
-    from fkd.distill import preflight
+    from fkd.distill_setup import preflight
 
     pre = preflight(cfg, data.num_classes, len(data.train), "cpu")
     obj_params, obj_state = pre.objective.init(pre.shapes)

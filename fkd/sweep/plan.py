@@ -148,10 +148,10 @@ def structure_key(student: Student) -> str:
     return dumps(neutral) + repr(student.objective.structure())
 
 
-def hyper_values(student: Student, reference_lr: float) -> dict:
-    """The student's in-step numbers as Python floats: ``{"lr_scale", "terms": {term: {...}}}``."""
-    return {"lr_scale": student.config.train.optimizer.learning_rate / reference_lr,
-            "terms": student.objective.hyper_defaults()}
+def hyper_values(student: Student) -> dict:
+    """The student's term numbers as Python floats: ``{"terms": {term: {...}}}`` (its optimizer's numbers
+    live in its optimizer state, see :mod:`fkd.optim`)."""
+    return {"terms": student.objective.hyper_defaults()}
 
 
 def in_chunks(plan: SweepPlan, chunk: int | None) -> SweepPlan:

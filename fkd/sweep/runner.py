@@ -3,31 +3,27 @@
 Within a group the students share what a separate ``distill`` run each would repeat: the process
 start-up, the data on the device, the teacher (loaded once, its outputs cached once and gathered by
 each student's own sample indices) and one step function. Each student has its own initialisation,
-data order and augmentation (its seed), its own random key, and its in-step numbers (term weights,
-temperature, learning-rate scale) as 0-d tensors in its state (``state["hyper"]``), so one traced or
-compiled step serves them all. Two strategies run that step:
+data order and augmentation (its seed), its own random key, its optimizer's hyper-parameters (learning
+rate, momentum, weight decay, betas, the schedule's numbers: 0-d tensors in its optimizer state, see
+:mod:`fkd.optim`) and its term numbers (weights, temperature: ``state["hyper"]``), so one traced or
+compiled step serves them all. A group is a :class:`~fkd.population.Population` trained by the one
+loop, :func:`fkd.loop.run_epochs`: vmapped on CUDA, the same per-student step in a loop on a CPU
+(``--strategy``; see :mod:`fkd.population`).
 
-* ``vmap``: the students' states are stacked and ``torch.func.vmap(step)`` trains them at once -- the
-  win on a GPU, where one small student leaves the device mostly idle;
-* ``loop``: the same step is called once per student -- on a CPU, where vmap turns convolutions into
-  grouped convolutions and was measured slower than a loop (see README, "Sweeps").
+When the training view is random, the teacher cannot be cached: the students then share one data
+order (seeds vary initialisation only) and the teacher runs once per batch for all of them ("shared
+order"); otherwise each student follows its own order ("independent orders"). Which is used is printed
+at start.
 
-``auto`` picks ``vmap`` on CUDA and ``loop`` elsewhere. When the training view is random, the teacher
-cannot be cached: the students then share one data order (seeds vary initialisation only) and the
-teacher runs once per batch for all of them ("shared order"); otherwise each student follows its own
-order ("independent orders"). Which is used is printed at start.
-
-A student whose loss turns non-finite is frozen at its last good parameters (the step's guard), marked
-diverged, and the sweep goes on. Checkpoints (``checkpoints/latest.pt``) hold the stacked states of the
-running group and the results of the finished ones; SIGINT/SIGTERM save one and stop, ``--resume``
-continues bit-exactly on a CPU.
+A student whose loss turns non-finite is frozen at its last good parameters
+(:func:`fkd.population.freeze_diverged`), marked diverged, and the sweep goes on. Checkpoints
+(``checkpoints/latest.pt``) hold the states of the running group's students and the results of the
+finished groups; SIGINT/SIGTERM save one and stop, ``--resume`` continues bit-exactly on a CPU.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,20 +32,21 @@ import torch
 
 from fkd import distributed
 from fkd.atomic import remove_stale_temporaries
-from fkd.cache import build_cache, cache_key, teacher_batch_outputs
+from fkd.cache import teacher_batch_outputs
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill import ensure_teacher, preflight
+from fkd.distill_setup import load_teacher_for, preflight, teacher_cache
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
+from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
-from fkd.loop import Interrupted, StopRequest, should_stop, steps_per_epoch
 from fkd.models.from_config import build_student
-from fkd.progress import Progress
+from fkd.optim import optimizer_from_config
+from fkd.population import STRATEGIES, Population, choose_strategy, freeze_diverged
 from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
@@ -57,9 +54,9 @@ from fkd.runlock import RunLock
 from fkd.step import init_train_state, maybe_compile
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
 from fkd.sweep.stats import format_table, summarize
-from fkd.teacher import load_teacher
 
-STRATEGIES = ("auto", "vmap", "loop")
+__all__ = ["STRATEGIES", "SAVE_CHOICES", "auto_chunk", "choose_strategy", "run_sweep", "student_state"]
+
 SAVE_CHOICES = ("none", "best", "all")
 
 
@@ -85,15 +82,6 @@ def auto_chunk(plan: SweepPlan, strategy: str, device: torch.device, memory_frac
     return None if fits >= largest else fits
 
 
-def choose_strategy(requested: str, device: torch.device) -> str:
-    """``auto`` -> ``vmap`` on CUDA, ``loop`` elsewhere (measured: ``python cli.py bench --sweep K``)."""
-    if requested not in STRATEGIES:
-        raise FkdError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {requested!r}).")
-    if requested != "auto":
-        return requested
-    return "vmap" if device.type == "cuda" else "loop"
-
-
 @attrs.frozen(eq=False)
 class GroupSetup:
     """What the students of one group share."""
@@ -106,10 +94,8 @@ class GroupSetup:
     teacher: object
     teacher_vars: dict | None
     lookup: Callable | None
-    step: Callable  # the single-student step (uncompiled: the strategy wraps it)
-    optimizer: object
+    step: Callable  # the single-student step (uncompiled: the population wraps it)
     layout: Callable
-    reference_lr: float
     augment: bool
     steps_per_epoch: int
     mixes: bool = False  # function matching: the step mixes images and runs the teacher on them itself
@@ -127,16 +113,18 @@ class GroupSetup:
         return self.augment and self.objective.needs_teacher and not self.mixes
 
     def init_state(self, s: Student, device) -> dict:
-        return student_state(s.config, self.objective, self.shapes, self.data.num_classes, self.optimizer,
-                             self.layout, hyper_values(s, self.reference_lr), device)
+        return student_state(s.config, self.objective, self.shapes, self.data.num_classes, self.steps_per_epoch,
+                             self.layout, hyper_values(s), device)
 
 
-def student_state(cfg, objective, shapes, num_classes: int, optimizer, layout: Callable, hyper: dict | None,
-                  device) -> dict:
-    """A sweep student's initial train state: initialised from ``cfg.seed`` exactly as ``distill`` does,
-    with its in-step numbers (``hyper``, Python floats) as 0-d tensors under ``"hyper"`` when given."""
+def student_state(cfg, objective, shapes, num_classes: int, steps_per_epoch: int, layout: Callable,
+                  hyper: dict | None, device) -> dict:
+    """A sweep student's initial train state: initialised from ``cfg.seed`` exactly as ``distill`` does, with
+    its own optimizer hyper-parameters (from ``cfg.train.optimizer``, in its optimizer state) and its term
+    numbers (``hyper``, Python floats) as 0-d tensors under ``"hyper"`` when given."""
     _, params, buffers = build_student(cfg, num_classes, objective.student_feature_names, device=device)
     obj_params, obj_state = objective.init(shapes, seed=cfg.seed, device=device)
+    optimizer, _ = optimizer_from_config(cfg.train.optimizer, steps_per_epoch, cfg.train.epochs)
     state = init_train_state(params, buffers, optimizer, objective_params=obj_params, objective_state=obj_state,
                              seed=cfg.seed)
     if hyper is not None:
@@ -153,100 +141,50 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
     data = data_cache[key]
     pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
     obj = pre.objective
-    teacher = teacher_vars = lookup = None
     augment = augments(base.data)
     if (note := describe_transfer(base.data, data.train.labels)) is not None:
         echo(note)
     if base.data.mixes:
         echo(describe_mixing(base.data.mixup, base.data.cutmix))
+    teacher = lookup = None
     if obj.needs_teacher:
-        t_path = ensure_teacher(base, data, device, echo=echo, quiet=quiet)
-        teacher, teacher_vars, _ = load_teacher(t_path, base, data.num_classes, obj.teacher_feature_names, device)
-        if base.teacher.cache != "off" and not augment and not base.data.mixes:
-            ck = cache_key(t_path, data.fingerprint, teacher.feature_names, base.train.precision)
-            cache = build_cache(teacher, teacher_vars, data.train, mode=base.teacher.cache, key=ck,
-                                cache_dir=base.teacher.cache_dir, batch_size=base.data.eval_batch_size,
-                                precision=base.train.precision, device=device, echo=echo,
-                                max_bytes=int(base.teacher.cache_max_gb * 1e9))
-            lookup = cache.lookup
+        teacher = load_teacher_for(base, data, obj, device, echo=echo, quiet=quiet)
+        lookup, _ = teacher_cache(base, data, teacher, augment=augment, device=device, echo=echo)
     nb = steps_per_epoch(len(data.train), base.data.batch_size)
     training = build_training(
-        pre.student, obj, base.train, params=pre.params, buffers=pre.buffers, teacher=teacher,
-        steps_per_epoch=nb, batch_size=base.data.batch_size, seed=base.seed, augment=augment, device=device,
-        compile="off", quiet=True, mix=make_mixer(base.data.mixup, base.data.cutmix),
+        pre.student, obj, base.train, params=pre.params, buffers=pre.buffers,
+        teacher=teacher.model if teacher else None, steps_per_epoch=nb, batch_size=base.data.batch_size,
+        seed=base.seed, augment=augment, device=device, compile="off", quiet=True,
+        mix=make_mixer(base.data.mixup, base.data.cutmix),
         split_batches=False)  # under torchrun each rank trains students of its own
-    if teacher_vars is not None:
-        teacher_vars = training.layout(teacher_vars)
-    return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher, teacher_vars, lookup, training.step,
-                      training.optimizer, training.layout, base.train.optimizer.learning_rate, augment, nb,
-                      base.data.mixes)
+    teacher_vars = training.layout(teacher.variables) if teacher is not None else None
+    return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher.model if teacher else None, teacher_vars,
+                      lookup, training.step, training.layout, augment, nb, base.data.mixes)
 
 
-def _stack(states: list[dict]) -> dict:
-    return tree_map(lambda *xs: torch.stack(xs), *states)
-
-
-def _unstack(stacked: dict, k: int) -> list[dict]:
-    return [tree_map(lambda t, i=i: t[i], stacked) for i in range(k)]
-
-
-class _Trainer:
-    """Steps K students of a group with the chosen strategy; states stay a list (loop) or stacked (vmap)."""
-
-    def __init__(self, setup: GroupSetup, strategy: str, device: torch.device):
-        self.setup, self.strategy, self.device = setup, strategy, device
-        train = setup.group.base.config.train
-        if strategy == "vmap":
-            # Shared-order batches are the same for every student (in_dims None): the teacher then runs
-            # once inside the vmapped step, unbatched.
-            batch_dim = None if setup.shared_order else 0
-            stepped = torch.func.vmap(setup.step, in_dims=(0, batch_dim, None))
-        else:
-            stepped = setup.step
-        self.step = maybe_compile(stepped, train.compile, device.type, train.compile_mode)
-
-    def run(self, states, batches: list[dict], teacher_vars):
-        """One step of every student; returns ``(states, [metrics per student])``."""
-        if self.strategy == "vmap":
-            batch = batches[0] if self.setup.shared_order else _stack(batches)
-            states, metrics = self.step(states, batch, teacher_vars)
-            return states, [tree_map(lambda t, i=i: t[i], metrics) for i in range(len(batches))]
-        out = [self.step(st, b, teacher_vars) for st, b in zip(states, batches)]
-        return [o[0] for o in out], [o[1] for o in out]
-
-    def to_list(self, states) -> list[dict]:
-        return _unstack(states, len(self.setup.members)) if self.strategy == "vmap" else list(states)
-
-    def from_list(self, states: list[dict]):
-        return _stack(states) if self.strategy == "vmap" else states
-
-
-def _teacher_batch(setup: GroupSetup, x: torch.Tensor) -> dict:
-    """The teacher's outputs on a shared batch, computed once for all students (loop strategy)."""
-    logits, feats = teacher_batch_outputs(setup.teacher, setup.teacher_vars, x,
-                                          setup.group.base.config.train.precision)
-    return {"teacher_logits": logits, "teacher_features": feats}
-
-
-def _epoch_batches(setup: GroupSetup, epoch: int, start: int, strategy: str):
-    """Per step, one batch dict per student (each its own order, or the shared one)."""
+def group_batches(setup: GroupSetup, strategy: str) -> Callable:
+    """``batches(epoch, start)`` for a group: per step, one batch dict per student (each its own order) or,
+    in shared order, the one batch they all take -- carrying the teacher's outputs, computed once, when
+    the students run in a loop (vmapped, the step runs the teacher once itself, unbatched)."""
     cfg = setup.group.base.config
-    students = setup.members
-    seeds = [cfg.seed] if setup.shared_order else [s.seed for s in students]
-    iters = [setup.data.train.batches(cfg.data.batch_size, shuffle=True, epoch=epoch, seed=seed, start=start,
-                                      augment=setup.augment, drop_last=True) for seed in seeds]
-    for parts in zip(*iters):
-        batches = []
-        for x, y, idx in parts:
-            batch = {"x": x, "y": y, "idx": idx}
-            if setup.lookup is not None:
-                batch.update(setup.lookup(idx))
-            elif setup.shared_order and strategy == "loop":
-                batch.update(_teacher_batch(setup, x))
-            batches.append(batch)
-        if setup.shared_order:
-            batches = batches * len(students)
-        yield batches
+    seeds = [cfg.seed] if setup.shared_order else [s.seed for s in setup.members]
+
+    def batches(epoch: int, start: int):
+        iters = [setup.data.train.batches(cfg.data.batch_size, shuffle=True, epoch=epoch, seed=seed, start=start,
+                                          augment=setup.augment, drop_last=True) for seed in seeds]
+        for parts in zip(*iters):
+            out = []
+            for x, y, idx in parts:
+                batch = {"x": x, "y": y, "idx": idx}
+                if setup.lookup is not None:
+                    batch.update(setup.lookup(idx))
+                elif setup.shared_order and strategy == "loop":
+                    logits, feats = teacher_batch_outputs(setup.teacher, setup.teacher_vars, x, cfg.train.precision)
+                    batch.update({"teacher_logits": logits, "teacher_features": feats})
+                out.append(batch)
+            yield out[0] if setup.shared_order else out
+
+    return batches
 
 
 def _evaluate(setup: GroupSetup, state: dict, device) -> float:
@@ -300,79 +238,58 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
     return summary
 
 
+_RECORD_KEYS = ("epoch", "train_loss", "train_acc", "test_acc", "diverged")
+
+
 def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, records, finished, sweep_text,
                  stop, quiet, echo, save) -> list[dict]:
+    """Train one group as a population through :func:`fkd.loop.run_epochs`; returns its students' results."""
     students = setup.members
     cfg = setup.group.base.config
     world = distributed.world()
-    trainer = _Trainer(setup, strategy, device)
+    population = Population(len(students), strategy, shared_batch=setup.shared_order)
+    step = maybe_compile(population.wrap(freeze_diverged(setup.step)), cfg.train.compile, device.type,
+                         cfg.train.compile_mode)
     if where is not None:
         lo, hi = setup.part if setup.part is not None else (0, len(students))
-        states = [tree_to(st, device) for st in where["states"][lo:hi]]
+        states = population.gather([tree_to(st, device) for st in where["states"][lo:hi]])
         start_epoch, start_batch = where["epoch"], where["batch"]
     else:
-        states = [setup.init_state(s, device) for s in students]
+        states = population.gather([setup.init_state(s, device) for s in students])
         start_epoch, start_batch = 0, 0
     echo(f"group {gi + 1}/{n_groups}: {len(setup.group.students)} students, "
          f"{'shared order: seeds vary initialisation only' if setup.shared_order else 'independent orders'}"
          f"{', teacher outputs cached' if setup.lookup is not None else ''}")
-    stacked = trainer.from_list(states)
-    nb = setup.steps_per_epoch
 
-    def checkpoint(epoch: int, batch: int) -> None:
+    def checkpoint(states, epoch: int, batch: int) -> None:
         # every rank's students, in group order, gathered to be written by rank 0
-        states = world.gather([tree_map(lambda t: t.detach().cpu(), st) for st in trainer.to_list(stacked)])
+        members = world.gather([tree_map(lambda t: t.detach().cpu(), st) for st in population.members(states)])
         if world.is_main:
             save_checkpoint(run.latest, {
                 "sweep": sweep_text, "group": gi, "epoch": epoch, "batch": batch,
-                "states": states, "finished": finished, "records": records,
+                "states": members, "finished": finished, "records": records,
             }, "sweep_run")
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        first = start_batch if epoch == start_epoch else 0
-        sums = [dict() for _ in students]
-        progress = None if quiet or not world.is_main else Progress(
-            nb, f"group {gi + 1}/{n_groups} epoch {epoch + 1}/{cfg.train.epochs} ({len(setup.group.students)} students"
-                + (f" over {world.size} processes)" if world.parallel else ")"))
-        t0, images, done, stopping = time.perf_counter(), 0, first, False
-        for batches in _epoch_batches(setup, epoch, first, strategy):
-            stacked, metrics = trainer.run(stacked, batches, setup.teacher_vars)
-            for k, m in enumerate(metrics):
-                sums[k] = {name: sums[k].get(name, 0) + v.detach() for name, v in m.items() if name != "finite"}
-            done += 1
-            images += sum(b["y"].shape[0] for b in batches)
-            sync = done % cfg.train.log_every == 0 or done == nb
-            if progress is not None and sync:
-                progress.update(done, **{"img/s": images / (time.perf_counter() - t0)})
-            stopping = should_stop(stop, world, sync)
-            if stopping and done < nb:
-                checkpoint(epoch, done)
-                raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
-            # at the epoch's last step: finish it (records, then the checkpoint), then stop below
-        if progress is not None:
-            progress.close()
-        states_now = trainer.to_list(stacked)
-        epoch_records = []
-        for k, (s, st) in enumerate(zip(students, states_now)):
-            steps = max(done - first, 1)
-            diverged = int(st["bad_step"]) >= 0
-            epoch_records.append({
-                "student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi, "epoch": epoch + 1,
-                "train_loss": float(sums[k]["loss"]) / steps if "loss" in sums[k] else None,
-                **{f"train_{n}": float(v) / steps for n, v in sums[k].items()
-                   if n not in ("loss", "correct", "count", "grad_norm")},
-                "train_acc": float(sums[k]["correct"]) / max(float(sums[k]["count"]), 1.0) if sums[k] else None,
-                "test_acc": _evaluate(setup, st, device),
-                "diverged": diverged,
-            })
-        records += world.gather(epoch_records)
+    def on_epoch(member_records: list[dict]) -> None:
+        mine = [{"student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi,
+                 **{k: v for k, v in r.items() if k in _RECORD_KEYS or k.startswith("train_")}}
+                for s, r in zip(students, member_records)]
+        records.extend(world.gather(mine))
         if world.is_main:
             write_text_atomic(run.path / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        checkpoint(epoch + 1, 0)
-        if stopping and epoch + 1 < cfg.train.epochs:  # the last epoch's stop comes at the next group's step
-            raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
+
+    spec = LoopSpec("student", cfg.train.epochs, cfg.data.batch_size, cfg.seed, setup.augment, cfg.train.log_every,
+                    quiet=quiet, title=f"group {gi + 1}/{n_groups}",
+                    detail=f"{len(setup.group.students)} students"
+                           + (f" over {world.size} processes" if world.parallel else ""),
+                    on_non_finite="freeze")
+    states = run_epochs(step, states, setup.data.train, spec, population=population,
+                        batches=group_batches(setup, strategy), teacher_vars=setup.teacher_vars,
+                        evaluate=lambda st: [_evaluate(setup, m, device) for m in population.members(st)],
+                        save=checkpoint, on_epoch=on_epoch, start_epoch=start_epoch, start_batch=start_batch,
+                        stop=stop)
     students = setup.group.students  # the whole group from here on: rank 0 saves what was asked for
-    states_now = trainer.to_list(stacked)
+    states_now = population.members(states)
     if world.parallel:
         states_now = world.gather([tree_map(lambda t: t.detach().cpu(), st) for st in states_now]
                                   if save != "none" else [None] * len(states_now))
