@@ -12,6 +12,10 @@ decorator where they are defined::
 An unknown name is a :class:`~fkd.errors.ConfigError` listing the valid ones (and the closest match):
 never a silent default. ``load`` imports the modules holding the built-in entries on first use, so a
 registry can be consulted (e.g. by config validation) without importing torch-heavy code up front.
+
+An entry's keyword parameters are its **options** (:func:`options_of`): the config keys it owns, with
+their defaults, types and help (the ``Args:`` line of its docstring, :func:`option_help`).
+:func:`resolve_options` checks a config table's options against the entries it chooses.
 """
 
 from __future__ import annotations
