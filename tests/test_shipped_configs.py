@@ -51,7 +51,10 @@ def test_shipped_config_gives_the_recorded_loss(name, monkeypatch):
     got = {k: float(v) for k, v in metrics.items()}
     assert got.keys() == RECORDED[name].keys()
     for term, value in RECORDED[name].items():
-        assert got[term] == pytest.approx(value, rel=1e-6, abs=1e-7), term
+        # float32 convolutions round differently on other CPUs' kernels: configs/logit.toml's KD term (a
+        # ResNet-18 teacher's logits) came out 3.4e-6 relative off on a newer machine, code unchanged. A
+        # changed config meaning moves a loss by far more than 1e-5.
+        assert got[term] == pytest.approx(value, rel=1e-5, abs=1e-7), term
 
 
 SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("[!_]*.toml"))  # _*.toml: bases
