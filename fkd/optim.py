@@ -168,14 +168,42 @@ def _number(value: Any) -> Number:
     return value if isinstance(value, Tensor) else float(value)
 
 
+def _per_leaf_weight(xs: list[Tensor], weight: Number) -> bool:
+    """Whether to pass a 0-d tensor ``weight`` as a list of it, one per leaf, to a ``List`` foreach kernel.
+
+    ``add(alpha=)``, ``lerp(weight=)`` and ``addcmul(value=)`` take a Python number only (a tensor there is
+    read on the host, a sync). On CPUs foreach kernels run tensor by tensor anyway, so the weight broadcast
+    from a list costs nothing and saves a pass; on CUDA a list of 0-d weights leaves the fused multi-tensor
+    path, so there a separate ``mul`` is cheaper. Under vmap :func:`_foreach` goes leaf by leaf either way.
+    """
+    return isinstance(weight, Tensor) and bool(xs) and xs[0].device.type == "cpu"
+
+
 def _add_scaled(xs: list[Tensor], ys: list[Tensor], alpha: Number) -> list[Tensor]:
     """``x + alpha * y`` leaf by leaf, for a Python or a 0-d tensor ``alpha``.
 
-    Two kernels (``mul``, then ``add``) where ``add(..., alpha=)`` would be one, because ``alpha=`` takes a
-    Python number only (a tensor there is read on the host). With ``alpha = 0`` the result is ``x``
+    For a tensor ``alpha``, ``addcmul(x, y, alpha)`` on CPUs and ``x + (y * alpha)`` (two kernels) elsewhere
+    (see :func:`_per_leaf_weight`); the same roundings either way. With ``alpha = 0`` the result is ``x``
     exactly (``x + 0 * y == x`` for finite ``y``), so a zero momentum or weight decay changes nothing.
     """
+    if not isinstance(alpha, Tensor):
+        return _foreach("add", xs, ys, alpha=alpha)
+    if _per_leaf_weight(xs, alpha):
+        return _foreach("addcmul", xs, ys, [alpha] * len(xs))
     return _foreach("add", xs, _foreach("mul", ys, alpha))
+
+
+def _lerp(xs: list[Tensor], ys: list[Tensor], weight: Number) -> list[Tensor]:
+    """``x + weight * (y - x)`` leaf by leaf (``torch.lerp``), for a Python or a 0-d tensor ``weight``.
+
+    For a tensor ``weight`` off CPUs, computed as ``x * (1 - weight) + y * weight`` (see
+    :func:`_per_leaf_weight`), which agrees with ``lerp`` to rounding.
+    """
+    if not isinstance(weight, Tensor):
+        return _foreach("lerp", xs, ys, weight)
+    if _per_leaf_weight(xs, weight):
+        return _foreach("lerp", xs, ys, [weight] * len(xs))
+    return _add_scaled(_foreach("mul", xs, 1.0 - weight), ys, weight)
 
 
 def _float_dtype(leaves: list[Tensor]) -> torch.dtype:
@@ -298,14 +326,14 @@ def scale_by_adam(b1: Number = 0.9, b2: Number = 0.999, eps: Number = 1e-8) -> G
     """Adam's preconditioning (Kingma & Ba 2015, Algorithm 1), without the learning rate::
 
         count <- count + 1
-        m <- b1 * m + (1 - b1) * u            first moment (computed as m * b1 + u * (1 - b1))
+        m <- b1 * m + (1 - b1) * u            first moment (computed as lerp(m, u, 1 - b1))
         v <- b2 * v + (1 - b2) * u * u        second moment (computed as v * b2 + ((1 - b2) * u) * u)
         u <- (m / (1 - b1**count)) / (sqrt(v / (1 - b2**count)) + eps)
 
     The bias corrections ``1 - b**count`` are tensor ops on the count, in float64 when the leaves are
-    float64 and in float32 otherwise. ``b1``, ``b2`` and ``eps`` may be 0-d tensors: the moments are
-    computed with ``mul`` and ``add``, since ``lerp`` and ``addcmul`` take their weight as a Python number
-    only. State: ``{"mu": m, "nu": v, "count": int64 0-d tensor}``.
+    float64 and in float32 otherwise. ``b1``, ``b2`` and ``eps`` may be 0-d tensors (see :func:`_lerp`;
+    ``addcmul``'s ``value`` is a Python number only, hence ``(1 - b2) * u`` first). State:
+    ``{"mu": m, "nu": v, "count": int64 0-d tensor}``.
     """
     if _python(b1, b2) and not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ConfigError(f"adam needs 0 <= b1 < 1 and 0 <= b2 < 1, got b1={b1}, b2={b2}.")
@@ -322,7 +350,7 @@ def scale_by_adam(b1: Number = 0.9, b2: Number = 0.999, eps: Number = 1e-8) -> G
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         grads = tree_leaves(updates)
-        mu = _add_scaled(_foreach("mul", _leaves(state["mu"], updates), b1), grads, 1.0 - b1)
+        mu = _lerp(_leaves(state["mu"], updates), grads, 1.0 - b1)
         nu = _foreach("mul", _leaves(state["nu"], updates), b2)
         nu = _foreach("addcmul", nu, _foreach("mul", grads, 1.0 - b2), grads)
         count = state["count"] + 1
