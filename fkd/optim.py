@@ -206,6 +206,14 @@ def _lerp(xs: list[Tensor], ys: list[Tensor], weight: Number) -> list[Tensor]:
     return _add_scaled(_foreach("mul", xs, 1.0 - weight), ys, weight)
 
 
+def _addcmul(xs: list[Tensor], ys: list[Tensor], zs: list[Tensor], value: Number) -> list[Tensor]:
+    """``x + value * y * z`` leaf by leaf; a 0-d tensor ``value`` scales ``y`` first (one more kernel),
+    as ``addcmul``'s ``value`` is a Python number only."""
+    if not isinstance(value, Tensor):
+        return _foreach("addcmul", xs, ys, zs, value=value)
+    return _foreach("addcmul", xs, _foreach("mul", ys, value), zs)
+
+
 def _float_dtype(leaves: list[Tensor]) -> torch.dtype:
     """The dtype for scalar arithmetic on these leaves: at least float32, float64 if any leaf is."""
     dtype = torch.float32
@@ -327,13 +335,12 @@ def scale_by_adam(b1: Number = 0.9, b2: Number = 0.999, eps: Number = 1e-8) -> G
 
         count <- count + 1
         m <- b1 * m + (1 - b1) * u            first moment (computed as lerp(m, u, 1 - b1))
-        v <- b2 * v + (1 - b2) * u * u        second moment (computed as v * b2 + ((1 - b2) * u) * u)
+        v <- b2 * v + (1 - b2) * u * u        second moment
         u <- (m / (1 - b1**count)) / (sqrt(v / (1 - b2**count)) + eps)
 
     The bias corrections ``1 - b**count`` are tensor ops on the count, in float64 when the leaves are
-    float64 and in float32 otherwise. ``b1``, ``b2`` and ``eps`` may be 0-d tensors (see :func:`_lerp`;
-    ``addcmul``'s ``value`` is a Python number only, hence ``(1 - b2) * u`` first). State:
-    ``{"mu": m, "nu": v, "count": int64 0-d tensor}``.
+    float64 and in float32 otherwise. ``b1``, ``b2`` and ``eps`` may be 0-d tensors (see :func:`_lerp`
+    and :func:`_addcmul`). State: ``{"mu": m, "nu": v, "count": int64 0-d tensor}``.
     """
     if _python(b1, b2) and not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ConfigError(f"adam needs 0 <= b1 < 1 and 0 <= b2 < 1, got b1={b1}, b2={b2}.")
@@ -352,7 +359,7 @@ def scale_by_adam(b1: Number = 0.9, b2: Number = 0.999, eps: Number = 1e-8) -> G
         grads = tree_leaves(updates)
         mu = _lerp(_leaves(state["mu"], updates), grads, 1.0 - b1)
         nu = _foreach("mul", _leaves(state["nu"], updates), b2)
-        nu = _foreach("addcmul", nu, _foreach("mul", grads, 1.0 - b2), grads)
+        nu = _addcmul(nu, grads, grads, 1.0 - b2)
         count = state["count"] + 1
         t = count.to(_float_dtype(grads))
         bias1 = 1.0 - b1**t
