@@ -21,7 +21,7 @@ from fkd.models.sync_batchnorm import with_synced_batchnorm
 from fkd.pytree import tree_leaves
 from fkd.loop import LoopSpec
 from fkd.objective import Objective
-from fkd.optim import GradientTransformation, optimizer_from_config
+from fkd.optim import GradientTransformation, hyperparams, optimizer_from_config
 from fkd.schedules import Schedule, current_lr
 from fkd.step import init_train_state, make_train_step, to_channels_last
 
@@ -53,8 +53,9 @@ class TrainingSetup:
     channels_last: bool
 
     def learning_rate(self, state: dict) -> float:
-        """The learning rate the next step will use (a host sync: call it at epoch ends only)."""
-        return current_lr(self.schedule, state)
+        """The learning rate the next step will use, from the numbers in the optimizer state (a host sync:
+        call it at epoch ends only)."""
+        return current_lr(self.schedule, state["step"], hyperparams(state["opt_state"]).get("learning_rate"))
 
 
 def for_this_world(model, train: TrainConfig, objective_state: dict | None, *, batch_size: int, train_mode: bool):

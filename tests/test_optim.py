@@ -24,18 +24,23 @@ from fkd.optim import (
     chain,
     clip_by_global_norm,
     global_norm,
+    hyperparams,
     identity,
+    inject_hyperparams,
     optimizer_from_config,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
     sgd,
     trace,
+    with_hyperparams,
 )
-from fkd.pytree import tree_clone, tree_leaves, tree_map
+from fkd.pytree import tree_clone, tree_leaves, tree_map, tree_signature
 from fkd.schedules import (
     SCHEDULES,
+    InjectableSchedule,
     constant,
+    current_lr,
     cosine_decay,
     learning_rate_schedule,
     multistep,
@@ -109,41 +114,42 @@ def fresh_dynamo():
 # ---------------------------------------------------------------------------------------------------
 
 TORCH_CASES = {
-    "sgd": (lambda: sgd(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
-    "sgd_momentum": (lambda: sgd(0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    "sgd": (lambda w: w(sgd)(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    "sgd_momentum": (lambda w: w(sgd)(0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
     "sgd_nesterov": (
-        lambda: sgd(0.05, momentum=0.9, nesterov=True),
+        lambda w: w(sgd)(0.05, momentum=0.9, nesterov=True),
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
     ),
     "sgd_weight_decay": (
-        lambda: sgd(0.1, weight_decay=0.05),
+        lambda w: w(sgd)(0.1, weight_decay=0.05),
         lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05),
     ),
     "sgd_momentum_weight_decay": (
-        lambda: sgd(0.05, momentum=0.8, nesterov=True, weight_decay=0.05),
+        lambda w: w(sgd)(0.05, momentum=0.8, nesterov=True, weight_decay=0.05),
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.05),
     ),
-    "adam": (lambda: adam(0.02), lambda p: torch.optim.Adam(p, lr=0.02)),
+    "adam": (lambda w: w(adam)(0.02), lambda p: torch.optim.Adam(p, lr=0.02)),
     "adam_betas": (
-        lambda: adam(0.02, b1=0.8, b2=0.99, eps=1e-6),
+        lambda w: w(adam)(0.02, b1=0.8, b2=0.99, eps=1e-6),
         lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6),
     ),
     "adam_weight_decay": (
-        lambda: adam(0.02, weight_decay=0.1),
+        lambda w: w(adam)(0.02, weight_decay=0.1),
         lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.1),
     ),
-    "adamw": (lambda: adamw(0.02), lambda p: torch.optim.AdamW(p, lr=0.02)),
+    "adamw": (lambda w: w(adamw)(0.02), lambda p: torch.optim.AdamW(p, lr=0.02)),
     "adamw_weight_decay": (
-        lambda: adamw(0.02, weight_decay=0.3),
+        lambda w: w(adamw)(0.02, weight_decay=0.3),
         lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.3),
     ),
 }
 
 
+@pytest.mark.parametrize("wrap", [lambda builder: builder, inject_hyperparams], ids=["plain", "injected"])
 @pytest.mark.parametrize("case", list(TORCH_CASES))
-def test_optimizer_matches_torch_optim_over_50_steps(case):
+def test_optimizer_matches_torch_optim_over_50_steps(case, wrap):
     make_fkd, make_torch = TORCH_CASES[case]
-    ours, _ = run_fkd(make_fkd())
+    ours, _ = run_fkd(make_fkd(wrap))
     theirs = run_torch(make_torch)
     assert not torch.allclose(ours["linear.weight"], init_params()["linear.weight"])  # it moved
     assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-9)
@@ -727,3 +733,269 @@ def test_a_registered_optimizer_is_usable_from_a_config_with_its_own_keys():
             load_config(None, ['train.optimizer.name="test_signsgd"', "train.optimizer.b1=0.5"])
     finally:
         OPTIMIZERS._entries.pop("test_signsgd")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hyperparameters in the state (inject_hyperparams)
+# ---------------------------------------------------------------------------------------------------
+
+
+def stack_trees(trees):
+    """One tree whose leaves are the members' leaves stacked along a new first axis."""
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def member(tree, i):
+    return tree_map(lambda leaf: leaf[i], tree)
+
+
+def signature(opt, params=None):
+    """The state's structure: every leaf's path, shape and dtype."""
+    return tree_signature(opt.init(init_params() if params is None else params))
+
+
+def config_optimizer(**settings):
+    cfg = OptimizerConfig(**{"learning_rate": 0.05, **settings})
+    return optimizer_from_config(cfg, STEPS_PER_EPOCH, EPOCHS)[0]
+
+
+def test_numbers_are_0d_tensors_in_the_state_and_static_options_are_not():
+    opt = inject_hyperparams(sgd)(0.1, momentum=0.9, nesterov=True)
+    state = opt.init(init_params())
+    assert state.keys() == {"hyperparams", "inner"}
+    assert state["hyperparams"].keys() == {"learning_rate", "momentum", "weight_decay"}  # the default too
+    for value in state["hyperparams"].values():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == F64  # params are float64
+    assert float(state["hyperparams"]["momentum"]) == 0.9 and float(state["hyperparams"]["weight_decay"]) == 0.0
+    assert tree_signature(state["inner"]) == tree_signature(sgd(0.1, momentum=0.9, nesterov=True).init(init_params()))
+    # float32 for float32 (or lower-precision) params, on their device
+    f32 = inject_hyperparams(adam)(0.1).init({"w": torch.zeros(3, device="meta", dtype=torch.bfloat16)})
+    assert all(v.dtype == torch.float32 and v.device.type == "meta" for v in f32["hyperparams"].values())
+
+
+def test_a_schedule_from_a_config_keeps_its_numbers_in_the_state():
+    opt = config_optimizer(schedule="multistep", milestones=[1, 3], gamma=0.5)
+    numbers = hyperparams(opt.init(init_params()))["learning_rate"]
+    assert numbers.keys() == {"init_value", "gamma", "boundaries"}
+    assert torch.equal(numbers["boundaries"], torch.tensor([7.0, 21.0], dtype=F64))  # milestones in steps
+    assert float(numbers["init_value"]) == 0.05 and float(numbers["gamma"]) == 0.5
+
+
+@pytest.mark.parametrize("a, b", [
+    (lambda: inject_hyperparams(sgd)(0.1), lambda: inject_hyperparams(sgd)(0.3, momentum=0.9, weight_decay=5e-4)),
+    (lambda: inject_hyperparams(sgd)(0.1, momentum=0.0, nesterov=False),
+     lambda: inject_hyperparams(sgd)(0.1, momentum=0.8, nesterov=False)),
+    (lambda: inject_hyperparams(adam)(0.1), lambda: inject_hyperparams(adam)(0.01, b1=0.5, b2=0.9, eps=1e-3,
+                                                                          weight_decay=0.1)),
+    (lambda: inject_hyperparams(adamw)(0.1, weight_decay=0.0), lambda: inject_hyperparams(adamw)(0.1)),
+    (lambda: config_optimizer(name="sgd", momentum=0.0), lambda: config_optimizer(name="sgd", momentum=0.9,
+                                                                                    weight_decay=5e-4)),
+    (lambda: config_optimizer(learning_rate=0.1, schedule="warmup_cosine", warmup_epochs=1.0),
+     lambda: config_optimizer(learning_rate=0.3, schedule="warmup_cosine", warmup_epochs=2.5)),
+    (lambda: config_optimizer(schedule="multistep", milestones=[1, 2], gamma=0.1),
+     lambda: config_optimizer(learning_rate=0.2, schedule="multistep", milestones=[2, 3], gamma=0.5)),
+    (lambda: config_optimizer(schedule="one_cycle", clip_norm=1.0),
+     lambda: config_optimizer(learning_rate=0.5, schedule="one_cycle", clip_norm=5.0)),
+], ids=["sgd_lr_momentum_wd", "sgd_momentum_0_or_not", "adam_betas_eps", "adamw_wd_0_or_not", "config_sgd",
+        "warmup_lr_and_length", "multistep_lr_gamma_milestones", "clip_bound_one_cycle"])
+def test_the_state_structure_does_not_depend_on_the_numbers(a, b):
+    opt_a, opt_b = a(), b()
+    assert signature(opt_a) == signature(opt_b)
+    params = init_params()
+    state_a, state_b = opt_a.init(params), opt_b.init(params)
+    assert any(not torch.equal(x, y) for x, y in zip(tree_leaves(state_a), tree_leaves(state_b)))
+    # The update reads every number from the state: a's update runs b's state exactly as b's does.
+    for _ in range(3):
+        grads = grad(regression_loss)(params)
+        theirs, next_b = opt_b.update(grads, state_b, params)
+        ours, via_a = opt_a.update(grads, state_b, params)
+        assert_trees_close(ours, theirs, rtol=0, atol=0)
+        for x, y in zip(tree_leaves(via_a), tree_leaves(next_b), strict=True):
+            assert torch.equal(x, y)
+        params, state_b = apply_updates(params, theirs), next_b
+
+
+def test_momentum_0_sgd_is_bit_identical_to_plain_gradient_descent():
+    # Before, sgd without momentum or weight decay was the learning-rate step alone; now the momentum
+    # buffer and the decay run at 0 and must change nothing, bit for bit, in float32 and float64.
+    for dtype in (torch.float32, F64):
+        params = {k: v.to(dtype) for k, v in init_params().items()}
+        for injected, old in [
+            (inject_hyperparams(sgd)(0.1), scale_by_learning_rate(0.1)),
+            (sgd(0.1), scale_by_learning_rate(0.1)),
+            # from a config, the (constant) schedule's value in float32, as before
+            (config_optimizer(name="sgd", learning_rate=0.1), scale_by_learning_rate(constant(0.1))),
+        ]:
+            a, b = params, params
+            sa, sb = injected.init(a), old.init(b)
+            for _ in range(20):
+                x = X.to(dtype)
+                ua, sa = injected.update(grad(regression_loss)(a, x, Y.to(dtype)), sa, a)
+                ub, sb = old.update(grad(regression_loss)(b, x, Y.to(dtype)), sb, b)
+                a, b = apply_updates(a, ua), apply_updates(b, ub)
+            for k in params:
+                assert torch.equal(a[k], b[k]), (dtype, k)
+
+
+def test_weight_decay_0_adamw_is_bit_identical_to_adam_without_decay():
+    a, _ = run_fkd(inject_hyperparams(adamw)(0.02, weight_decay=0.0))
+    b, _ = run_fkd(chain(scale_by_adam(), scale_by_learning_rate(0.02)))
+    assert_trees_close(a, b, rtol=0, atol=0)
+
+
+MEMBERS = [  # students of one sweep group: the same structure, every number different
+    {"name": "sgd", "learning_rate": 0.05, "momentum": 0.0, "weight_decay": 0.0, "warmup_epochs": 0.5},
+    {"name": "sgd", "learning_rate": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0},
+    {"name": "sgd", "learning_rate": 0.1, "momentum": 0.5, "weight_decay": 1e-2, "warmup_epochs": 2.0},
+]
+
+
+def test_vmap_over_members_with_different_numbers_equals_each_member_alone():
+    opts = [config_optimizer(schedule="warmup_cosine", clip_norm=2.0, **m) for m in MEMBERS]
+    params = [init_params(seed=2 + i) for i in range(len(MEMBERS))]
+    xs = torch.stack([X * (i + 1) for i in range(len(MEMBERS))])
+
+    def step_with(opt):
+        def step(p, s, x):
+            updates, s = opt.update(grad(regression_loss)(p, x), s, p)
+            return apply_updates(p, updates), s
+        return step
+
+    stacked_params = stack_trees(params)
+    stacked_state = stack_trees([opt.init(p) for opt, p in zip(opts, params)])
+    group_step = vmap(step_with(opts[0]))  # any member's update: the numbers come from the state
+    for _ in range(12):
+        stacked_params, stacked_state = group_step(stacked_params, stacked_state, xs)
+    for i, (opt, p) in enumerate(zip(opts, params)):
+        s = opt.init(p)
+        for _ in range(12):
+            p, s = step_with(opt)(p, s, xs[i])
+        assert_trees_close(member(stacked_params, i), p, rtol=1e-12, atol=1e-14)
+        for a, b in zip(tree_leaves(member(stacked_state, i)), tree_leaves(s), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_update_does_not_recompile_when_only_numbers_change(fresh_dynamo):
+    opts = [config_optimizer(schedule="warmup_cosine", clip_norm=2.0, **m) for m in MEMBERS]
+    params = init_params()
+
+    def step(p, s):
+        updates, s = opts[0].update(grad(regression_loss)(p), s, p)
+        return apply_updates(p, updates), s
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    compiled(params, opts[0].init(params))  # traces once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for opt in opts[1:]:
+            state = opt.init(params)
+            for _ in range(2):
+                (p_c, s_c), (p_e, s_e) = compiled(params, state), step(params, state)
+                assert_trees_close(p_c, p_e, rtol=1e-12, atol=1e-14)
+                state = s_e
+
+
+def test_compiled_vmapped_update_over_different_numbers_matches_eager(fresh_dynamo):
+    # (a plain schedule function would be static: only an InjectableSchedule's numbers go in the state)
+    schedules = [InjectableSchedule(cosine_decay, {"init_value": 0.05 * (i + 1), "decay_steps": 10}) for i in range(2)]
+    opts = [inject_hyperparams(adamw)(schedules[i], b1=0.8 + 0.05 * i, weight_decay=0.1 * i) for i in range(2)]
+    stacked = {k: torch.stack([v, v + 1]) for k, v in init_params().items()}
+    grads = {k: torch.randn(v.shape, generator=gen(8), dtype=F64) for k, v in stacked.items()}
+    state = stack_trees([opt.init(member(stacked, i)) for i, opt in enumerate(opts)])
+    expected, _ = vmap(opts[0].update)(grads, state, stacked)
+    compiled = torch.compile(vmap(opts[0].update), backend="eager", fullgraph=True)
+    actual, _ = compiled(grads, state, stacked)
+    assert_trees_close(actual, expected, rtol=1e-12, atol=1e-14)
+    alone, _ = opts[1].update(member(grads, 1), opts[1].init(member(stacked, 1)), member(stacked, 1))
+    assert_trees_close(member(actual, 1), alone, rtol=1e-12, atol=1e-14)
+
+
+def test_hyperparams_are_read_through_a_chain_and_set_in_a_new_state():
+    opt = config_optimizer(name="sgd", momentum=0.9, schedule="cosine", clip_norm=1.0)
+    state = opt.init(init_params())
+    found = hyperparams(state)
+    assert found.keys() == {"max_norm", "learning_rate", "momentum", "weight_decay"}
+    assert found["learning_rate"].keys() == {"init_value", "decay_steps"}
+    changed = with_hyperparams(state, momentum=0.5, learning_rate={"init_value": 0.2})
+    assert float(hyperparams(changed)["momentum"]) == 0.5
+    assert float(hyperparams(changed)["learning_rate"]["init_value"]) == 0.2
+    assert float(hyperparams(state)["momentum"]) == 0.9  # the original is untouched
+    assert tree_signature(changed) == tree_signature(state)
+    # the same as building the optimizer with those numbers
+    direct = config_optimizer(name="sgd", momentum=0.5, learning_rate=0.2, schedule="cosine", clip_norm=1.0)
+    params = init_params()
+    a, _ = opt.update(grad(regression_loss)(params), changed, params)
+    b, _ = direct.update(grad(regression_loss)(params), direct.init(params), params)
+    assert_trees_close(a, b, rtol=0, atol=0)
+    assert hyperparams(sgd(0.1).init(init_params())) == {}
+    with pytest.raises(KeyError, match="no hyperparameter \\['b1'\\]"):
+        with_hyperparams(state, b1=0.5)
+
+
+def test_current_lr_reads_the_schedule_numbers_from_the_state():
+    opt, schedule = optimizer_from_config(OptimizerConfig(learning_rate=0.1, schedule="warmup_cosine",
+                                                          warmup_epochs=1.0), STEPS_PER_EPOCH, EPOCHS)
+    state = opt.init(init_params())
+    step = torch.tensor(3)
+    assert math.isclose(current_lr(schedule, step, hyperparams(state)["learning_rate"]), 0.1 * 3 / 7, rel_tol=1e-6)
+    faster = with_hyperparams(state, learning_rate={"peak_value": 0.4, "warmup_steps": 3.0})
+    assert math.isclose(current_lr(schedule, step, hyperparams(faster)["learning_rate"]), 0.4, rel_tol=1e-6)
+    assert current_lr(schedule, step) == current_lr(schedule, step, hyperparams(state)["learning_rate"])
+    constant_lr = inject_hyperparams(sgd)(0.3).init(init_params())
+    assert math.isclose(current_lr(constant(0.3), step, hyperparams(constant_lr)["learning_rate"]), 0.3,
+                        rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ALL_SCHEDULES))
+def test_a_schedule_rebuilt_from_tensor_numbers_equals_the_schedule(name):
+    settings = {"warmup_cosine": {"warmup_epochs": 1.5}, "multistep": {"milestones": [1, 3], "gamma": 0.5}}
+    schedule = learning_rate_schedule(OptimizerConfig(learning_rate=0.1, schedule=name, **settings.get(name, {})),
+                                      STEPS_PER_EPOCH, EPOCHS)
+    assert isinstance(schedule, InjectableSchedule)
+    tensors = {k: torch.tensor(v) for k, v in schedule.numbers.items()}
+    steps = torch.arange(0, 40)
+    for dtype in (torch.float32, F64):  # the numbers follow the count's dtype
+        torch.testing.assert_close(vmap(schedule.with_numbers(tensors))(steps.to(dtype)),
+                                   vmap(schedule)(steps.to(dtype)), rtol=1e-6, atol=1e-9)
+    # and the numbers themselves may be vmapped over, as a group of students' are
+    stacked = {k: torch.stack([v, v]) for k, v in tensors.items()}
+    per_member = vmap(lambda numbers: schedule.with_numbers(numbers)(torch.tensor(9)))(stacked)
+    torch.testing.assert_close(per_member, schedule(torch.tensor(9)).expand(2))
+
+
+def test_invalid_numbers_raise_their_config_error_before_injection():
+    with pytest.raises(ConfigError, match="sgd with nesterov=True needs momentum > 0."):
+        inject_hyperparams(sgd)(0.1, nesterov=True)
+    with pytest.raises(ConfigError, match="adam needs 0 <= b1 < 1"):
+        inject_hyperparams(adam)(0.1, b1=1.0)
+    with pytest.raises(ConfigError, match="warmup_cosine needs decay_steps > warmup_steps"):
+        InjectableSchedule(warmup_cosine, {"peak_value": 0.1, "warmup_steps": 10, "decay_steps": 10})
+
+
+def test_a_user_optimizer_with_its_own_numeric_option_is_injected():
+    @OPTIMIZERS.register("test_heavy_ball")
+    def heavy_ball_sgd(learning_rate, heavy_ball: float = 0.5, nesterov: bool = False,
+                       weight_decay: float = 0.0):
+        """SGD whose momentum option is called ``heavy_ball``: written as any optimizer here is."""
+        return chain(add_decayed_weights(weight_decay), trace(heavy_ball, nesterov),
+                     scale_by_learning_rate(learning_rate))
+
+    try:
+        build = inject_hyperparams(OPTIMIZERS.get("test_heavy_ball"))
+        opts = [build(0.1, heavy_ball=0.0), build(0.05, heavy_ball=0.9)]
+        params = init_params()
+        states = [opt.init(params) for opt in opts]
+        assert states[1]["hyperparams"]["heavy_ball"].dim() == 0
+        assert float(states[1]["hyperparams"]["heavy_ball"]) == 0.9
+        assert "nesterov" not in states[1]["hyperparams"]
+        assert tree_signature(states[0]) == tree_signature(states[1])
+        stacked_params = stack_trees([params, params])
+        g = grad(regression_loss)(params)
+        updates, _ = vmap(opts[0].update)(stack_trees([g, g]), stack_trees(states), stacked_params)
+        for i, opt in enumerate(opts):
+            alone, _ = opt.update(g, states[i], params)
+            assert_trees_close(member(updates, i), alone, rtol=0, atol=0)
+        # and it matches torch.optim.SGD with that momentum
+        ours, _ = run_fkd(build(0.05, heavy_ball=0.9))
+        assert_trees_close(ours, run_torch(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)), rtol=1e-6, atol=1e-9)
+    finally:
+        OPTIMIZERS._entries.pop("test_heavy_ball")
