@@ -61,18 +61,22 @@ def test_students_group_by_what_one_step_can_serve(tiny_config):
         plan_sweep(cfg, [], (0,), parse_grid(["distill.temprature=1,2"]))
 
 
-def test_every_schedule_scales_with_the_learning_rate():
-    # A group runs the optimizer at one reference rate and scales each student's update by its own
-    # rate over it: exact only if every schedule is proportional to its peak rate.
-    for name in schedules.SCHEDULES.names():
-        extra = {"warmup_cosine": {"warmup_epochs": 1.0}, "multistep": {"milestones": [1]}}.get(name, {})
-
-        def schedule(lr):
-            return schedules.learning_rate_schedule(OptimizerConfig(learning_rate=lr, schedule=name, **extra), 5, 3)
-
-        a, b = schedule(0.1), schedule(0.4)
-        for t in range(15):
-            torch.testing.assert_close(4 * a(torch.tensor(t)), b(torch.tensor(t)), msg=f"{name} at {t}")
+def test_optimizer_and_schedule_numbers_do_not_split_a_group(tiny_config):
+    # They are 0-d tensors in each student's optimizer state; names and static options are structure.
+    cfg = tiny_config("logit")
+    sgd = ["train.optimizer.name=sgd", "train.optimizer.schedule=warmup_cosine"]
+    plan = plan_sweep(cfg, sgd, (0,), parse_grid([
+        "train.optimizer.learning_rate=0.1,0.01", "train.optimizer.momentum=0,0.9",
+        "train.optimizer.weight_decay=0,0.0005", "train.optimizer.warmup_epochs=0,1",
+        "train.optimizer.clip_norm=1,5"]))
+    assert plan.describe() == "1 group of 32 students"
+    adam = plan_sweep(cfg, ["train.optimizer.schedule=multistep", "train.optimizer.milestones=[1]"], (0,), parse_grid([
+        "train.optimizer.b1=0.8,0.9", "train.optimizer.eps=1e-8,1e-6", "train.optimizer.gamma=0.1,0.5"]))
+    assert adam.describe() == "1 group of 8 students"
+    for axis in ("train.optimizer.nesterov=false,true", "train.optimizer.clip_norm=0,1",
+                 "train.optimizer.schedule=constant,cosine"):
+        split = plan_sweep(cfg, [*sgd, "train.optimizer.momentum=0.9"], (0,), parse_grid([axis]))
+        assert len(split.groups) == 2, axis
 
 
 def test_statistics_over_seeds():

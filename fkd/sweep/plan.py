@@ -3,10 +3,12 @@
 ``--seeds 5`` and ``--grid distill.temperature=1,2,4 --grid distill.alpha=0,0.5`` make the product of
 grid points and seeds; each student is a full config (the base config, ``--set``, its grid point and
 its seed), validated like any config. Students whose configs differ only in numbers that enter the step
-as tensors -- the seed, term weights, ``sweepable`` term fields (temperature, attention p) and the
-learning rate -- form one **group** and train together, stacked, with one (vmapped or looped) step;
-anything else (architectures, features, batch size, epochs, optimizer kind, a term whose weight becomes
-0) splits them into groups that run one after another.
+as tensors -- the seed, term weights, ``sweepable`` term fields (temperature, attention p), and the
+optimizer's and schedule's numbers (learning rate, momentum, weight decay, betas, eps, warmup, gamma,
+the clipping bound: 0-d tensors in each student's optimizer state) -- form one **group** and train
+together, stacked, with one (vmapped or looped) step; anything else (architectures, features, batch
+size, epochs, optimizer or schedule kind, nesterov, clipping on or off, a term whose weight becomes 0)
+splits them into groups that run one after another.
 """
 
 from __future__ import annotations
@@ -136,11 +138,29 @@ def _toml(value: Any) -> str:
     return toml_value(value)
 
 
+def _placeholder(value: Any) -> Any:
+    """A number's place in an optimizer state: any number (and a list of them, as long) becomes 0; bools,
+    strings and other options are structure and stay as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 0
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [0] * len(value)
+    return value
+
+
 def structure_key(student: Student) -> str:
     """Equal for students one step can serve: the config without its in-step numbers, and the
-    objective's structure (:meth:`fkd.objective.Objective.structure`)."""
+    objective's structure (:meth:`fkd.objective.Objective.structure`).
+
+    The optimizer's and the schedule's numbers -- learning rate, momentum, weight decay, betas, eps,
+    warmup, gamma, milestones (as many), the clipping bound -- are 0-d tensors in each student's optimizer
+    state (:func:`fkd.optim.inject_hyperparams`), so they do not split a group; whether clipping is on,
+    the optimizer's and the schedule's names and their static options (``nesterov``) do.
+    """
     cfg = student.config
-    opt = attrs.evolve(cfg.train.optimizer, learning_rate=1.0)
+    o = cfg.train.optimizer
+    opt = attrs.evolve(o, learning_rate=1.0, clip_norm=float(o.clip_norm > 0),
+                       options={k: _placeholder(v) for k, v in o.options.items()})
     neutral = attrs.evolve(
         cfg, seed=0, train=attrs.evolve(cfg.train, optimizer=opt),
         distill=attrs.evolve(cfg.distill, preset="terms", terms={"ce": {}}),
