@@ -35,8 +35,8 @@ from fkd.models import MODELS, model_builder
 from fkd.objective import Objective
 from fkd.optim import OPTIMIZERS
 from fkd.presets import METHODS
-from fkd.registry import Registry, option_default, option_help, options_of, resolve_options
-from fkd.schedules import SCHEDULES
+from fkd.registry import Registry, naming_options, option_default, option_help, options_of, resolve_options
+from fkd.schedules import SCHEDULES, learning_rate_schedule
 from fkd.schema import toml_value
 from fkd.terms import TERMS, config_fields
 from fkd.user_imports import import_user_files
@@ -118,7 +118,11 @@ def _train(train, key: str):
         raise ConfigError(f"{key}.optimizer.milestones must be a list of positive epoch numbers (got {milestones!r}).")
     opt = _with_options(train.optimizer, f"{key}.optimizer")
     entry = OPTIMIZERS.get(opt.name)
-    entry(opt.learning_rate, **{k: v for k, v in opt.options.items() if k in options_of(entry)})  # its own checks
+    mine = {k: v for k, v in opt.options.items() if k in options_of(entry)}
+    with naming_options(f"{key}.optimizer", mine):
+        entry(opt.learning_rate, **mine)  # its own checks
+    # the schedule's own checks too, at a nominal 1000 steps per epoch (the run checks its real count again)
+    learning_rate_schedule(opt, 1000, train.epochs, key=f"{key}.optimizer")
     return attrs.evolve(train, optimizer=opt)
 
 

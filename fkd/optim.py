@@ -165,6 +165,14 @@ def _python(*values: Any) -> bool:
     return not any(isinstance(v, Tensor) for v in values)
 
 
+def _check_unit_interval(**values: Any) -> None:
+    """A config's Python number outside [0, 1] is a :class:`ConfigError` naming the option (tensors pass:
+    they were checked as numbers before injection)."""
+    for name, value in values.items():
+        if _python(value) and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be within [0, 1] (got {value}).")
+
+
 def _number(value: Any) -> Number:
     """A Python number as a float; a tensor (an injected hyperparameter) as it is."""
     return value if isinstance(value, Tensor) else float(value)
@@ -471,7 +479,13 @@ def sgd(
     momentum buffer is kept for ``momentum = 0`` too, where ``d = g`` exactly: the state's structure does
     not depend on the numbers, so runs differing in momentum or weight decay stack and vmap together.
     State: ``({}, {"trace": b}, {"count": ...})``, the states of the chained parts.
+
+    Args:
+        momentum: sgd: heavy-ball momentum, within [0, 1] (0: plain gradient descent)
+        nesterov: sgd: Nesterov momentum (needs momentum > 0)
+        weight_decay: L2 penalty added to the gradient, >= 0
     """
+    _check_unit_interval(momentum=momentum)
     if nesterov and _python(momentum) and momentum <= 0:
         raise ConfigError("sgd with nesterov=True needs momentum > 0.")
     return chain(
@@ -495,7 +509,14 @@ def adam(
         p <- p - lr * scale_by_adam(g)
 
     State: ``({}, {"mu", "nu", "count"}, {"count"})``.
+
+    Args:
+        b1: adam: decay of the first moment, within [0, 1)
+        b2: adam: decay of the second moment, within [0, 1)
+        eps: adam: added to the second moment's root, > 0
+        weight_decay: L2 penalty added to the gradient (enters the moments), >= 0
     """
+    _check_unit_interval(b1=b1, b2=b2)
     return chain(
         add_decayed_weights(weight_decay),
         scale_by_adam(b1, b2, eps),
@@ -518,7 +539,14 @@ def adamw(
     The decay bypasses the moment estimates and is scaled by the (scheduled) learning rate, which is
     ``torch.optim.AdamW``'s ``p <- p * (1 - lr * weight_decay)`` followed by the Adam step.
     State: ``({"mu", "nu", "count"}, {}, {"count"})``.
+
+    Args:
+        b1: adamw: decay of the first moment, within [0, 1)
+        b2: adamw: decay of the second moment, within [0, 1)
+        eps: adamw: added to the second moment's root, > 0
+        weight_decay: adamw: decoupled weight decay, scaled by the learning rate (torch.optim.AdamW's default 0.01)
     """
+    _check_unit_interval(b1=b1, b2=b2)
     return chain(
         scale_by_adam(b1, b2, eps),
         add_decayed_weights(weight_decay),

@@ -20,6 +20,7 @@ their defaults, types and help (the ``Args:`` line of its docstring, :func:`opti
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -246,3 +247,16 @@ def _setting(value: Any) -> str:
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+@contextlib.contextmanager
+def naming_options(prefix: str, names) -> Iterator[None]:
+    """Inside, a builder's :class:`ConfigError` about one of its options (``"momentum must be within [0, 1]
+    ..."``) is raised again naming the config key (``"train.optimizer.momentum must be ..."``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = str(exc)
+        if any(message.startswith(f"{name} ") for name in names):
+            raise ConfigError(f"{prefix}.{message}") from None
+        raise

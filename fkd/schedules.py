@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
-from fkd.registry import Registry, options_of
+from fkd.registry import Registry, naming_options, options_of
 
 if TYPE_CHECKING:  # annotations only: fkd.config looks schedule names up here, so imports go one way
     from fkd.config import OptimizerConfig
@@ -299,11 +299,13 @@ def _warmup_cosine_from_config(learning_rate: float, steps_per_epoch: int, epoch
     Args:
         warmup_epochs: warmup_cosine: warmup length in epochs
     """
+    if not warmup_epochs >= 0:
+        raise ConfigError(f"warmup_epochs must be >= 0 (got {warmup_epochs}).")
     total = _total_steps(steps_per_epoch, epochs)
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup >= total:
         raise ConfigError(
-            f"optimizer.warmup_epochs = {warmup_epochs} covers the whole run of {epochs} epochs; lower it."
+            f"warmup_epochs = {warmup_epochs} covers the whole run of {epochs} epochs; lower it."
         )
     return InjectableSchedule(warmup_cosine, {"peak_value": learning_rate, "warmup_steps": warmup,
                                               "decay_steps": total})
@@ -319,8 +321,10 @@ def _multistep_from_config(learning_rate: float, steps_per_epoch: int, epochs: i
 
     Args:
         milestones: multistep: epochs at which the rate is multiplied by gamma
-        gamma: multistep: decay factor
+        gamma: multistep: decay factor, > 0
     """
+    if not gamma > 0:
+        raise ConfigError(f"gamma must be > 0 (got {gamma}).")
     return InjectableSchedule(multistep, {"init_value": learning_rate, "gamma": gamma,
                                           "boundaries": tuple(m * steps_per_epoch for m in milestones)})
 
@@ -343,7 +347,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: i
     """
     entry = SCHEDULES.get(cfg.schedule, key=f"{key}.schedule")
     kwargs = {k: v for k, v in cfg.options.items() if k in options_of(entry)}
-    return entry(cfg.learning_rate, steps_per_epoch, epochs, **kwargs)
+    with naming_options(key, kwargs):
+        return entry(cfg.learning_rate, steps_per_epoch, epochs, **kwargs)
 
 
 def current_lr(schedule: Schedule, count: Tensor, numbers: Any = None) -> float:

@@ -119,3 +119,20 @@ def test_help_text_covers_every_key():
     keys = {row[0] for row in help_text()}
     assert {"data.batch_size", "train.optimizer.learning_rate", "teacher.train.epochs", "distill.temperature"} <= keys
     assert all(row[2] for row in help_text()), "every key documents itself"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["name=\"sgd\"", "momentum=1.5"], "train.optimizer.momentum must be within [0, 1] (got 1.5)."),
+    (["name=\"sgd\"", "momentum=-1"], "train.optimizer.momentum must be within [0, 1] (got -1.0)."),
+    (["name=\"adam\"", "b2=2"], "train.optimizer.b2 must be within [0, 1] (got 2.0)."),
+    (["name=\"adam\"", "eps=-1"], "train.optimizer.eps must be >= 0"),
+    (["name=\"sgd\"", "weight_decay=-1"], "train.optimizer.weight_decay must be >= 0"),
+    (["schedule=\"multistep\"", "gamma=0"], "train.optimizer.gamma must be > 0 (got 0.0)."),
+    (["schedule=\"warmup_cosine\"", "warmup_epochs=-1"], "train.optimizer.warmup_epochs must be >= 0 (got -1.0)."),
+    (["schedule=\"warmup_cosine\"", "warmup_epochs=9"], "train.optimizer.warmup_epochs = 9.0 covers the whole run"),
+])
+def test_optimizer_and_schedule_options_are_range_checked_at_load(overrides, message):
+    # The builders own their options' ranges; their messages name the config key.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"train.optimizer.{o}" for o in overrides] + ["train.epochs=3"])
+    assert str(info.value).startswith(message), str(info.value)
