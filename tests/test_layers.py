@@ -107,3 +107,35 @@ def test_nothing_below_the_build_layer_imports_it_or_a_command():
     wrong = {name: got for name, got in users.items() if got and name not in allowed}
     assert not wrong, f"modules below the build layer import it: {wrong}"
     assert "fkd.build" not in {m for n in BUILD for m in graph[n]}
+
+
+#: Every module's layer, bottom up (docs/architecture.md draws them); a module is named by its own path
+#: or by the nearest package listed. An import may go to the module's own layer or below, never above.
+LAYERS = {
+    0: ("fkd", "fkd.errors", "fkd.schema", "fkd.registry", "fkd.presets", "fkd.config_files", "fkd.pytree",
+        "fkd.prng", "fkd.losses", "fkd.atomic", "fkd.user_imports"),
+    1: ("fkd.config",),
+    2: ("fkd.terms", "fkd.models", "fkd.optim", "fkd.schedules", "fkd.objective", "fkd.data_parallel",
+        "fkd.data.datasets", "fkd.data.views", "fkd.data.stl10"),
+    3: ("fkd.step", "fkd.population", "fkd.loop", "fkd.fit", "fkd.data", "fkd.mixup", "fkd.cache", "fkd.checkpoint",
+        "fkd.run_setup", "fkd.run_start", "fkd.rundir", "fkd.runlock", "fkd.progress", "fkd.distributed",
+        "fkd.evaluate", "fkd.device", "fkd.runtime", "fkd.clone_files"),
+    4: ("fkd.build",),
+    5: ("fkd.cli", "fkd.distill", "fkd.distill_setup", "fkd.teacher", "fkd.sweep", "fkd.export"),
+}
+LAYER_NAMES = {0: "ground", 1: "config", 2: "units", 3: "step, loop, data", 4: "build", 5: "commands"}
+
+
+def layer_of(name: str) -> int:
+    """The layer of the longest listed prefix of ``name``."""
+    best = max(((len(p), layer) for layer, prefixes in LAYERS.items() for p in prefixes
+                if name == p or name.startswith(p + ".")), default=None)
+    assert best is not None, f"{name} has no layer: add it to LAYERS and to docs/architecture.md"
+    return best[1]
+
+
+def test_every_module_imports_only_its_own_layer_or_below():
+    graph = import_graph()
+    upward = [f"{name} ({LAYER_NAMES[layer_of(name)]}) imports {m} ({LAYER_NAMES[layer_of(m)]})"
+              for name, imported in sorted(graph.items()) for m in sorted(imported) if layer_of(m) > layer_of(name)]
+    assert not upward, "imports going up a layer:\n" + "\n".join(upward)
