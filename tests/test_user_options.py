@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from fkd import cli
+from fkd.checkpoint import load_checkpoint
 from fkd.data.datasets import DATASETS
 from fkd.models import MODELS
-from fkd.optim import OPTIMIZERS
+from fkd.optim import OPTIMIZERS, hyperparams
 
 USER_FILE = '''
 import torch
@@ -96,6 +97,15 @@ def test_a_user_optimizer_with_a_new_option_trains(user_config, tmp_path):
     assert json.loads((out / "summary.json").read_text())["method"] == "none"
     assert 'name = "heavy_ball_sgd"\nlearning_rate = 0.01' in (out / "config.toml").read_text()
     assert "heavy_ball = 0.3" in (out / "config.toml").read_text()  # the run's config is complete
+    # its new option is a 0-d tensor in the optimizer state (fkd.optim.inject_hyperparams), as sgd's momentum is
+    opt_state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")["state"]["opt_state"]
+    held = hyperparams(opt_state)
+    assert held["heavy_ball"].ndim == 0 and float(held["heavy_ball"]) == pytest.approx(0.3)
+    assert float(held["learning_rate"]["value"]) == pytest.approx(0.01)  # the constant schedule's number
+    sweep = run("sweep", "--config", user_config, "--out", tmp_path / "sweep", "--quiet", "--seeds", "1",
+                "--grid", "train.optimizer.heavy_ball=0.1,0.3")
+    assert sweep.exit_code == 0, sweep.output
+    assert "1 group of 2 students" in sweep.output  # a sweep over it is one group
 
     assert_clean_failure(run("distill", "--config", user_config, "--out", tmp_path / "r2", "--set",
                              "train.optimizer.heavy_bal=0.3"),
