@@ -61,7 +61,6 @@ from fkd.distill_setup import preflight
 from fkd.errors import ConfigError
 from fkd.models.from_config import build_teacher
 from fkd.objective import Objective, from_weights
-from fkd.pytree import tree_map
 from fkd.run_setup import TrainingSetup, build_training, uses_channels_last
 from fkd.step import maybe_compile, should_compile
 from fkd.population import Population, choose_strategy, freeze_diverged

@@ -34,6 +34,7 @@ from fkd.models import param_count, size_bytes
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
+from fkd.objective import Objective
 from fkd.runlock import RunLock
 
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fkd import cli, schedules
+from fkd import cli
 from fkd.checkpoint import load_checkpoint
-from fkd.config import OptimizerConfig
 from fkd.errors import ConfigError
 from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
 from fkd.sweep.stats import describe, t_quantile_975
