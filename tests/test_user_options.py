@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from fkd import cli
+from tests.test_errors import assert_clean_failure, run
 from fkd.checkpoint import load_checkpoint
 from fkd.data.datasets import DATASETS
 from fkd.models import MODELS
@@ -71,19 +70,6 @@ def user_config(tiny_config, tmp_path):
     for reg, entries in saved.items():
         reg._entries.clear()
         reg._entries.update(entries)
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *phrases):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, result.output
-    for phrase in phrases:
-        assert phrase in error_lines[0], (phrase, error_lines[0])
 
 
 def test_a_user_optimizer_with_a_new_option_trains(user_config, tmp_path):
