@@ -37,8 +37,8 @@ from fkd.rundir import ensure_writable
 
 VERIFY_IMAGES = 64
 EXAMPLE_BATCH = 2  # tracing example: 2 keeps the batch dimension from being specialised to 1
-INT8_METHOD = ("onnxruntime quantize_static, QDQ: int8 weights per output channel, uint8 activations per "
-               "tensor, MinMax calibration")
+INT8_METHOD = ("onnxruntime quantize_static, QDQ: int8 weights per output channel (7-bit range, reduce_range), "
+               "uint8 activations per tensor, MinMax calibration")
 
 
 def default_output(saved: SavedModel, fmt: str, quantize: str | None) -> Path:
