@@ -30,6 +30,7 @@ import torch
 from fkd.errors import FkdError
 from fkd.optim import global_norm
 from fkd.pytree import tree_map
+from fkd.step import keep_finite
 
 STRATEGIES = ("auto", "vmap", "loop")
 
@@ -56,13 +57,10 @@ def freeze_diverged(step: Callable) -> Callable:
     def frozen_step(state: dict, batch: Any, teacher_vars: dict | None = None):
         new_state, metrics = step(state, batch, teacher_vars)
         finite = metrics["finite"] & torch.isfinite(global_norm(new_state["params"]))
+        # the step's own guard, with "finite" narrowed to members that never diverged (bad_step is set on
+        # the first non-finite step alone, since (bad_step < 0) & ~alive == (bad_step < 0) & ~finite)
         alive = (state["bad_step"] < 0) & finite
-        keep = lambda new, old: torch.where(alive, new, old)  # noqa: E731
-        out = dict(new_state)
-        for part in ("params", "buffers", "objective", "opt_state"):
-            out[part] = tree_map(keep, new_state[part], state[part])
-        out["bad_step"] = torch.where((state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"])
-        return out, {**metrics, "finite": finite}
+        return keep_finite(state, new_state, alive), {**metrics, "finite": finite}
 
     return frozen_step
 
