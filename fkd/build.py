@@ -38,6 +38,7 @@ from fkd.presets import METHODS
 from fkd.registry import Registry, naming_options, option_default, option_help, options_of, resolve_options
 from fkd.schedules import SCHEDULES, learning_rate_schedule
 from fkd.schema import toml_value
+from fkd.stage_config import refuse_pipeline_keys
 from fkd.terms import TERMS, config_fields
 from fkd.user_imports import import_user_files
 
@@ -73,6 +74,7 @@ def load(path: str | Path | None = None, overrides: list[str] = (), **top: Any) 
     (``seed=``, ``device=``), then :func:`resolve`."""
     raw = read_toml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
+    refuse_pipeline_keys(raw)  # [[stages]] and teacher.from_stage: read by fkd.stages, never here
     for key, value in top.items():
         if value is not None:
             raw[key] = value

@@ -156,6 +156,10 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     own Python file are used by naming it in distill.imports: fkd imports it, which runs its code,
     so name only files you trust; fkd imports nothing a config does not name.
 
+    A config with [[stages]] is a pipeline: its stages (teacher fits and distillations, a stage's
+    teacher possibly an earlier stage's model) run in order, each in OUT/<stage> (default
+    runs/<name>/<stage>); run it again to skip finished stages and resume an interrupted one.
+
     \b
     Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
     summary.json, curves.png.
@@ -166,9 +170,14 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
       python cli.py distill --config configs/logit.toml --set distill.temperature=4
       python cli.py distill --config configs/baseline.toml --out runs/my-baseline
       python cli.py distill --config configs/feature.toml --resume
+      python cli.py distill --config configs/paradigms/teacher_assistant.toml
     """
     from fkd.distill import run_distill
+    from fkd.stages import is_pipeline_file, run_pipeline_file
 
+    if is_pipeline_file(config_path):  # [[stages]]: each stage in its own run directory under --out
+        run_pipeline_file(config_path, overrides, out=out, seed=seed, device=device, quiet=quiet, echo=click.echo)
+        return
     resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device)
     run_distill(resolved.config, run, dev, resume=resume, quiet=quiet, echo=echo, objective=resolved.objective)
 
