@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import tomllib
 from pathlib import Path
@@ -261,3 +262,15 @@ def test_every_stage_of_a_shipped_pipeline_builds(name, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     stages = plan_pipeline(name, out=tmp_path).stages
     assert len(stages) >= 2 and all(s.status == "fresh" and s.objective.weights for s in stages)
+
+
+def test_the_docs_example_is_a_valid_pipeline(monkeypatch, tmp_path):
+    docs = (ROOT / "docs" / "paradigms.md").read_text()
+    section = docs.split("## Chains and stages", 1)[1]
+    example = re.search(r"```toml\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "chain.toml").write_text(example)
+    monkeypatch.chdir(tmp_path)
+    stages = plan_pipeline("chain.toml").stages
+    assert [(s.name, s.arch, s.from_stage) for s in stages] == [("assistant", "small_cnn", None),
+                                                                ("student", "seed_cnn", "assistant")]
+    assert stages[1].config.teacher.checkpoint == "runs/chain/assistant/as_teacher.pt"
