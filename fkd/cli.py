@@ -210,7 +210,8 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
     Students that differ only in numbers inside the step (seed, term weights, temperature, learning
     rate) train together with one step function; other differences (architecture, features, batch
     size, ...) split the sweep into groups that run one after another. A KD weight of 0 (or
-    distill.method = "none") is the baseline the table compares with.
+    distill.method = "none") is the baseline the table compares with. A pipeline config ([[stages]])
+    runs whole once per seed, in DIR/seed-<s>/<stage>, and the table has one row per stage.
 
     \b
     Writes to the sweep directory: config.toml, grid.json, sweep.jsonl (one line per student and
@@ -225,10 +226,21 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
       python cli.py sweep --config configs/logit.toml --seeds 5 --resume
     """
     from fkd.device import resolve_device
+    from fkd.errors import ConfigError
     from fkd.rundir import RunDir
+    from fkd.stages import is_pipeline_file, run_pipeline_seeds
     from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
     from fkd.sweep.runner import auto_chunk, choose_strategy, run_sweep
 
+    if is_pipeline_file(config_path):  # [[stages]]: the whole pipeline once per seed, each stage a run directory
+        given = [name for name, on in (("--grid", grid), ("--chunk", chunk), ("--save", save != "none"),
+                                       ("--strategy", strategy != "auto")) if on]
+        if given:
+            raise ConfigError(f"{given[0]} does not apply to a pipeline, which sweeps seeds only (each stage keeps its "
+                           "weights in its run directory); drop it, or sweep one stage's config.toml.")
+        run_pipeline_seeds(config_path, list(overrides), parse_seeds(seeds), out=out, device=device, quiet=quiet,
+                           echo=click.echo)
+        return
     plan = plan_sweep(config_path, list(overrides), parse_seeds(seeds), parse_grid(list(grid)), device=device)
     base = plan.groups[0].base.config
     from fkd import distributed

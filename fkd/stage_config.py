@@ -75,8 +75,9 @@ def refuse_pipeline_keys(raw: dict) -> None:
     where they belong. Commands that run one config (``teacher``, ``sweep``, ``config``) call it through
     :func:`fkd.build.load`."""
     if is_pipeline(raw):
-        raise ConfigError("this config is a pipeline ([[stages]]); run it with `fkd distill --config FILE`; the other "
-                          "commands take one stage: its run directory, or the config.toml written there.")
+        raise ConfigError("this config is a pipeline ([[stages]]); run it with `fkd distill --config FILE` (or over "
+                          "seeds with `fkd sweep --config FILE --seeds N`); the other commands take one stage: its "
+                          "run directory, or the config.toml written there.")
     teacher = raw.get("teacher")
     if isinstance(teacher, dict) and FROM_STAGE in teacher:
         raise ConfigError("teacher.from_stage names an earlier stage of a pipeline ([[stages]]); a single-run "

@@ -40,11 +40,13 @@ from fkd.objective import Objective
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_start import config_key
 from fkd.runlock import RunLock
-from fkd.stage_config import FILLED_BY_FROM_STAGE, STAGES, is_pipeline, parse_pipeline
+from fkd.stage_config import FILLED_BY_FROM_STAGE, STAGES, PipelineSpec, is_pipeline, parse_pipeline
+from fkd.sweep.stats import describe, format_table
 from fkd.teacher import fit_teacher, save_student_as_teacher, teacher_checkpoint_path
 
 AS_TEACHER = "as_teacher.pt"
 PIPELINE_JSON = "pipeline.json"
+PIPELINE_SWEEP_JSON = "pipeline_sweep.json"
 
 
 @attrs.frozen(eq=False)
@@ -107,10 +109,8 @@ def plan_pipeline(path: str | Path, overrides: list[str] = (), *, out: str | Pat
     likewise. The stages run in ``out`` (default ``runs/<name>``), each in ``<out>/<stage>``; a stage's
     run name is ``<name>-<stage>``.
     """
-    raw = read_toml(path)
     overrides = list(overrides)
-    base = apply_overrides({k: v for k, v in raw.items() if k != STAGES}, overrides)
-    spec = parse_pipeline({**base, STAGES: raw[STAGES]})
+    spec = read_pipeline(path, overrides)
     root = Path(out) if out is not None else Path("runs") / spec.name
     stages: dict[str, Stage] = {}
     for s in spec.stages:
@@ -129,6 +129,14 @@ def plan_pipeline(path: str | Path, overrides: list[str] = (), *, out: str | Pat
     pipeline = Pipeline(spec.name, root, tuple(stages.values()))
     _check_teachers(pipeline)
     return pipeline
+
+
+def read_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
+    """The stages of the pipeline at ``path`` as written, with ``--set`` overrides applied to its top level
+    (its name among them); checked for shape only (:func:`fkd.stage_config.parse_pipeline`)."""
+    raw = read_toml(path)
+    base = apply_overrides({k: v for k, v in raw.items() if k != STAGES}, list(overrides))
+    return parse_pipeline({**base, STAGES: raw[STAGES]})
 
 
 def _teacher_table(source: Stage, own: dict) -> dict:
@@ -223,6 +231,7 @@ def run_pipeline(pipeline: Pipeline, device: torch.device, *, quiet: bool = Fals
             as_teacher = stage.run.path / AS_TEACHER
             if stage.kind == "distill" and world.is_main and (stage.status != "finished" or not as_teacher.is_file()):
                 save_student_as_teacher(stage.run, as_teacher)
+            world.barrier()  # under torchrun: written before any rank loads it as the next stage's teacher
             rows.append(stage_row(stage, summary))
         result = {"name": pipeline.name, "stages": rows}
         if world.is_main:
@@ -282,3 +291,43 @@ def run_pipeline_file(path: str | Path, overrides: list[str] = (), *, out: str |
     echo(f"# pipeline {pipeline.name} ({path}): {len(pipeline.stages)} stages "
          f"({', '.join(s.name for s in pipeline.stages)}); device {dev}; directory {pipeline.root}")
     return run_pipeline(pipeline, dev, quiet=quiet, echo=echo)
+
+
+def run_pipeline_seeds(path: str | Path, overrides: list[str], seeds: tuple[int, ...], *,
+                       out: str | Path | None = None, device: str | None = None, quiet: bool = False,
+                       echo: Callable[[str], None] = print) -> dict:
+    """``fkd sweep --config PIPELINE --seeds ...``: the whole pipeline once per seed, in ``<out>/seed-<s>/``
+    (default ``runs/<name>-sweep``), then each stage's test accuracy over the seeds (mean, sample std,
+    Student-t 95% interval, :mod:`fkd.sweep.stats`), the first stage without a teacher as the baseline.
+
+    Every seed's stages are planned and checked before the first runs; running it again skips finished
+    stages and resumes an interrupted one, seed by seed. Writes ``<out>/pipeline_sweep.json``.
+    """
+    name = read_pipeline(path, overrides).name
+    root = Path(out) if out is not None else Path("runs") / f"{name}-sweep"
+    plans = [plan_pipeline(path, overrides, out=root / f"seed-{s}", seed=s, device=device) for s in seeds]
+    dev = distributed.init_from_env(resolve_device(plans[0].stages[0].config.device))
+    echo = distributed.echo_main(echo)
+    echo(f"# pipeline {name} ({path}) over seeds {', '.join(map(str, seeds))}: {len(plans[0].stages)} stages "
+         f"each; device {dev}; directory {root}")
+    results = []
+    for seed, plan in zip(seeds, plans):
+        echo(f"## seed {seed}")
+        results.append(run_pipeline(plan, dev, quiet=quiet, echo=echo))
+    stages = plans[0].stages
+    baseline = next((s.name for s in stages if s.kind == "distill" and not s.needs_teacher), None)
+    rows = []
+    for i, stage in enumerate(stages):
+        accs = [r["stages"][i]["test_acc"] for r in results]
+        rows.append({"point": stage.name, "kind": stage.kind, "model": stage.arch, "teacher": stage.from_stage,
+                     **describe(accs), "seeds": list(seeds), "test_acc": accs, "diverged": 0})
+    base = next((r["mean"] for r in rows if r["point"] == baseline), None)
+    for r in rows:
+        r["vs_baseline"] = None if base is None or r["kind"] != "distill" else r["mean"] - base
+    summary = {"name": name, "seeds": list(seeds), "baseline": baseline,
+               "stages": [{"stage": r.pop("point"), **{k: v for k, v in r.items() if k != "diverged"}} for r in rows]}
+    if distributed.is_main():
+        write_text_atomic(root / PIPELINE_SWEEP_JSON, json.dumps(summary, indent=2) + "\n")
+    table_rows = [{"point": s["stage"], "diverged": 0, **s} for s in summary["stages"]]
+    echo(format_table(table_rows, baseline, label="stage"))
+    return summary

@@ -234,9 +234,33 @@ def test_from_stage_outside_a_pipeline_is_one_clear_error(tmp_path):
 
 def test_the_other_commands_send_a_pipeline_to_distill(chain, tmp_path):
     path, _, _ = chain
-    for command in (["teacher", "--out", tmp_path / "x"], ["config"], ["sweep", "--seeds", "2", "--out", tmp_path / "x"]):
+    for command in (["teacher", "--out", tmp_path / "x"], ["config"]):
         assert_clean_failure(invoke(*command, "--config", path), "pipeline", "fkd distill")
+    assert_clean_failure(invoke("sweep", "--config", path, "--seeds", "2", "--grid", "distill.alpha=0,1", "--out",
+                                tmp_path / "x"), "--grid does not apply to a pipeline")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_pipeline_sweeps_over_seeds(tmp_path):
+    stages = [{"name": "gen1", "kind": "distill", "distill": {"method": "none"}},
+              {"name": "gen2", "kind": "distill", "teacher": {"from_stage": "gen1"}}]
+    path = tmp_path / "ban.toml"
+    path.write_text(pipeline_text(tmp_path, stages, train={"epochs": 1}))
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--config", path, "--seeds", "2", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "pipeline_sweep.json").read_text())
+    assert table["seeds"] == [0, 1] and table["baseline"] == "gen1"
+    for row in table["stages"]:
+        accs = [summary(out / f"seed-{s}", row["stage"])["student_test_acc"] for s in (0, 1)]
+        assert row["test_acc"] == accs and row["mean"] == pytest.approx(sum(accs) / 2)
+    gen2 = table["stages"][1]
+    assert gen2["vs_baseline"] == pytest.approx(gen2["mean"] - table["stages"][0]["mean"])
+    for seed in (0, 1):  # each seed's chain learns from its own earlier stage
+        assert summary(out / f"seed-{seed}", "gen2")["teacher_test_acc"] == \
+            summary(out / f"seed-{seed}", "gen1")["student_test_acc"]
+        assert tomllib.loads((out / f"seed-{seed}" / "gen2" / "config.toml").read_text())["seed"] == seed
+    assert "gen1 (baseline)" in result.output
 
 
 PARADIGMS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs" / "paradigms").glob("*.toml")

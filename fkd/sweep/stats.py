@@ -55,9 +55,10 @@ def summarize(finals: list[dict], baseline_point: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: -1.0 if r["mean"] is None else r["mean"], reverse=True)
 
 
-def format_table(rows: list[dict], baseline_point: str | None) -> str:
-    """The printed sweep table: accuracy over seeds per grid point, best first."""
-    head = ("grid point", "n", "mean", "± std", "95% CI", "min", "max", "vs baseline", "diverged")
+def format_table(rows: list[dict], baseline_point: str | None, *, label: str = "grid point") -> str:
+    """The printed sweep table: accuracy over seeds per grid point (``label`` heads that column), in the
+    order of ``rows``."""
+    head = (label, "n", "mean", "± std", "95% CI", "min", "max", "vs baseline", "diverged")
     body = [head]
 
     def pct(v):
