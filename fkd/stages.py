@@ -194,10 +194,10 @@ def _check_teachers(pipeline: Pipeline) -> None:
             continue
         if stage.status == "finished" or not stage.needs_teacher or source is not None:
             continue
-        path = teacher_checkpoint_path(stage.config)
-        if path.resolve() in planned:
-            continue
         try:
+            path = teacher_checkpoint_path(stage.config)
+            if path.resolve() in planned:
+                continue  # a teacher stage above fits it
             teacher_to_use(stage.config)
         except (CheckpointError, ConfigError) as exc:
             raise type(exc)(f"{where}: {exc}") from None

@@ -185,6 +185,7 @@ REFUSED = {
     "no kind": (_stages(b={"kind": None}), "stage 'b' has no kind"),
     "a missing teacher": (_stages(a={"teacher": {"checkpoint": "/nonexistent/t.pt", "fit_if_missing": False}}),
                           "stage 'a'", "does not exist", "fit_if_missing"),
+    "a teacher without a checkpoint": (_stages(a={"teacher": {"checkpoint": ""}}), "stage 'a'", "teacher.checkpoint is empty"),
     "a parse error in the last stage": (_stages(b={"train": {"epoch": 3}}), "stage 'b'", "did you mean 'epochs'"),
     "an unknown option in a stage": (_stages(a={"student": {"width": [6]}}), "stage 'a'", "student.width"),
     "from_stage beside teacher.arch": (_stages(b={"teacher": {"from_stage": "a", "arch": "seed_cnn"}}),
@@ -298,3 +299,14 @@ def test_the_docs_example_is_a_valid_pipeline(monkeypatch, tmp_path):
     assert [(s.name, s.arch, s.from_stage) for s in stages] == [("assistant", "small_cnn", None),
                                                                 ("student", "seed_cnn", "assistant")]
     assert stages[1].config.teacher.checkpoint == "runs/chain/assistant/as_teacher.pt"
+
+
+def test_a_teacher_checkpoint_an_earlier_teacher_stage_writes_is_not_missing(tmp_path):
+    shared = (tmp_path / "fitted" / "teacher.pt").as_posix()
+    stages = [{"name": "t", "kind": "teacher", "teacher": {"checkpoint": shared}},
+              {"name": "s", "kind": "distill", "teacher": {"checkpoint": shared, "fit_if_missing": False}}]
+    path = tmp_path / "p.toml"
+    path.write_text(pipeline_text(tmp_path, stages))
+    planned = plan_pipeline(path, out=tmp_path / "out").stages
+    assert [p.status for p in planned] == ["fresh", "fresh"] and planned[1].config.teacher.checkpoint == shared
+    assert not (tmp_path / "out").exists()
