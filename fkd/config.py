@@ -183,6 +183,13 @@ class TeacherConfig(WithOptions):
     checkpoint: str = field("", help="fkd teacher checkpoint (written by `fkd teacher`)")
     fit_if_missing: bool = field(False, help="distill: fit the teacher first when its checkpoint is missing")
     mode: str = field("linear_probe", one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
+    source: str = field(
+        "checkpoint", one_of("checkpoint", "ema"),
+        help="where the teacher comes from: 'checkpoint' (teacher.checkpoint, fitted when missing and allowed), "
+             "or 'ema': the moving average of the student's own weights, kept in the train state (a mean "
+             "teacher: self-distillation, no checkpoint; teacher.arch is ignored)")
+    decay: float = field(0.999, unit_interval, help="teacher.source = 'ema': the average's decay d per step, "
+                                                     "ema <- d * ema + (1 - d) * student")
     cache: str = field("auto", one_of("auto", "memory", "disk", "off"), help="reuse teacher outputs")
     cache_dir: str = field(".fkd_cache", help="where disk caches of teacher outputs live")
     cache_max_gb: float = field(

@@ -23,9 +23,9 @@ from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import load_teacher_for, preflight, teacher_cache, teacher_to_use
+from fkd.distill_setup import ema_decay, load_teacher_for, preflight, teacher_cache, teacher_to_use
 from fkd.errors import ConfigError
-from fkd.evaluate import cpu_latency_ms, make_evaluator
+from fkd.evaluate import cpu_latency_ms, evaluate_model, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
@@ -49,7 +49,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
-    t_path = teacher_to_use(cfg) if obj.needs_teacher else None
+    t_path = teacher_to_use(cfg) if obj.needs_teacher and ema_decay(cfg) is None else None
     if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
         raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
                           "would be fitted too; set it to a file in another folder.")
@@ -68,7 +68,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             objective_state=objective_state, teacher=teacher.model if teacher else None,
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
             seed=cfg.seed, augment=augment, device=device, quiet=quiet,
-            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix))
+            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None)
         start.check_state(training.state)
         if world.is_main:
             start.begin(echo=echo)
@@ -82,7 +82,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         teacher_vars = None
         if teacher is not None:
             batch_extras, cache_note = teacher_cache(cfg, data, teacher, augment=augment, device=device, echo=echo)
-            teacher_vars = training.layout(teacher.variables)
+            if teacher.variables is not None:
+                teacher_vars = training.layout(teacher.variables)
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
@@ -121,7 +122,14 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "epochs": cfg.train.epochs,
         "seed": cfg.seed,
     }
-    if teacher is not None:
+    if teacher is not None and teacher.variables is None:  # a mean teacher: the average, evaluated here
+        ema = evaluate_model(teacher.model, state["ema"]["params"], state["ema"]["buffers"], data.test,
+                             batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=state["step"].device)
+        summary.update({"teacher_arch": f"{cfg.student.arch} (moving average, decay {cfg.teacher.decay:g})",
+                        "teacher_source": "ema", "teacher_test_acc": ema["accuracy"], "teacher_params": s_params,
+                        "teacher_size_bytes": summary["student_size_bytes"],
+                        "teacher_cpu_latency_ms": summary["student_cpu_latency_ms"], "compression_ratio": 1.0})
+    elif teacher is not None:
         teacher_vars = teacher.variables
         t_params = param_count(teacher_vars["params"])
         summary.update({

@@ -24,6 +24,11 @@ from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.terms import Shapes
 
 
+def ema_decay(cfg: Config) -> float | None:
+    """The mean teacher's decay when ``teacher.source = "ema"``, else None (a teacher from a checkpoint)."""
+    return cfg.teacher.decay if cfg.teacher.source == "ema" else None
+
+
 def teacher_to_use(cfg: Config) -> Path:
     """The teacher checkpoint path, checked before anything is written: not a folder, and present unless
     ``teacher.fit_if_missing`` allows fitting it."""
@@ -90,7 +95,14 @@ class Teacher:
 
 def load_teacher_for(cfg: Config, data, objective: Objective, device, *, echo: Callable = print,
                      quiet: bool = False) -> Teacher:
-    """The teacher the objective consumes, fitted first when missing and ``teacher.fit_if_missing``."""
+    """The teacher the objective consumes, fitted first when missing and ``teacher.fit_if_missing``.
+
+    A mean teacher (``teacher.source = "ema"``) has no checkpoint: its template is the student's
+    architecture and its variables live in the train state (``variables`` and ``path`` are None).
+    """
+    if ema_decay(cfg) is not None:
+        model, _, _ = build_teacher(cfg, data.num_classes, objective.teacher_feature_names, device=device)
+        return Teacher(model, None, None, None)
     path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
     model, variables, accuracy = load_teacher(path, cfg, data.num_classes, objective.teacher_feature_names, device)
     return Teacher(model, variables, path, accuracy)
@@ -100,6 +112,8 @@ def teacher_cache(cfg: Config, data, teacher: Teacher, *, augment: bool, device,
     """``(lookup, where)``: cached teacher outputs for the training split, ``lookup(idx) -> {...}`` merged
     into each batch, or ``(None, why not)`` when the teacher must run live (``teacher.cache = "off"``, a
     random training view, or function matching's mixed images)."""
+    if teacher.variables is None:
+        return None, "off (the teacher is the student's moving average)"
     if cfg.data.mixes:
         return None, "off (the teacher runs live on the mixed view)"
     if cfg.teacher.cache == "off" or augment:
