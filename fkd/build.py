@@ -99,16 +99,22 @@ def resolve(cfg: Config) -> Resolved:
         student=_with_options(cfg.student, "student"),
         teacher=attrs.evolve(_with_options(cfg.teacher, "teacher"),
                              train=_train(cfg.teacher.train, "teacher.train")),
+        teachers={name: attrs.evolve(_with_options(t, f"teachers.{name}"), train=_train(t.train, f"teachers.{name}.train"))
+                  for name, t in cfg.teachers.items()},
         train=_train(cfg.train, "train"),
     )
-    objective = objective_from(d)
+    if cfg.teachers and (cfg.teacher.source == "ema" or any(t.source == "ema" for t in cfg.teachers.values())):
+        raise ConfigError("a moving-average teacher (source = 'ema') is one teacher, in [teacher]; remove the "
+                          "[teachers.<name>] tables or set teacher.source = 'checkpoint'.")
+    objective = objective_lib.from_config(d, teachers=cfg.teachers)
     check_mixing(cfg.data, objective)  # function matching: a teacher term, no label term
     return Resolved(cfg, objective)
 
 
-def objective_from(distill: DistillConfig) -> Objective:
-    """The objective of ``[distill]`` (its term tables; ``distill.weights`` in messages for ``combined``)."""
-    return objective_lib.from_config(distill)
+def objective_from(distill: DistillConfig, teachers: dict | None = None) -> Objective:
+    """The objective of ``[distill]`` (its term tables; ``distill.weights`` in messages for ``combined``),
+    over the ensemble of ``teachers`` (``[teachers.<name>]``) when there are several."""
+    return objective_lib.from_config(distill, teachers=teachers or {})
 
 
 def _train(train, key: str):

@@ -197,6 +197,8 @@ class TeacherConfig(WithOptions):
         help="most a teacher cache may take (GB, and never more than cache_dir's free space): when the features "
              "would not fit, only the logits are cached and the teacher runs live up to its last feature")
     train: TrainConfig = field(_TEACHER_TRAIN, help="how the teacher is fitted")
+    weight: float = field(1.0, positive, help="[teachers.<name>] only: this teacher's weight in the ensemble "
+                                              "(normalised over the teachers)")
     options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
@@ -217,6 +219,11 @@ class DistillConfig:
     student_features: list = field([], help="student feature names, paired by position")
     teacher_features: list = field([], help="teacher feature (FX node) names, paired by position")
     terms: dict = field({}, help="one [distill.terms.<name>] table per loss term")
+    ensemble: str = field(
+        "weighted", one_of("weighted", "confidence"),
+        help="with [teachers.<name>] tables: how a term that reads the ensemble mixes the teachers' soft targets: "
+             "'weighted' by teachers.<name>.weight, or 'confidence': per example, a teacher weighs less the "
+             "higher its cross-entropy on the label (CA-MKD, Zhang et al. ICASSP 2022)")
     imports: list = field([], help="your own .py files or modules registering terms (or models, optimizers, ...); "
                                    "importing RUNS their code, so name only files you trust")
 
@@ -233,6 +240,9 @@ class Config:
     device: str = field("auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     data: DataConfig = field(DataConfig(), help="data")
     teacher: TeacherConfig = field(TeacherConfig(), help="teacher")
+    teachers: dict = field({}, help="several teachers: one [teachers.<name>] table each, with [teacher]'s keys and "
+                                    "a weight; terms read their ensemble or name one (distill.terms.<term>.teacher)",
+                           hash=False)
     student: ModelConfig = field(ModelConfig(), help="student")
     train: TrainConfig = field(TrainConfig(), help="student training")
     distill: DistillConfig = field(DistillConfig(), help="distillation loss")
@@ -249,6 +259,17 @@ def from_dict(raw: dict) -> Config:
     raw = dict(raw)
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = expand_preset(raw["distill"])
+    teachers = raw.pop("teachers", {})
+    if not isinstance(teachers, dict) or not all(isinstance(t, (dict, TeacherConfig)) for t in teachers.values()):
+        raise ConfigError("teachers must hold one table per teacher, e.g. [teachers.a] arch = 'resnet18'.")
+    if len(teachers) == 1:
+        raise ConfigError(f"[teachers] has one teacher ({next(iter(teachers))}); an ensemble needs two or more, "
+                          "and one teacher is the [teacher] table.")
+    for name in teachers:
+        if not name or ":" in name:
+            raise ConfigError(f"teachers.{name!r}: a teacher's name must be non-empty and without ':'.")
+    raw["teachers"] = {name: t if isinstance(t, TeacherConfig) else build_attrs(TeacherConfig, t, f"teachers.{name}.")
+                       for name, t in teachers.items()}
     return build_attrs(Config, raw)
 
 
@@ -335,6 +356,9 @@ def dumps(cfg: Config) -> str:
             path = f"{prefix}.{name}" if prefix else name
             if attrs.has(type(value)):
                 table(value, path)
+            elif all(attrs.has(type(v)) for v in value.values()):  # [teachers.<name>] tables
+                for key, sub in value.items():
+                    table(sub, f"{path}.{key}")
             else:  # [distill.terms.<name>] tables, one per term
                 for key, sub in value.items():
                     lines.append(f"\n[{path}.{key}]")
@@ -345,7 +369,8 @@ def dumps(cfg: Config) -> str:
 
 
 def _is_table_of_tables(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) or attrs.has(type(v))
+                                                           for v in value.values())
 
 
 def schema_rows(cls=Config, prefix: str = "", defaults: Any = None, *, names=None,

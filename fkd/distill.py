@@ -23,14 +23,16 @@ from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import ema_decay, load_teacher_for, preflight, teacher_cache, teacher_to_use
+from fkd.distill_setup import ema_decay, load_teacher_for, preflight, teacher_cache, teacher_paths
 from fkd.errors import ConfigError
 from fkd.evaluate import cpu_latency_ms, evaluate_model, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
+from fkd.losses import ensemble_distribution
 from fkd.models import param_count, size_bytes
+from fkd.pytree import tree_to
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
@@ -49,10 +51,10 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
-    t_path = teacher_to_use(cfg) if obj.needs_teacher and ema_decay(cfg) is None else None
-    if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
-        raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
-                          "would be fitted too; set it to a file in another folder.")
+    for t_path in teacher_paths(cfg) if obj.needs_teacher and ema_decay(cfg) is None else ():
+        if not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
+            raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
+                              "would be fitted too; set it to a file in another folder.")
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(lambda: decide_start(
@@ -129,6 +131,22 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
                         "teacher_source": "ema", "teacher_test_acc": ema["accuracy"], "teacher_params": s_params,
                         "teacher_size_bytes": summary["student_size_bytes"],
                         "teacher_cpu_latency_ms": summary["student_cpu_latency_ms"], "compression_ratio": 1.0})
+    elif teacher is not None and teacher.members:  # several teachers: each one's figures and the ensemble's
+        members = teacher.members
+        summary["teachers"] = {
+            name: {"arch": cfg.teachers[name].arch, "checkpoint": str(t.path), "test_acc": t.accuracy,
+                   "weight": cfg.teachers[name].weight, "params": param_count(t.variables["params"])}
+            for name, t in members.items()}
+        t_params = sum(m["params"] for m in summary["teachers"].values())
+        summary.update({
+            "teacher_arch": teacher.model.arch,
+            "teacher_test_acc": ensemble_accuracy(teacher, obj, data, cfg),
+            "teacher_params": t_params,
+            "teacher_size_bytes": sum(size_bytes(t.variables["params"], t.variables["buffers"]) for t in members.values()),
+            "teacher_cpu_latency_ms": sum(cpu_latency_ms(t.model, t.variables["params"], t.variables["buffers"],
+                                                         cfg.data.image_size) for t in members.values()),
+            "compression_ratio": t_params / s_params,
+        })
     elif teacher is not None:
         teacher_vars = teacher.variables
         t_params = param_count(teacher_vars["params"])
@@ -143,6 +161,22 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
             "compression_ratio": t_params / s_params,
         })
     return summary
+
+
+def ensemble_accuracy(teacher, obj: Objective, data, cfg: Config) -> float:
+    """Test accuracy of the ensemble's prediction ``argmax_c sum_m w_m softmax(z_m)`` (the teachers'
+    weights; per example confidence weights would need the label, so they are not used here)."""
+    weights = torch.tensor(obj.teacher_weights)
+    correct = count = 0
+    variables = tree_to(teacher.variables, "cpu")
+    model = teacher.model
+    with torch.no_grad():
+        for x, y, _ in data.test.batches(cfg.data.eval_batch_size, shuffle=False):
+            logits, _, _ = model.apply(variables["params"], variables["buffers"], x.cpu(), train=False)
+            p = ensemble_distribution(logits.float().movedim(1, 0), 1.0, weights)
+            correct += int((p.argmax(-1) == y.cpu()).sum())
+            count += len(y)
+    return correct / max(count, 1)
 
 
 def find_baseline(run: RunDir, fingerprint: str, cfg: Config) -> float | None:

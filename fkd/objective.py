@@ -20,18 +20,23 @@ import torch
 
 from fkd import losses
 from fkd.errors import ConfigError
+from fkd.models.ensemble import SEP as TEACHER_SEP  # "<teacher>:<feature>"
 from fkd.pytree import tree_to
 from fkd.schema import build_attrs
 from fkd.terms import TERMS, Shapes, Term, TermInputs, config_fields
 
 
+
+
 @attrs.frozen
 class WeightedTerm:
-    """One term of an objective: its name (the metric and the key of its params/state), weight, unit."""
+    """One term of an objective: its name (the metric and the key of its params/state), weight, unit, and
+    with several teachers the one it reads (``teacher``; ``""``: their ensemble)."""
 
     name: str
     weight: float
     term: Term
+    teacher: str = ""
 
 
 @attrs.frozen
@@ -39,6 +44,11 @@ class Objective:
     """``objective(params, state, inputs) -> (loss, metrics, new_state)``; see the module docstring."""
 
     terms: tuple = ()
+    #: several teachers (``[teachers.<name>]``): their names in the order of the teacher-logits axis, their
+    #: weights and how a term that reads the ensemble mixes them (``"weighted"`` | ``"confidence"``)
+    teachers: tuple = ()
+    teacher_weights: tuple = ()
+    ensemble: str = "weighted"
 
     @property
     def weights(self) -> dict[str, float]:
@@ -111,12 +121,29 @@ class Objective:
             mine = hyper.get(t.name, {})
             fields = {k: v for k, v in mine.items() if k != "weight"}
             term_inputs = inputs._replace(hyper=fields) if fields else inputs
+            if self.teachers and t.term.consumes & {"teacher_logits"}:
+                term_inputs = term_inputs._replace(teacher_logits=self._teacher_logits(t, term_inputs))
             values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), term_inputs)
             weights[t.name] = mine.get("weight", t.weight)
             if term_state or t.name in state:  # the same structure as ``state`` (stateless terms may be absent)
                 new_state[t.name] = term_state
         loss, metrics = losses.weighted_sum(values, weights)
         return loss, metrics, new_state
+
+    def _teacher_logits(self, t: WeightedTerm, inputs: TermInputs) -> torch.Tensor:
+        """The ``(B, K)`` teacher logits term ``t`` sees, from the ensemble's ``(B, M, K)``: its named
+        teacher's, or logits whose softmax at the term's temperature is the ensemble's distribution
+        (:func:`fkd.losses.ensemble_logits`; per-example confidence weights with ``ensemble = "confidence"``)."""
+        stacked = inputs.teacher_logits
+        if t.teacher:
+            return stacked[:, self.teachers.index(t.teacher)]
+        per_teacher = stacked.movedim(1, 0)  # (M, B, K)
+        if self.ensemble == "confidence":
+            weights = losses.confidence_weights(per_teacher, inputs.labels)
+        else:
+            weights = torch.tensor(self.teacher_weights, dtype=per_teacher.dtype, device=per_teacher.device)
+        temperature = t.term.hp(inputs, t.term.ensemble_temperature) if t.term.ensemble_temperature else 1.0
+        return losses.ensemble_logits(per_teacher, temperature, weights)
 
     def hyper_defaults(self) -> dict[str, dict[str, float]]:
         """``{term: {"weight": w, field: value}}``: the numbers a sweep may vary inside one step."""
@@ -127,8 +154,8 @@ class Objective:
         """This objective with its weights and sweepable fields zeroed: equal for objectives that one
         sweep step can serve (the same terms, pairs and non-sweepable settings)."""
         with attrs.validators.disabled():  # a placeholder value, not a setting: no field's range applies
-            return Objective(tuple(
-                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}))
+            return attrs.evolve(self, terms=tuple(
+                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}), t.teacher)
                 for t in self.terms))
 
 
@@ -144,13 +171,20 @@ def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
 # --- building objectives ----------------------------------------------------------------------------
 
 
-def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.terms") -> Objective:
+def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.terms",
+          teachers: dict[str, float] | None = None, ensemble: str = "weighted") -> Objective:
     """An objective from ``{term name: {"weight": w, **hyper-parameters}}``.
 
     Names are looked up in :data:`fkd.terms.TERMS`; unknown names, unknown keys and invalid values are
     :class:`ConfigError` naming the dotted key (``where.<name>.<key>``) and the valid choices. Terms
     that match features get ``pairs``.
+
+    ``teachers`` (``{name: weight}``, two or more) makes it an objective over an ensemble: a table's
+    ``teacher`` key names the one teacher that term reads (its feature pairs then read that teacher's
+    features, ``"<teacher>:<feature>"``); without it a term reads the ensemble, which only terms that see
+    the teacher through ``softmax(z / T)`` can (:attr:`fkd.terms.Term.ensemble_temperature`).
     """
+    teachers = teachers or {}
     if not isinstance(tables, dict):
         raise ConfigError(f"{where} must be a table of term tables, e.g. [{where}.ce] weight = 1.0.")
     terms = []
@@ -164,19 +198,39 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
         weight = keys.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ConfigError(f"{where}.{name}.weight must be a number >= 0 (got {weight!r}).")
+        teacher = _term_teacher(cls, keys.pop("teacher", ""), teachers, f"{where}.{name}")
         valid = [f.name for f in config_fields(cls)]
         for key in keys:
             if key not in valid:
                 raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: "
-                                  f"{', '.join(['weight', *valid])}.")
+                                  f"{', '.join(['weight', 'teacher', *valid])}.")
         term = build_attrs(cls, keys, f"{where}.{name}.")
         if "pairs" in attrs.fields_dict(cls):
-            term = attrs.evolve(term, pairs=tuple(pairs))
+            term = attrs.evolve(term, pairs=tuple((s, f"{teacher}{TEACHER_SEP}{t}" if teacher else t) for s, t in pairs))
         if weight != 0:
-            terms.append(WeightedTerm(name, float(weight), term))
+            terms.append(WeightedTerm(name, float(weight), term, teacher))
     if not terms:
         raise ConfigError(f"every term in {where} has weight 0; give at least one term a positive weight.")
-    return Objective(tuple(terms))
+    return Objective(tuple(terms), tuple(teachers), tuple(float(w) for w in teachers.values()), ensemble)
+
+
+def _term_teacher(cls: type, teacher, teachers: dict, where: str) -> str:
+    """The teacher a term's table names (``""``: the ensemble, or the one teacher), checked."""
+    if not isinstance(teacher, str):
+        raise ConfigError(f"{where}.teacher must be a teacher's name (got {teacher!r}).")
+    if teacher and not teachers:
+        raise ConfigError(f"{where}.teacher = {teacher!r} names a teacher, but the config has one [teacher]; "
+                          "give several as [teachers.<name>] tables, or drop the key.")
+    if teacher and teacher not in teachers:
+        raise ConfigError(f"{where}.teacher = {teacher!r} is not one of the teachers: {', '.join(teachers)}.")
+    if teachers and not teacher:
+        if "teacher_features" in cls.consumes:
+            raise ConfigError(f"the {cls.name} term reads teacher features, which an ensemble does not have; name "
+                              f"one teacher: {where}.teacher = {next(iter(teachers))!r}.")
+        if "teacher_logits" in cls.consumes and not cls.ensemble_temperature:
+            raise ConfigError(f"the {cls.name} term cannot read an ensemble of teachers (it does not see the teacher "
+                              f"through softmax(z / T)); name one teacher: {where}.teacher = {next(iter(teachers))!r}.")
+    return teacher
 
 
 def from_weights(weights: dict[str, float], *, pairs: tuple = (), **hyper) -> Objective:
@@ -203,8 +257,9 @@ def term_tables(distill) -> dict[str, dict]:
     return distill.terms
 
 
-def from_config(distill) -> Objective:
-    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first).
+def from_config(distill, teachers: dict | None = None) -> Objective:
+    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first),
+    over the ensemble of ``teachers`` (``{name: TeacherConfig}``, the config's ``[teachers.<name>]``) when given.
 
     Commands build it once per run, through :func:`fkd.build.load`."""
     from fkd.user_imports import import_user_files
@@ -217,7 +272,8 @@ def from_config(distill) -> Objective:
         )
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
     where = "distill.weights" if distill.preset == "combined" else "distill.terms"
-    objective = build(term_tables(distill), pairs=pairs, where=where)
+    objective = build(term_tables(distill), pairs=pairs, where=where,
+                      teachers={name: t.weight for name, t in (teachers or {}).items()}, ensemble=distill.ensemble)
     paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term))]
     if paired and not pairs:
         raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fkd.checkpoint import load_checkpoint
@@ -61,3 +62,76 @@ def test_ema_teacher_run_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ea, eb = _state(full)["ema"], _state(cut)["ema"]
     assert all(torch.equal(ea["params"][k], eb["params"][k]) for k in ea["params"])
+
+
+def _two_teachers(root, **extra):
+    def one(widths, seed_dir):
+        return {"arch": "small_cnn", "widths": widths, "weights": "none", "mode": "scratch", "fit_if_missing": True,
+                "checkpoint": f"{root.as_posix()}/{seed_dir}/teacher.pt",
+                "train": {"epochs": 1, "log_every": 2, "optimizer": {"name": "adam", "learning_rate": 1e-2}},
+                **extra.get(seed_dir, {})}
+    return {"a": one([8, 16], "a"), "b": one([6, 12], "b")}
+
+
+ENSEMBLE_TERMS = """
+[distill.terms.ce]
+weight = 0.5
+[distill.terms.logit]
+weight = 0.5
+temperature = 3.0
+[distill.terms.feature]
+weight = 0.1
+teacher = "a"
+"""
+
+
+def test_two_teachers_fit_when_missing_and_distil_into_one_student(tiny_config, tmp_path):
+    cfg = tiny_config("terms", ENSEMBLE_TERMS, teacher=None, teachers=_two_teachers(tmp_path),
+                      distill={"student_features": ["block2"], "teacher_features": ["block2"]})
+    out = tmp_path / "run"
+    result = invoke("distill", "--config", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "teacher.pt").is_file() and (tmp_path / "b" / "teacher.pt").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["teachers"]) == {"a", "b"}
+    assert 0 <= summary["teacher_test_acc"] <= 1
+    state = _state(out)
+    assert "block2->a:block2" in state["params"]["objective"]["feature"]  # FitNets on teacher a's features
+    # the second run reads both teachers (and their caches) instead of fitting them; confidence-weighted (CA-MKD)
+    again = invoke("distill", "--config", cfg, "--out", tmp_path / "run2", "--quiet", "--set", "distill.ensemble=confidence")
+    assert again.exit_code == 0 and "fitting" not in again.output
+
+
+def test_ensemble_term_sees_the_mixture_at_its_temperature():
+    from fkd import losses
+    from fkd.objective import build
+    from fkd.terms import TermInputs
+
+    obj = build({"logit": {"temperature": 2.0}}, teachers={"a": 1.0, "b": 3.0})
+    s, t = torch.randn(5, 4), torch.randn(5, 2, 4)
+    loss, _, _ = obj({}, {}, TermInputs(s, {}, torch.zeros(5, dtype=torch.int64), t, {}, None, torch.tensor(0)))
+    p = 0.25 * torch.softmax(t[:, 0] / 2, -1) + 0.75 * torch.softmax(t[:, 1] / 2, -1)
+    want = 4.0 * (p * (p.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    one, _, _ = build({"logit": {"temperature": 2.0, "teacher": "b"}}, teachers={"a": 1.0, "b": 3.0})(
+        {}, {}, TermInputs(s, {}, torch.zeros(5, dtype=torch.int64), t, {}, None, torch.tensor(0)))
+    assert torch.allclose(one, losses.soft_target_kl(s, t[:, 1], 2.0))
+
+
+@pytest.mark.parametrize("terms, message", [
+    ('[distill.terms.feature]\nweight = 1.0\n', "reads teacher features, which an ensemble does not have"),
+    ('[distill.terms.lskd]\nweight = 1.0\n', "cannot read an ensemble"),
+    ('[distill.terms.logit]\nteacher = "c"\n', "is not one of the teachers: a, b"),
+])
+def test_ensemble_refusals_are_one_line(tiny_config, tmp_path, terms, message):
+    cfg = tiny_config("terms", terms, teacher=None, teachers=_two_teachers(tmp_path),
+                      distill={"student_features": ["block2"], "teacher_features": ["block2"]})
+    result = invoke("distill", "--config", cfg, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_term_naming_a_teacher_needs_several(tiny_config, tmp_path):
+    cfg = tiny_config("terms", '[distill.terms.logit]\nteacher = "a"\n')
+    result = invoke("distill", "--config", cfg, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 2 and "has one [teacher]" in result.output

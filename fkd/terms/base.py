@@ -47,7 +47,7 @@ class TermInputs(NamedTuple):
     student_logits: Tensor  # (B, K), fp32, differentiable
     student_features: dict  # {name: (B, C, H, W) or (B, D)}, differentiable
     labels: Tensor  # (B,) int64
-    teacher_logits: Tensor | None  # (B, K), or None when no term consumes them
+    teacher_logits: Tensor | None  # (B, K), or None when no term consumes them; (B, M, K) for M teachers
     teacher_features: dict  # {name: tensor}, empty when no term consumes them
     idx: Tensor | None  # (B,) int64: each example's index in the training set
     key: Tensor  # 0-d int64 random key of this step (fold_in(run key, step)); see fkd.prng
@@ -110,6 +110,10 @@ class Term:
     consumes: ClassVar[frozenset] = frozenset()
     #: float fields read through :meth:`hp`, so a sweep can vary them per student inside one step
     sweepable: ClassVar[frozenset] = frozenset()
+    #: the field holding the temperature T when the term reads the teacher only through
+    #: ``softmax(teacher_logits / T)``: such a term can read an ensemble of teachers (it then gets
+    #: :func:`fkd.losses.ensemble_logits` at its T); None: it must name one teacher
+    ensemble_temperature: ClassVar[str | None] = None
 
     def hp(self, inputs: "TermInputs", name: str):
         """Hyper-parameter ``name``: the field's value, or this step's per-student tensor in a sweep.
