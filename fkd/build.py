@@ -102,11 +102,19 @@ def resolve(cfg: Config) -> Resolved:
         teachers={name: attrs.evolve(_with_options(t, f"teachers.{name}"), train=_train(t.train, f"teachers.{name}.train"))
                   for name, t in cfg.teachers.items()},
         train=_train(cfg.train, "train"),
+        cohort=attrs.evolve(cfg.cohort, members={name: _with_options(m, f"cohort.members.{name}")
+                                                 for name, m in cfg.cohort.members.items()}),
     )
+    if cfg.cohort.members and cfg.cohort.size not in (0, len(cfg.cohort.members)):
+        raise ConfigError(f"cohort.size = {cfg.cohort.size} but {len(cfg.cohort.members)} [cohort.members] tables are "
+                          "given; drop cohort.size (the tables name the members) or make them agree.")
+    if cfg.cohort.names and cfg.teacher.source == "ema":
+        raise ConfigError("a moving-average teacher of a cohort is not supported; train the cohort with a "
+                          "teacher checkpoint (teacher.source = 'checkpoint') or without a teacher.")
     if cfg.teachers and (cfg.teacher.source == "ema" or any(t.source == "ema" for t in cfg.teachers.values())):
         raise ConfigError("a moving-average teacher (source = 'ema') is one teacher, in [teacher]; remove the "
                           "[teachers.<name>] tables or set teacher.source = 'checkpoint'.")
-    objective = objective_lib.from_config(d, teachers=cfg.teachers)
+    objective = objective_lib.over_cohort(objective_lib.from_config(d, teachers=cfg.teachers), cfg.cohort.names)
     check_mixing(cfg.data, objective)  # function matching: a teacher term, no label term
     return Resolved(cfg, objective)
 

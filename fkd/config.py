@@ -202,6 +202,26 @@ class TeacherConfig(WithOptions):
     options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
+@attrs.frozen
+class CohortConfig:
+    """Students trained together, each from its own initialisation, that may teach each other (deep mutual
+    learning: the ``mutual`` term). ``size`` members of ``[student]``'s architecture, or one
+    ``[cohort.members.<name>]`` model table per member (architectures may differ)."""
+
+    size: int = field(0, at_least(0), help="members of [student]'s architecture trained together (0: one student, no cohort)")
+    members: dict = field({}, help="or one [cohort.members.<name>] table per member, with [student]'s keys "
+                                   "(arch and its options): a mixed cohort", hash=False)
+    strategy: str = field("auto", one_of("auto", "vmap", "loop"),
+                          help="how the members' forward passes run: 'vmap' (stacked weights, one batched pass: "
+                               "the members must share an architecture), 'loop', or 'auto' (vmap on CUDA when "
+                               "they can, else loop)")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The members' names: ``student1 .. studentK``, or the ``[cohort.members]`` tables' names."""
+        return tuple(self.members) if self.members else tuple(f"student{k + 1}" for k in range(self.size))
+
+
 @attrs.frozen(init=False)
 class DistillConfig:
     """Which distillation loss trains the student: a weighted sum of registered loss terms.
@@ -245,6 +265,7 @@ class Config:
                            hash=False)
     student: ModelConfig = field(ModelConfig(), help="student")
     train: TrainConfig = field(TrainConfig(), help="student training")
+    cohort: CohortConfig = field(CohortConfig(), help="students trained together")
     distill: DistillConfig = field(DistillConfig(), help="distillation loss")
 
 
@@ -270,6 +291,15 @@ def from_dict(raw: dict) -> Config:
             raise ConfigError(f"teachers.{name!r}: a teacher's name must be non-empty and without ':'.")
     raw["teachers"] = {name: t if isinstance(t, TeacherConfig) else build_attrs(TeacherConfig, t, f"teachers.{name}.")
                        for name, t in teachers.items()}
+    if isinstance(raw.get("cohort"), dict) and isinstance(raw["cohort"].get("members"), dict):
+        cohort = dict(raw["cohort"])
+        for name, member in cohort["members"].items():
+            if not isinstance(member, (dict, ModelConfig)) or not name or ":" in name or "/" in name:
+                raise ConfigError(f"cohort.members.{name} must be a model table ([cohort.members.<name>] arch = ...) "
+                                  "under a plain name without ':' or '/'.")
+        cohort["members"] = {name: m if isinstance(m, ModelConfig) else build_attrs(ModelConfig, m, f"cohort.members.{name}.")
+                             for name, m in cohort["members"].items()}
+        raw["cohort"] = cohort
     return build_attrs(Config, raw)
 
 

@@ -23,7 +23,8 @@ from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import ema_decay, load_teacher_for, preflight, teacher_cache, teacher_paths
+from fkd.checkpoint import save_checkpoint
+from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
 from fkd.errors import ConfigError
 from fkd.evaluate import cpu_latency_ms, evaluate_model, make_evaluator
 from fkd.fit import fit
@@ -32,7 +33,8 @@ from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
 from fkd.losses import ensemble_distribution
 from fkd.models import param_count, size_bytes
-from fkd.pytree import tree_to
+from fkd.models.cohort import Cohort
+from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
@@ -96,6 +98,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                     batch_extras=batch_extras, learning_rate=training.learning_rate,
                     extra_payload=lambda st: {"model": dict(student.spec)})
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
+        if world.is_main and isinstance(student, Cohort):
+            summary["members"] = save_members(cfg, run, student, state, evaluate(state)["members"])
         if world.is_main:
             run.write_summary(summary)
             plot_curves(run.read_metrics(), run.curves_path)
@@ -104,8 +108,30 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     return summary
 
 
+def save_members(cfg: Config, run: RunDir, cohort: Cohort, state: dict, accuracies: dict) -> dict:
+    """Each cohort member as a student checkpoint of its own, ``<run>/members/<name>.pt``, that ``fkd evaluate``
+    and ``fkd export`` read like any student's; returns ``{name: {"arch", "test_acc", "checkpoint"}}``."""
+    out = {}
+    for name in cohort.names:
+        path = run.path / "members" / f"{name}.pt"
+        weights = {"params": {"model": state["params"]["model"][name]}, "frozen": {}, "buffers": state["buffers"][name]}
+        save_checkpoint(path, {"state": tree_map(lambda t: t.detach().cpu(), weights),
+                               "model": dict(cohort.member(name).spec), "config": dumps(member_config(cfg, name)),
+                               "epoch": cfg.train.epochs, "batch": 0}, "student_run")
+        out[name] = {"arch": cohort.member(name).arch, "test_acc": accuracies[name], "checkpoint": str(path)}
+    return out
+
+
 def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
-    """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's."""
+    """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's.
+
+    For a cohort the student figures are its members' means (accuracy) and one member's (size, latency:
+    the first); ``members`` lists each (:func:`save_members`)."""
+    cohort = student if isinstance(student, Cohort) else None
+    if cohort is not None:  # one member's size and latency stand for the student's
+        first = student.names[0]
+        student = student.member(first)
+        state = {**state, "params": {"model": state["params"]["model"][first]}, "buffers": state["buffers"][first]}
     s_params = param_count(state["params"]["model"])
     summary = {
         "kind": "student",
@@ -113,7 +139,7 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "terms": obj.weights,
         "data": cfg.data.name,
         "data_fingerprint": data.fingerprint,
-        "student_arch": cfg.student.arch,
+        "student_arch": cohort.arch if cohort is not None else cfg.student.arch,
         "student_test_acc": final["accuracy"],
         "student_per_class_acc": final["per_class"],
         "student_params": s_params,

@@ -15,8 +15,9 @@ import torch
 from fkd import distributed
 from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
-from fkd.config import Config
+from fkd.config import CohortConfig, Config
 from fkd.errors import CheckpointError, ConfigError
+from fkd.models.cohort import Cohort
 from fkd.models.ensemble import SEP, TeacherEnsemble, split_features
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
@@ -95,7 +96,7 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device, objectiv
     The teacher is built with random weights on the CPU only to read its feature shapes.
     """
     obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
-    student, params, buffers = build_student(cfg, num_classes, obj.student_feature_names, device=device)
+    student, params, buffers = build_students(cfg, num_classes, obj.student_feature_names, device=device)
     s_shapes = t_shapes = {}
     if obj.needs_features:
         s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
@@ -105,6 +106,37 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device, objectiv
     shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
     obj.check(shapes)
     return Preflight(obj, student, params, buffers, shapes)
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Cohort member k's initialisation seed: member 0 keeps the run's seed, the others their own (64-bit)."""
+    return seed if k == 0 else (seed * 1_000_003 + k) % 2**63
+
+
+def member_config(cfg: Config, name: str) -> Config:
+    """Cohort member ``name`` as a one-student config: its architecture and seed, no cohort (what its saved
+    checkpoint says it is, for ``fkd evaluate`` and ``fkd export``)."""
+    names = cfg.cohort.names
+    model = cfg.cohort.members.get(name, cfg.student)
+    return attrs.evolve(cfg, student=model, seed=member_seed(cfg.seed, names.index(name)), cohort=CohortConfig())
+
+
+def build_students(cfg: Config, num_classes: int, feature_names=(), *, device="cpu"):
+    """:func:`fkd.models.from_config.build_student`, or for a cohort (``[cohort]``) a
+    :class:`~fkd.models.cohort.Cohort` of its members, each from its own seed (:func:`member_seed`), with
+    ``{member: params}`` / ``{member: buffers}``."""
+    names = cfg.cohort.names
+    if not names:
+        return build_student(cfg, num_classes, feature_names, device=device)
+    built = {n: build_student(member_config(cfg, n), num_classes, feature_names, device=device) for n in names}
+    models = tuple(b[0] for b in built.values())
+    same = len({repr(sorted(m.spec.items())) for m in models}) == 1
+    strategy = cfg.cohort.strategy
+    if strategy == "vmap" and not same:
+        raise ConfigError("cohort.strategy = 'vmap' needs members of one architecture; these differ. Use 'loop' "
+                          "or 'auto'.")
+    vmapped = strategy == "vmap" or (strategy == "auto" and same and torch.device(device).type == "cuda")
+    return (Cohort(names, models, vmapped), {n: b[1] for n, b in built.items()}, {n: b[2] for n, b in built.items()})
 
 
 def build_teachers(cfg: Config, num_classes: int, feature_names=(), device="cpu"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from fkd import losses
+from fkd import losses, prng
 from fkd.errors import ConfigError
 from fkd.models.ensemble import SEP as TEACHER_SEP  # "<teacher>:<feature>"
 from fkd.pytree import tree_to
@@ -157,6 +157,76 @@ class Objective:
             return attrs.evolve(self, terms=tuple(
                 WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}), t.teacher)
                 for t in self.terms))
+
+
+class CohortObjective:
+    """One objective per cohort member, summed: ``objective(params, state, inputs)`` as :class:`Objective`,
+    over a :class:`~fkd.models.cohort.Cohort`'s outputs (logits ``(K, B, C)``, features
+    ``"<member>:<feature>"``).
+
+    Member k's terms see its own logits and features, the whole cohort's logits detached
+    (``inputs.cohort_logits``, for the ``mutual`` term) and a key folded with k. The loss is the sum of the
+    members' losses -- each member's gradient is then its own loss's -- and each term's metric the
+    members' mean. Term params and state are ``{member: ...}``; everything else is the base objective's.
+    """
+
+    def __init__(self, base: Objective, names: tuple):
+        self.base, self.names = base, tuple(names)
+
+    def __getattr__(self, name):  # weights, needs_teacher, feature names, hyper_defaults, ...
+        return getattr(self.base, name)
+
+    def structure(self) -> "CohortObjective":
+        return CohortObjective(self.base.structure(), self.names)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CohortObjective) and (self.base, self.names) == (other.base, other.names)
+
+    def __hash__(self) -> int:
+        return hash((self.base, self.names))
+
+    def _member_shapes(self, shapes: Shapes, name: str) -> Shapes:
+        mine = {k.partition(TEACHER_SEP)[2]: v for k, v in shapes.student_features.items()
+                if k.startswith(name + TEACHER_SEP)}
+        return attrs.evolve(shapes, student_features=mine)
+
+    def check(self, shapes: Shapes) -> None:
+        for name in self.names:
+            self.base.check(self._member_shapes(shapes, name))
+
+    def init(self, shapes: Shapes, *, seed: int = 0, device="cpu") -> tuple[dict, dict]:
+        params, state = {}, {}
+        for k, name in enumerate(self.names):
+            params[name], state[name] = self.base.init(self._member_shapes(shapes, name), seed=seed + k, device=device)
+        return params, state
+
+    def __call__(self, params: dict, state: dict, inputs: TermInputs, hyper: dict | None = None):
+        cohort = inputs.student_logits.detach()
+        total, metrics, new_state = 0.0, {}, {}
+        for k, name in enumerate(self.names):
+            prefix = name + TEACHER_SEP
+            mine = inputs._replace(
+                student_logits=inputs.student_logits[k], cohort_logits=cohort, key=prng.fold_in(inputs.key, k),
+                student_features={f[len(prefix):]: v for f, v in inputs.student_features.items() if f.startswith(prefix)})
+            loss, member_metrics, new_state[name] = self.base(params.get(name, {}), state.get(name, {}), mine, hyper)
+            total = total + loss
+            for term, value in member_metrics.items():
+                metrics[term] = metrics.get(term, 0.0) + value / len(self.names)
+        return total, metrics, new_state
+
+
+def over_cohort(objective: Objective, names: tuple) -> Objective | CohortObjective:
+    """``objective`` for each member of a cohort named ``names`` (:class:`CohortObjective`), or itself
+    when there is no cohort. A ``mutual`` term needs one, and a cohort of one member is refused."""
+    mutual = [t.name for t in objective.terms if "cohort_logits" in t.term.consumes]
+    if not names:
+        if mutual:
+            raise ConfigError(f"the {mutual[0]} term makes students teach each other: train a cohort with "
+                              "[cohort] size = 2 (or more), or drop the term.")
+        return objective
+    if len(names) < 2:
+        raise ConfigError(f"a cohort needs two or more members (got {len(names)}); set cohort.size = 2 or more.")
+    return CohortObjective(objective, names)
 
 
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:

@@ -43,7 +43,7 @@ from fkd.data_parallel import DataParallel
 from fkd.models import Model
 from fkd.objective import Objective
 from fkd.optim import GradientTransformation, apply_updates, ema_update, global_norm
-from fkd.pytree import tree_map
+from fkd.pytree import tree_leaves, tree_map
 from fkd.terms import TermInputs
 
 State = dict[str, Any]
@@ -72,7 +72,7 @@ def init_train_state(
     starting as a copy of them.
     """
     trainable = {"model": params, "objective": objective_params or {}}
-    device = next(iter(params.values())).device
+    device = tree_leaves(params)[0].device
     extra = {"ema": {"params": tree_map(torch.clone, {**(frozen or {}), **params}),
                      "buffers": tree_map(torch.clone, buffers)}} if ema else {}
     return {
@@ -215,8 +215,9 @@ def gradients_fn(
         grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
             state["params"])
         y = inputs.labels
-        correct = ((logits.argmax(dim=-1) == y) & (y >= 0)).sum()  # labeled examples only
-        return Gradients(grads, loss, metrics, correct, (y >= 0).sum(), new_buffers, objective_state)
+        hits = (logits.argmax(dim=-1) == y) & (y >= 0)  # labeled examples only; (K, B) for a cohort's K members
+        count = (y >= 0).expand_as(hits).sum()
+        return Gradients(grads, loss, metrics, hits.sum(), count, new_buffers, objective_state)
 
     return gradients
 

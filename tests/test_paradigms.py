@@ -135,3 +135,70 @@ def test_a_term_naming_a_teacher_needs_several(tiny_config, tmp_path):
     cfg = tiny_config("terms", '[distill.terms.logit]\nteacher = "a"\n')
     result = invoke("distill", "--config", cfg, "--out", tmp_path / "run", "--quiet")
     assert result.exit_code == 2 and "has one [teacher]" in result.output
+
+
+DML = "[distill.terms.ce]\nweight = 1.0\n[distill.terms.mutual]\nweight = 1.0\n"
+
+
+def test_cohort_of_two_learns_mutually_and_each_member_evaluates(tiny_config, tmp_path):
+    cfg = tiny_config("terms", DML, dataset="digits", cohort={"size": 2}, data={"train_limit": 96})
+    out = tmp_path / "run"
+    result = invoke("distill", "--config", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    members = summary["members"]
+    assert set(members) == {"student1", "student2"}
+    assert summary["student_test_acc"] == pytest.approx(sum(m["test_acc"] for m in members.values()) / 2)
+    state = _state(out)
+    a, b = state["params"]["model"]["student1"], state["params"]["model"]["student2"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # own initialisations
+    for name, m in members.items():
+        ev = invoke("evaluate", m["checkpoint"], "--json")
+        assert ev.exit_code == 0, ev.output
+        assert json.loads(ev.output[ev.output.index("{"):])["test_acc"] == pytest.approx(m["test_acc"])
+    refused = invoke("evaluate", str(out))
+    assert refused.exit_code == 2 and "members/<name>.pt" in refused.output
+
+
+def test_cohort_gradients_are_each_members_own():
+    """The cohort's summed loss gives member k exactly the gradient of its own CE + mutual loss."""
+    from torch.func import grad
+
+    from fkd.models import build_model
+    from fkd.models.cohort import Cohort
+    from fkd.objective import build, over_cohort
+    from fkd.terms import TermInputs
+
+    models = [build_model("small_cnn", 4, 16, (), seed=s, widths=[4, 8]) for s in (0, 1)]
+    cohort = Cohort(("a", "b"), tuple(m[0] for m in models))
+    params = {"a": models[0][1], "b": models[1][1]}
+    buffers = {"a": models[0][2], "b": models[1][2]}
+    obj = over_cohort(build({"ce": {"weight": 1.0}, "mutual": {"weight": 2.0, "temperature": 2.0}}), ("a", "b"))
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+
+    def total(p):
+        logits, feats, _ = cohort.apply(p, buffers, x, train=True)
+        return obj({}, {}, TermInputs(logits, feats, y, None, {}, None, torch.tensor(0)))[0]
+
+    g = grad(total)(params)
+    from fkd import losses
+    peer = {"a": "b", "b": "a"}
+    for name in ("a", "b"):
+        other, _, _ = cohort.member(peer[name]).apply(params[peer[name]], buffers[peer[name]], x, train=True)
+
+        def own(p, name=name, other=other.detach()):
+            z, _, _ = cohort.member(name).apply(p, buffers[name], x, train=True)
+            return losses.cross_entropy(z, y) + 2.0 * 4.0 * torch.nn.functional.kl_div(
+                torch.log_softmax(z / 2, -1), torch.softmax(other / 2, -1), reduction="batchmean")
+
+        want = grad(own)(params[name])
+        for k in want:
+            assert torch.allclose(g[name][k], want[k], atol=1e-6), (name, k)
+    vmapped = Cohort(("a", "b"), cohort.members, vmap=True)
+    z_loop = cohort.apply(params, buffers, x, train=False)[0]
+    assert torch.allclose(vmapped.apply(params, buffers, x, train=False)[0], z_loop, atol=1e-5)
+
+
+def test_mutual_term_needs_a_cohort(tiny_config, tmp_path):
+    result = invoke("distill", "--config", tiny_config("terms", DML), "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 2 and "[cohort] size = 2" in result.output

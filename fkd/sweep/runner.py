@@ -38,7 +38,7 @@ from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import ema_decay, load_teacher_for, preflight, teacher_cache
+from fkd.distill_setup import build_students, ema_decay, load_teacher_for, preflight, teacher_cache
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
@@ -122,7 +122,7 @@ def student_state(cfg, objective, shapes, num_classes: int, steps_per_epoch: int
     """A sweep student's initial train state: initialised from ``cfg.seed`` exactly as ``distill`` does, with
     its own optimizer hyper-parameters (from ``cfg.train.optimizer``, in its optimizer state) and its term
     numbers (``hyper``, Python floats) as 0-d tensors under ``"hyper"`` when given."""
-    _, params, buffers = build_student(cfg, num_classes, objective.student_feature_names, device=device)
+    _, params, buffers = build_students(cfg, num_classes, objective.student_feature_names, device=device)
     obj_params, obj_state = objective.init(shapes, seed=cfg.seed, device=device)
     optimizer, _ = optimizer_from_config(cfg.train.optimizer, steps_per_epoch, cfg.train.epochs)
     state = init_train_state(params, buffers, optimizer, objective_params=obj_params, objective_state=obj_state,

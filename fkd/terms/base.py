@@ -32,7 +32,7 @@ from fkd.registry import Registry
 
 #: Everything a term may read in a step; a term lists the ones it uses in ``consumes``.
 INPUTS = ("labels", "student_logits", "student_features", "teacher_logits", "teacher_features", "idx", "key",
-          "epoch")
+          "epoch", "cohort_logits")
 
 #: The registered terms: ``[distill.terms.<name>]`` tables in a config name them.
 TERMS = Registry("loss term", "distill.terms", load=("fkd.terms",))
@@ -53,6 +53,7 @@ class TermInputs(NamedTuple):
     key: Tensor  # 0-d int64 random key of this step (fold_in(run key, step)); see fkd.prng
     epoch: Tensor | None = None  # 0-d float32: epochs completed before this step (step / steps per epoch)
     hyper: dict = {}  # {field: 0-d tensor}: this term's swept hyper-parameters (see Term.hp), else empty
+    cohort_logits: Tensor | None = None  # (K, B, C): every cohort member's logits, detached (see fkd.models.cohort)
 
 
 @attrs.frozen
