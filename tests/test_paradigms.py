@@ -202,3 +202,14 @@ def test_cohort_gradients_are_each_members_own():
 def test_mutual_term_needs_a_cohort(tiny_config, tmp_path):
     result = invoke("distill", "--config", tiny_config("terms", DML), "--out", tmp_path / "run", "--quiet")
     assert result.exit_code == 2 and "[cohort] size = 2" in result.output
+
+
+@pytest.mark.parametrize("changes", [{"teacher": EMA}, {"cohort": {"size": 2}}], ids=["ema", "cohort"])
+def test_paradigms_sweep_over_seeds(tiny_config, tmp_path, changes):
+    extra = DML if "cohort" in changes else ""
+    cfg = tiny_config("terms" if extra else "logit", extra, train={"epochs": 1}, **changes)
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--config", cfg, "--seeds", "2", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "sweep_summary.json").read_text())["students_final"]
+    assert len(final) == 2 and all(0 <= s["test_acc"] <= 1 and not s["diverged"] for s in final)
