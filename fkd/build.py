@@ -200,6 +200,11 @@ def _term_rows() -> list[tuple[str, str, str]]:
     for name in TERMS.names():
         cls = TERMS.get(name)
         rows.append((f"distill.terms.{name}.weight", "1.0", f"weight of the '{name}' term: {cls.summary}"))
+        if {"teacher_logits", "teacher_features"} & cls.consumes:
+            reads = ("the ensemble (at its temperature) unless it names one" if cls.ensemble_temperature
+                     else "one teacher: with several it must name one (it cannot read an ensemble)")
+            rows.append((f"distill.terms.{name}.teacher", '""', f"with [teachers.<name>]: the teacher it reads; it "
+                                                               f"reads {reads}"))
         for f in config_fields(cls):
             rows.append((f"distill.terms.{name}.{f.name}", toml_value(f.default), meaning(f)))
     return rows

@@ -213,3 +213,23 @@ def test_paradigms_sweep_over_seeds(tiny_config, tmp_path, changes):
     assert result.exit_code == 0, result.output
     final = json.loads((out / "sweep_summary.json").read_text())["students_final"]
     assert len(final) == 2 and all(0 <= s["test_acc"] <= 1 and not s["diverged"] for s in final)
+
+
+def test_cohort_run_resumes_bit_exactly_and_a_member_exports(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("terms", DML, cohort={"size": 2})
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert invoke("distill", "--config", cfg, "--out", full, "--quiet").exit_code == 0
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 8)
+        assert invoke("distill", "--config", cfg, "--out", cut, "--quiet").exit_code != 0
+    assert invoke("distill", "--config", cfg, "--out", cut, "--quiet", "--resume").exit_code == 0
+    a, b = _state(full), _state(cut)
+    for name in ("student1", "student2"):
+        for part in ("params", "buffers"):
+            x = a[part]["model"][name] if part == "params" else a[part][name]
+            y = b[part]["model"][name] if part == "params" else b[part][name]
+            assert all(torch.equal(x[k], y[k]) for k in x), (name, part)
+    exported = invoke("export", str(full / "members" / "student2.pt"), "--format", "pt2",
+                      "--out", str(tmp_path / "exp" / "student2.pt2"), "--json")
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "exp" / "student2.pt2").is_file()
