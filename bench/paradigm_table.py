@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.method_table import run_cli  # noqa: E402 -- after the clone is on the path
 
 C = "configs"
 TEACHER_B = ["teacher.arch=small_cnn", "teacher.widths=[32, 64]", "teacher.checkpoint=runs/digits-teacher-b/teacher.pt"]
@@ -56,9 +56,7 @@ def main():
 @click.option("--device", default="auto", show_default=True)
 @click.option("--only", default="", help="comma-separated subset of the rows")
 def run(seeds, out, device, only):
-    """Run the sweeps, one per row (a finished row is resumed, i.e. skipped)."""
-    from fkd.cli import main as fkd_main
-
+    """Run the sweeps, one per row (a row with a sweep_summary.json is skipped)."""
     for name, _, config, sets in ROWS:
         if only and name not in only.split(","):
             continue
@@ -68,16 +66,7 @@ def run(seeds, out, device, only):
             continue
         for s in sets:
             args += ["--set", s]
-        start = time.perf_counter()
-        try:
-            fkd_main.main(args, standalone_mode=False)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        except Exception:  # noqa: BLE001 -- report it and go on with the next row
-            traceback.print_exc()
-            code = "error"
-        print(f"{name}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+        run_cli(name, args)
 
 
 @main.command()

@@ -12,16 +12,7 @@ from torch.func import grad, vmap
 from fkd import losses
 from fkd.optim import ema_update
 
-F64 = torch.float64
-
-
-def randn(*shape, seed=0, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max())
-    return e / e.sum()
+from tests.test_losses_methods import F64, np_softmax, randn
 
 
 def ref_ensemble(z, T, w):

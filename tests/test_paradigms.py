@@ -50,14 +50,19 @@ def test_ema_step_moves_the_average_by_its_formula():
     assert torch.equal(state["ema"]["params"][next(iter(params))], params[next(iter(params))])  # untouched
 
 
-def test_ema_teacher_run_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config("logit", teacher=EMA)
+def _full_and_resumed(cfg, tmp_path, monkeypatch):
+    """Run ``cfg`` whole into ``full`` and interrupted after 8 steps, then resumed, into ``cut``."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert invoke("distill", "--config", cfg, "--out", full, "--quiet").exit_code == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, 8)
         assert invoke("distill", "--config", cfg, "--out", cut, "--quiet").exit_code != 0
     assert invoke("distill", "--config", cfg, "--out", cut, "--quiet", "--resume").exit_code == 0
+    return full, cut
+
+
+def test_ema_teacher_run_resumes_bit_exactly(tiny_config, tmp_path, monkeypatch):
+    full, cut = _full_and_resumed(tiny_config("logit", teacher=EMA), tmp_path, monkeypatch)
     a, b = _final_params(full), _final_params(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ea, eb = _state(full)["ema"], _state(cut)["ema"]
@@ -216,13 +221,7 @@ def test_paradigms_sweep_over_seeds(tiny_config, tmp_path, changes):
 
 
 def test_cohort_run_resumes_bit_exactly_and_a_member_exports(tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config("terms", DML, cohort={"size": 2})
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert invoke("distill", "--config", cfg, "--out", full, "--quiet").exit_code == 0
-    with monkeypatch.context() as m:
-        _interrupt_after(m, 8)
-        assert invoke("distill", "--config", cfg, "--out", cut, "--quiet").exit_code != 0
-    assert invoke("distill", "--config", cfg, "--out", cut, "--quiet", "--resume").exit_code == 0
+    full, cut = _full_and_resumed(tiny_config("terms", DML, cohort={"size": 2}), tmp_path, monkeypatch)
     a, b = _state(full), _state(cut)
     for name in ("student1", "student2"):
         for part in ("params", "buffers"):

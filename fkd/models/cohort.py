@@ -18,7 +18,7 @@ from typing import Callable
 import attrs
 import torch
 
-from fkd.models.ensemble import SEP
+from fkd.models.ensemble import SEP, apply_each
 
 
 @attrs.frozen(eq=False)
@@ -61,12 +61,7 @@ class Cohort:
         """``x`` (B, 3, H, W) -> ``(logits (K, B, C), {"<member>:<feature>": tensor}, {member: new buffers})``."""
         if self.vmap:
             return self._apply_vmapped(params, buffers, x, train)
-        logits, features, new_buffers = [], {}, {}
-        for name, member in zip(self.names, self.members):
-            z, f, b = member.apply(params[name], buffers[name], x, train=train)
-            logits.append(z)
-            features.update({f"{name}{SEP}{k}": v for k, v in f.items()})
-            new_buffers[name] = b
+        logits, features, new_buffers = apply_each(self.names, self.members, params, buffers, x, train)
         return torch.stack(logits), features, new_buffers
 
     def _apply_vmapped(self, params, buffers, x, train):

@@ -33,6 +33,17 @@ def split_features(names) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def apply_each(names, members, params: dict, buffers: dict, x: torch.Tensor, train: bool):
+    """Every member's forward pass on ``x``: ``([logits], {"<name>:<feature>": tensor}, {name: new buffers})``."""
+    logits, features, new_buffers = [], {}, {}
+    for name, member in zip(names, members):
+        z, f, b = member.apply(params[name], buffers[name], x, train=train)
+        logits.append(z)
+        features.update({f"{name}{SEP}{k}": v for k, v in f.items()})
+        new_buffers[name] = b
+    return logits, features, new_buffers
+
+
 @attrs.frozen(eq=False)
 class TeacherEnsemble:
     """``names[m]``'s template is ``members[m]``; see the module docstring."""
@@ -54,12 +65,7 @@ class TeacherEnsemble:
 
     def apply(self, params: dict, buffers: dict, x: torch.Tensor, *, train: bool = False):
         """``x`` (B, 3, H, W) -> ``(logits (B, M, K), {"<teacher>:<feature>": tensor}, new buffers)``."""
-        logits, features, new_buffers = [], {}, {}
-        for name, member in zip(self.names, self.members):
-            z, f, b = member.apply(params[name], buffers[name], x, train=train)
-            logits.append(z)
-            features.update({f"{name}{SEP}{k}": v for k, v in f.items()})
-            new_buffers[name] = b
+        logits, features, new_buffers = apply_each(self.names, self.members, params, buffers, x, train)
         return torch.stack(logits, dim=1), features, new_buffers
 
     def features_fn(self) -> Callable:
