@@ -55,6 +55,8 @@ def run_cli(name: str, args: list[str]) -> None:
         traceback.print_exc()
         code = "error"
     print(f"{name}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+    if isinstance(code, int) and code >= 128:  # stopped by a signal (Ctrl-C, SIGTERM): stop here too
+        raise SystemExit(code)
 
 
 @click.group()
