@@ -18,7 +18,7 @@ def _state(run):
 
 
 def test_ema_teacher_trains_without_a_checkpoint_and_keeps_the_average(tiny_config, tmp_path):
-    cfg = tiny_config("logit", dataset="digits", teacher=EMA, data={"train_limit": 96})
+    cfg = tiny_config("logit", teacher=EMA)
     out = tmp_path / "run"
     result = invoke("distill", "--config", cfg, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
@@ -232,3 +232,15 @@ def test_cohort_run_resumes_bit_exactly_and_a_member_exports(tiny_config, tmp_pa
                       "--out", str(tmp_path / "exp" / "student2.pt2"), "--json")
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "exp" / "student2.pt2").is_file()
+
+
+def test_mixed_cohort_of_two_architectures(tiny_config, tmp_path):
+    members = {"small": {"arch": "small_cnn", "widths": [4, 8]}, "wide": {"arch": "small_cnn", "widths": [8, 16]}}
+    cfg = tiny_config("terms", DML, cohort={"members": members}, train={"epochs": 1})
+    out = tmp_path / "run"
+    result = invoke("distill", "--config", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["members"]) == {"small", "wide"}
+    refused = invoke("distill", "--config", cfg, "--out", tmp_path / "v", "--quiet", "--set", "cohort.strategy=vmap")
+    assert refused.exit_code == 2 and "one architecture" in refused.output
