@@ -244,3 +244,18 @@ def test_mixed_cohort_of_two_architectures(tiny_config, tmp_path):
     assert set(summary["members"]) == {"small", "wide"}
     refused = invoke("distill", "--config", cfg, "--out", tmp_path / "v", "--quiet", "--set", "cohort.strategy=vmap")
     assert refused.exit_code == 2 and "one architecture" in refused.output
+
+
+def test_vmapped_cohort_trains_like_the_loop(tiny_config, tmp_path):
+    runs = {}
+    for strategy in ("loop", "vmap"):
+        cfg = tiny_config("terms", DML, name=f"{strategy}.toml", cohort={"size": 2, "strategy": strategy},
+                          train={"epochs": 1})
+        result = invoke("distill", "--config", cfg, "--out", tmp_path / strategy, "--quiet")
+        assert result.exit_code == 0, result.output
+        runs[strategy] = _state(tmp_path / strategy)
+    for name in ("student1", "student2"):
+        a, b = runs["loop"]["params"]["model"][name], runs["vmap"]["params"]["model"][name]
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), name
+        ba, bb = runs["loop"]["buffers"][name], runs["vmap"]["buffers"][name]
+        assert all(torch.allclose(ba[k].float(), bb[k].float(), atol=1e-4) for k in ba), name
