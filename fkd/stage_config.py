@@ -39,7 +39,7 @@ STAGES = "stages"
 FROM_STAGE = "from_stage"
 KINDS = ("teacher", "distill")
 #: What ``teacher.from_stage`` fills in itself: a stage naming it may not set these.
-FILLED_BY_FROM_STAGE = ("arch", "checkpoint", "fit_if_missing")
+FILLED_BY_FROM_STAGE = ("arch", "checkpoint", "fit_if_missing", "source")
 
 
 @attrs.frozen

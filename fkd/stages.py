@@ -34,7 +34,7 @@ from fkd.config import Config, TeacherConfig, apply_overrides, dumps, from_dict,
 from fkd.data import load_data
 from fkd.device import resolve_device
 from fkd.distill import run_distill
-from fkd.distill_setup import teacher_to_use
+from fkd.distill_setup import ema_decay, member_configs, teacher_to_use
 from fkd.errors import CheckpointError, ConfigError
 from fkd.objective import Objective
 from fkd.rundir import RunDir, write_text_atomic
@@ -145,7 +145,7 @@ def _teacher_table(source: Stage, own: dict) -> dict:
     kept = {k: v for k, v in own.items()
             if k in attrs.fields_dict(TeacherConfig) and k not in (*FILLED_BY_FROM_STAGE, "options")}
     return {**kept, **source.model_options, "arch": source.arch, "checkpoint": source.teacher_file.as_posix(),
-            "fit_if_missing": False}
+            "fit_if_missing": False, "source": "checkpoint"}
 
 
 def _status(name: str, run: RunDir, config_text: str) -> str:
@@ -194,16 +194,19 @@ def _check_teachers(pipeline: Pipeline) -> None:
             continue
         if stage.status == "finished" or not stage.needs_teacher or source is not None:
             continue
-        try:
-            path = teacher_checkpoint_path(stage.config)
-            if path.resolve() in planned:
-                continue  # a teacher stage above fits it
-            teacher_to_use(stage.config)
-        except (CheckpointError, ConfigError) as exc:
-            raise type(exc)(f"{where}: {exc}") from None
-        if not path.is_file() and path.parent.resolve() == stage.run.path.resolve():
-            raise ConfigError(f"{where}: teacher.checkpoint '{path}' is in the stage's run directory, where the "
-                              "missing teacher would be fitted too; set it to a file in another folder.")
+        if ema_decay(stage.config) is not None:
+            continue  # a mean teacher: the student's own average, no checkpoint
+        for cfg in (member_configs(stage.config) or {"": stage.config}).values():  # one teacher, or each of several
+            try:
+                path = teacher_checkpoint_path(cfg)
+                if path.resolve() in planned:
+                    continue  # a teacher stage above fits it
+                teacher_to_use(cfg)
+            except (CheckpointError, ConfigError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            if not path.is_file() and path.parent.resolve() == stage.run.path.resolve():
+                raise ConfigError(f"{where}: teacher.checkpoint '{path}' is in the stage's run directory, where the "
+                                  "missing teacher would be fitted too; set it to a file in another folder.")
 
 
 def _can_give_teacher(stage: Stage) -> bool:
