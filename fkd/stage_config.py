@@ -52,6 +52,8 @@ class StageSpec:
     kind: str
     table: dict
     from_stage: str | None = None
+    #: ``{teacher: stage}`` from ``[teachers.<teacher>] from_stage = "<stage>"``: an ensemble of earlier stages
+    teachers_from: dict = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -79,6 +81,9 @@ def refuse_pipeline_keys(raw: dict) -> None:
                           "seeds with `fkd sweep --config FILE --seeds N`); the other commands take one stage: its "
                           "run directory, or the config.toml written there.")
     teacher = raw.get("teacher")
+    teachers = raw.get("teachers")
+    if isinstance(teachers, dict) and any(isinstance(t, dict) and FROM_STAGE in t for t in teachers.values()):
+        teacher = {FROM_STAGE: None}
     if isinstance(teacher, dict) and FROM_STAGE in teacher:
         raise ConfigError("teacher.from_stage names an earlier stage of a pipeline ([[stages]]); a single-run "
                           "config has none: set teacher.checkpoint to the teacher's file instead.")
@@ -132,7 +137,12 @@ def _stage(own: dict, index: int, names: list, base: dict) -> StageSpec:
     source = teacher.pop(FROM_STAGE, None) if isinstance(teacher, dict) else None
     if source is not None:
         _check_source(where, name, kind, source, names, teacher)
-    return StageSpec(name, kind, merge_tables(base, tables), source)
+    teachers_from = {}
+    for teacher_name, table in (tables.get("teachers") or {}).items():  # an ensemble of earlier stages' models
+        if isinstance(table, dict) and FROM_STAGE in table:
+            teachers_from[teacher_name] = table.pop(FROM_STAGE)
+            _check_source(f"{where} (teachers.{teacher_name})", name, kind, teachers_from[teacher_name], names, table)
+    return StageSpec(name, kind, merge_tables(base, tables), source, teachers_from)
 
 
 def _check_source(where: str, name: str, kind: str, source, names: list, teacher: dict) -> None:

@@ -62,6 +62,12 @@ class Stage:
     run: RunDir
     from_stage: str | None
     status: str
+    teachers_from: dict = attrs.field(factory=dict)  # {teacher: stage} of an ensemble of earlier stages
+
+    @property
+    def sources(self) -> list[str]:
+        """The stages this one learns from: ``teacher.from_stage`` and each ``teachers.<name>.from_stage``."""
+        return ([self.from_stage] if self.from_stage else []) + list(self.teachers_from.values())
 
     @property
     def arch(self) -> str:
@@ -119,13 +125,16 @@ def plan_pipeline(path: str | Path, overrides: list[str] = (), *, out: str | Pat
         table.update({k: v for k, v in (("seed", seed), ("device", device)) if v is not None})
         if s.from_stage is not None:
             table["teacher"] = _teacher_table(stages[s.from_stage], table.get("teacher", {}))
+        for teacher_name, source in s.teachers_from.items():
+            table["teachers"][teacher_name] = _teacher_table(stages[source], table["teachers"][teacher_name])
         try:
             resolved = resolve(from_dict(table))
         except ConfigError as exc:
             raise ConfigError(f"stage '{s.name}': {exc}") from None
         run = RunDir(root / s.name)
         status = _status(s.name, run, dumps(resolved.config))
-        stages[s.name] = Stage(s.name, s.kind, resolved.config, resolved.objective, run, s.from_stage, status)
+        stages[s.name] = Stage(s.name, s.kind, resolved.config, resolved.objective, run, s.from_stage, status,
+                               s.teachers_from)
     pipeline = Pipeline(spec.name, root, tuple(stages.values()))
     _check_teachers(pipeline)
     return pipeline
@@ -172,18 +181,9 @@ def _check_teachers(pipeline: Pipeline) -> None:
     planned: set[Path] = set()  # teacher files earlier stages write
     by_name = {s.name: s for s in pipeline.stages}
     for stage in pipeline.stages:
-        source = by_name.get(stage.from_stage)
         where = f"stage '{stage.name}'"
-        if source is not None and not stage.needs_teacher:
-            raise ConfigError(f"{where} learns from stage '{source.name}' (teacher.from_stage), but its loss has no "
-                              "teacher term; add one (e.g. distill.method = \"logit\") or drop teacher.from_stage.")
-        if source is not None and stage.status == "finished" and source.status != "finished":
-            raise ConfigError(f"{where} is finished in '{stage.run.path}', but the stage it learned from, "
-                              f"'{source.name}', is not: its new model would not be this stage's teacher; delete "
-                              f"'{stage.run.path}' to run the stage again.")
-        if source is not None and source.status == "finished" and not _can_give_teacher(source):
-            raise CheckpointError(f"stage '{source.name}' is finished in '{source.run.path}', but its model "
-                                  f"({source.teacher_file}) is gone; delete that folder to run the stage again.")
+        for source in (by_name[name] for name in stage.sources):
+            _check_source_stage(stage, source, where)
         if stage.kind == "teacher":
             path = stage.teacher_file
             if stage.status == "fresh" and path.exists():
@@ -192,7 +192,8 @@ def _check_teachers(pipeline: Pipeline) -> None:
                                       "stage's teacher.checkpoint (no teacher stage).")
             planned.add(path.resolve())
             continue
-        if stage.status == "finished" or not stage.needs_teacher or source is not None:
+        planned.add(stage.teacher_file.resolve())  # as_teacher.pt, for a later stage's from_stage
+        if stage.status == "finished" or not stage.needs_teacher:
             continue
         if ema_decay(stage.config) is not None:
             continue  # a mean teacher: the student's own average, no checkpoint
@@ -207,6 +208,21 @@ def _check_teachers(pipeline: Pipeline) -> None:
             if not path.is_file() and path.parent.resolve() == stage.run.path.resolve():
                 raise ConfigError(f"{where}: teacher.checkpoint '{path}' is in the stage's run directory, where the "
                                   "missing teacher would be fitted too; set it to a file in another folder.")
+
+
+def _check_source_stage(stage: Stage, source: Stage, where: str) -> None:
+    """``stage`` may learn from ``source``: it has a teacher term, and its finished run was made from
+    ``source``'s finished model, which is still there."""
+    if not stage.needs_teacher:
+        raise ConfigError(f"{where} learns from stage '{source.name}' (from_stage), but its loss has no "
+                          "teacher term; add one (e.g. distill.method = \"logit\") or drop from_stage.")
+    if stage.status == "finished" and source.status != "finished":
+        raise ConfigError(f"{where} is finished in '{stage.run.path}', but the stage it learned from, "
+                          f"'{source.name}', is not: its new model would not be this stage's teacher; delete "
+                          f"'{stage.run.path}' to run the stage again.")
+    if source.status == "finished" and not _can_give_teacher(source):
+        raise CheckpointError(f"stage '{source.name}' is finished in '{source.run.path}', but its model "
+                              f"({source.teacher_file}) is gone; delete that folder to run the stage again.")
 
 
 def _can_give_teacher(stage: Stage) -> bool:
@@ -262,8 +278,8 @@ def stage_row(stage: Stage, summary: dict) -> dict:
     else:
         row["checkpoint"] = str(stage.run.path / AS_TEACHER)
         if "teacher_test_acc" in summary:
-            row["teacher"] = {"stage": stage.from_stage, "model": summary["teacher_arch"],
-                              "checkpoint": summary["teacher_checkpoint"], "test_acc": summary["teacher_test_acc"]}
+            row["teacher"] = {"stage": ", ".join(stage.sources) or None, "model": summary["teacher_arch"],
+                              "checkpoint": summary.get("teacher_checkpoint"), "test_acc": summary["teacher_test_acc"]}
     return row
 
 
@@ -322,7 +338,7 @@ def run_pipeline_seeds(path: str | Path, overrides: list[str], seeds: tuple[int,
     rows = []
     for i, stage in enumerate(stages):
         accs = [r["stages"][i]["test_acc"] for r in results]
-        rows.append({"point": stage.name, "kind": stage.kind, "model": stage.arch, "teacher": stage.from_stage,
+        rows.append({"point": stage.name, "kind": stage.kind, "model": stage.arch, "teacher": ", ".join(stage.sources) or None,
                      **describe(accs), "seeds": list(seeds), "test_acc": accs, "diverged": 0})
     base = next((r["mean"] for r in rows if r["point"] == baseline), None)
     for r in rows:

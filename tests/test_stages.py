@@ -277,8 +277,8 @@ def test_the_shipped_chains_plan_as_their_papers_describe(monkeypatch, tmp_path)
     assert ta["student"].config.teacher.checkpoint == (tmp_path / "ta" / "assistant" / AS_TEACHER).as_posix()
     assert ta["student"].config.teacher.options == ta["assistant"].config.student.options
     ban = plan_pipeline("configs/paradigms/born_again.toml", out=tmp_path / "ban").stages
-    assert [s.name for s in ban] == ["gen1", "gen2", "gen3"] and {s.arch for s in ban} == {"seed_cnn"}
-    assert not ban[0].needs_teacher and [s.from_stage for s in ban[1:]] == ["gen1", "gen2"]
+    assert [s.name for s in ban] == ["gen1", "gen2", "gen3", "gen3-ensemble"] and {s.arch for s in ban} == {"seed_cnn"}
+    assert not ban[0].needs_teacher and [s.sources for s in ban[1:]] == [["gen1"], ["gen2"], ["gen1", "gen2"]]
     assert all(s.config.train == ban[0].config.train for s in ban)  # the same budget in every generation
 
 
@@ -310,3 +310,21 @@ def test_a_teacher_checkpoint_an_earlier_teacher_stage_writes_is_not_missing(tmp
     planned = plan_pipeline(path, out=tmp_path / "out").stages
     assert [p.status for p in planned] == ["fresh", "fresh"] and planned[1].config.teacher.checkpoint == shared
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_learns_from_the_ensemble_of_earlier_stages(chain):
+    """Born-again's ensemble teacher: a fourth stage with [teachers.<name>] from_stage = 'a' and 'b' reuses the
+    finished chain (skipped) and distils from the mixture of the two students."""
+    path, out, _ = chain
+    extra = stage_text({"name": "ens", "kind": "distill",
+                        "teachers": {"a": {"from_stage": "a"}, "b": {"from_stage": "b"}}})
+    ens_path = path.with_name("chain_ens.toml")
+    ens_path.write_text(path.read_text() + "\n" + extra + "\n")
+    result = invoke("distill", "--config", ens_path, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    s = summary(out, "ens")
+    assert set(s["teachers"]) == {"a", "b"}
+    assert s["teachers"]["a"]["test_acc"] == pytest.approx(summary(out, "a")["student_test_acc"])
+    assert s["teachers"]["b"]["checkpoint"] == str(out / "b" / AS_TEACHER)
+    rows = {r["stage"]: r for r in json.loads((out / PIPELINE_JSON).read_text())["stages"]}
+    assert rows["ens"]["teacher"]["stage"] == "a, b" and rows["a"]["skipped"]
