@@ -24,7 +24,6 @@ from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.distill_setup import load_teacher_for, preflight, teacher_cache, teacher_to_use
-from fkd.errors import ConfigError
 from fkd.evaluate import cpu_latency_ms, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
@@ -49,10 +48,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
-    t_path = teacher_to_use(cfg) if obj.needs_teacher else None
-    if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
-        raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
-                          "would be fitted too; set it to a file in another folder.")
+    if obj.needs_teacher:
+        teacher_to_use(cfg, run)
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(lambda: decide_start(

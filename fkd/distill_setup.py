@@ -15,7 +15,7 @@ from fkd import distributed
 from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
 from fkd.config import Config
-from fkd.errors import CheckpointError
+from fkd.errors import CheckpointError, ConfigError
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
 from fkd.objective import Objective
@@ -24,15 +24,19 @@ from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.terms import Shapes
 
 
-def teacher_to_use(cfg: Config) -> Path:
-    """The teacher checkpoint path, checked before anything is written: not a folder, and present unless
-    ``teacher.fit_if_missing`` allows fitting it."""
+def teacher_to_use(cfg: Config, run: RunDir | None = None) -> Path:
+    """The teacher checkpoint path, checked before anything is written: not a folder, present unless
+    ``teacher.fit_if_missing`` allows fitting it, and -- when it is missing -- not inside ``run``, the
+    directory of the command that would fit it (the fit would need the lock that command holds)."""
     path = teacher_checkpoint_path(cfg)
     if not path.is_file() and not cfg.teacher.fit_if_missing:
         raise CheckpointError(
             f"teacher checkpoint '{path}' does not exist; fit it first with `fkd teacher --config ...`, "
             "or set teacher.fit_if_missing = true to fit it here."
         )
+    if run is not None and not path.is_file() and path.parent.resolve() == run.path.resolve():
+        raise ConfigError(f"teacher.checkpoint '{path}' is in the run directory, where the missing teacher "
+                          "would be fitted too; set it to a file in another folder.")
     return path
 
 

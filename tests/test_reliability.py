@@ -456,3 +456,51 @@ def test_memory_benchmark_reports_rss_per_epoch(tiny_config, tmp_path):
     rows = bench.measure(load_config(tiny_config("logit"), ["train.epochs=3"]), tmp_path / "bench", echo=lambda s: None)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["rss_mb"] > 0 and r["peak_rss_mb"] >= r["rss_mb"] * 0.99 for r in rows)
+
+
+# --- 13. sweep: every refusal distill makes, before the first write (issue 23) -----------------------------------
+
+
+@pytest.fixture
+def finished_sweep(tiny_config, tmp_path):
+    """A finished one-epoch sweep of one logit student (its teacher fitted on the way) -> (config, sweep dir)."""
+    cfg, out = tiny_config("logit"), tmp_path / "sweep"
+    result = run("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "1", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    return cfg, out
+
+
+def test_refused_sweeps_leave_the_sweep_directory_byte_for_byte(finished_sweep, tmp_path):
+    cfg, out = finished_sweep
+    before = snapshot(out)
+    refusals = [
+        (["--set", "train.epochs=1"], ["already holds a sweep"]),
+        (["--set", "train.epochs=1", "--set", "distill.alpha=0.5", "--resume"], ["another config or grid"]),
+        (["--set", "train.epochs=1", "--set", "data.batch_size=1000", "--resume"], ["fewer than one batch"]),
+        (["--set", "train.epochs=1", "--set", f'teacher.checkpoint="{(tmp_path / "none.pt").as_posix()}"',
+          "--set", "teacher.fit_if_missing=false", "--resume"], ["does not exist"]),
+        (["--set", "train.epochs=1", "--set", 'distill.method="feature"', "--set", 'distill.student_features=["nope"]',
+          "--set", 'distill.teacher_features=["block2"]', "--resume"], ["nope"]),
+        (["--set", "train.epochs=1", "--set", 'data.transfer="unlabeled"', "--resume"], ["no unlabeled images"]),
+    ]
+    for extra, phrases in refusals:
+        assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "1", *extra), *phrases)
+        assert snapshot(out) == before, extra
+
+
+def test_refused_sweeps_create_nothing(tiny_config, tmp_path):
+    cfg = tiny_config("none")
+    fresh = tmp_path / "fresh"
+    # a batch larger than the data used to "finish" after zero steps and report accuracies
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", fresh, "--seeds", "2", "--set", "data.batch_size=1000"),
+                         "fewer than one batch", "data.batch_size")
+    logit = tiny_config("logit", name="logit.toml")
+    missing = f'teacher.checkpoint="{(tmp_path / "none.pt").as_posix()}"'
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", missing,
+                             "--set", "teacher.fit_if_missing=false"), "does not exist")
+    inside = f'teacher.checkpoint="{(fresh / "teacher.pt").as_posix()}"'
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", inside), "is in the run directory")
+    # a refusal of the teacher fit comes before the sweep's first write, as in distill
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", 'teacher.weights="imagenet"'),
+                         "teacher.mode = 'scratch'")
+    assert not fresh.exists() and not (tmp_path / "teacher").exists()
