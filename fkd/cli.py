@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import shlex
@@ -12,7 +13,7 @@ from pathlib import Path
 import click
 
 from fkd.config import dumps
-from fkd.errors import FkdError
+from fkd.errors import FkdError, shorten
 
 EXIT_USAGE = 2
 
@@ -34,6 +35,12 @@ def friendly_errors(fn):
             if line is not None:
                 click.echo(line, err=True)
             sys.exit(EXIT_USAGE if isinstance(exc, FkdError) else 1)
+        except OSError as exc:  # a path the file system cannot take (--out, --config, PATH): one line
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            click.echo(f"error: the path '{shorten(exc.filename or '')}' is too long for the file system "
+                       f"({exc.strerror}); shorten it.", err=True)
+            sys.exit(EXIT_USAGE)
         except Interrupted as exc:
             if distributed.is_main():
                 ctx = click.get_current_context()

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from fkd.errors import ConfigError
+from fkd.errors import ConfigError, shorten
+from fkd.schema import path_problem
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -34,6 +35,8 @@ def _import_one(entry: str) -> ModuleType:
     if not isinstance(entry, str) or not entry.strip():
         raise ConfigError(f"distill.imports entries must be file paths or module names (got {entry!r}).")
     is_file = entry.endswith(".py") or "/" in entry or "\\" in entry
+    if (problem := path_problem(entry)) is not None:
+        raise ConfigError(f"distill.imports entry '{shorten(entry)}' {problem}; shorten the path.")
     if is_file:
         path = Path(entry).resolve()
         if not path.is_file():

@@ -14,29 +14,43 @@ splits them into groups that run one after another.
 from __future__ import annotations
 
 import itertools
-import tomllib
+import math
 from typing import Any
 
 import attrs
 
 from fkd.build import resolve
-from fkd.config import Config, apply_overrides, dumps, from_dict, read_toml
-from fkd.errors import ConfigError
+from fkd.config import Config, apply_overrides, dumps, from_dict, parse_value, read_toml
+from fkd.errors import ConfigError, shorten
 from fkd.objective import Objective
 from fkd.schema import toml_value
 
 
+#: The most students one sweep plans (seeds x grid points): each is a config built and checked up front.
+MAX_STUDENTS = 4096
+
+
+def _too_many(n: int, what: str) -> ConfigError:
+    return ConfigError(f"{what} makes {shorten(str(n), 24)} students, but a sweep trains at most {MAX_STUDENTS}; "
+                       "sweep fewer seeds or grid values, or split it into several sweeps.")
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"5"`` -> seeds 0..4; ``"3,7,11"`` -> those seeds."""
+    """``"5"`` -> seeds 0..4; ``"3,7,11"`` -> those seeds. At most :data:`MAX_STUDENTS`."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"--seeds takes a count (--seeds 5) or a list (--seeds 3,7,11), not {text!r}.") from None
+        raise ConfigError(f"--seeds takes a count (--seeds 5) or a list (--seeds 3,7,11), not "
+                          f"{shorten(text)!r}.") from None
     if len(values) == 1 and "," not in str(text):
         if values[0] < 1:
-            raise ConfigError(f"--seeds needs at least one seed (got {values[0]}).")
+            raise ConfigError(f"--seeds needs at least one seed (got {shorten(str(values[0]), 24)}).")
+        if values[0] > MAX_STUDENTS:
+            raise _too_many(values[0], f"--seeds {shorten(str(values[0]), 24)}")
         return tuple(range(values[0]))
+    if len(values) > MAX_STUDENTS:
+        raise _too_many(len(values), f"--seeds with {len(values)} seeds")
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"--seeds lists each seed once (got {text!r}).")
     return tuple(values)
@@ -54,12 +68,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
             raise ConfigError(f"--grid names {key} twice; give all its values in one --grid.")
         if key == "seed":
             raise ConfigError("--grid cannot sweep 'seed'; use --seeds.")
-        parsed = []
-        for v in values.split(","):
-            try:
-                parsed.append(tomllib.loads(f"v = {v.strip()}")["v"])
-            except tomllib.TOMLDecodeError:
-                parsed.append(v.strip())
+        parsed = [parse_value(v, f"--grid {shorten(key)}") for v in values.split(",")]
         axes.append((key, parsed))
     return axes
 
@@ -115,6 +124,9 @@ class SweepPlan:
 def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: list[tuple[str, list]],
                **top: Any) -> SweepPlan:
     """Build and validate every student's config and group them (see the module docstring)."""
+    count = len(seeds) * math.prod(len(values) for _, values in axes)
+    if count > MAX_STUDENTS:
+        raise _too_many(count, "--seeds x --grid")
     raw = read_toml(config_path) if config_path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     for key, value in top.items():

@@ -1,0 +1,114 @@
+"""Reliability III (issue 23): the commands added since the second review keep its promises.
+
+Every error a user can cause is one ``error:`` line, exit code 2, no traceback and nothing written; a
+refusal leaves the run or sweep directory byte for byte as it was. One section per kind of the review:
+sweep refusals, unbounded counts and sizes, duplicate grid values, export, damaged exported files, loss
+terms, transfer-set batches, torchrun timeouts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_errors import assert_clean_failure
+from tests.test_reliability import run, snapshot
+
+
+# --- 1. sweep: every refusal distill makes, before the first write -----------------------------------------
+
+
+@pytest.fixture
+def finished_sweep(tiny_config, tmp_path):
+    """A finished one-epoch sweep of one logit student (its teacher fitted on the way) -> (config, sweep dir)."""
+    cfg, out = tiny_config("logit"), tmp_path / "sweep"
+    result = run("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "1", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    return cfg, out
+
+
+def test_refused_sweeps_leave_the_sweep_directory_byte_for_byte(finished_sweep, tmp_path):
+    cfg, out = finished_sweep
+    before = snapshot(out)
+    refusals = [
+        (["--set", "train.epochs=1"], ["already holds a sweep"]),
+        (["--set", "train.epochs=1", "--set", "distill.alpha=0.5", "--resume"], ["another config or grid"]),
+        (["--set", "train.epochs=1", "--set", "data.batch_size=1000", "--resume"], ["fewer than one batch"]),
+        (["--set", "train.epochs=1", "--set", f'teacher.checkpoint="{(tmp_path / "none.pt").as_posix()}"',
+          "--set", "teacher.fit_if_missing=false", "--resume"], ["does not exist"]),
+        (["--set", "train.epochs=1", "--set", 'distill.method="feature"', "--set", 'distill.student_features=["nope"]',
+          "--set", 'distill.teacher_features=["block2"]', "--resume"], ["nope"]),
+        (["--set", "train.epochs=1", "--set", 'data.transfer="unlabeled"', "--resume"], ["no unlabeled images"]),
+    ]
+    for extra, phrases in refusals:
+        assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--quiet", "--seeds", "1", *extra), *phrases)
+        assert snapshot(out) == before, extra
+
+
+def test_refused_sweeps_create_nothing(tiny_config, tmp_path):
+    cfg = tiny_config("none")
+    fresh = tmp_path / "fresh"
+    # a batch larger than the data used to "finish" after zero steps and report accuracies
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", fresh, "--seeds", "2", "--set", "data.batch_size=1000"),
+                         "fewer than one batch", "data.batch_size")
+    logit = tiny_config("logit", name="logit.toml")
+    missing = f'teacher.checkpoint="{(tmp_path / "none.pt").as_posix()}"'
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", missing,
+                             "--set", "teacher.fit_if_missing=false"), "does not exist")
+    inside = f'teacher.checkpoint="{(fresh / "teacher.pt").as_posix()}"'
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", inside), "is in the run directory")
+    # a refusal of the teacher fit comes before the sweep's first write, as in distill
+    assert_clean_failure(run("sweep", "--config", logit, "--out", fresh, "--set", 'teacher.weights="imagenet"'),
+                         "teacher.mode = 'scratch'")
+    assert not fresh.exists() and not (tmp_path / "teacher").exists()
+
+
+# --- 2. unbounded counts and sizes: one quick line, no large allocation first ------------------------------
+
+
+def test_huge_seed_counts_are_refused_before_any_config_is_built(tiny_config, tmp_path):
+    cfg, out = tiny_config("none"), tmp_path / "sweep"
+    for seeds in ("1" + "0" * 30, "1000000000", ",".join(map(str, range(5000)))):
+        assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--seeds", seeds),
+                             "a sweep trains at most 4096", "fewer seeds")
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--seeds", "100",
+                             "--grid", "distill.temperature=" + ",".join(str(t) for t in range(1, 51))),
+                         "makes 5000 students")
+    assert not out.exists()
+
+
+def test_deep_nesting_and_deep_keys_are_one_line(tiny_config, tmp_path):
+    cfg = tiny_config("none")
+    deep_files = {
+        "arrays.toml": "x = " + "[" * 3000 + "]" * 3000 + "\n",  # tomllib's parser recurses
+        "tables.toml": "[" + ".".join(["a"] * 3000) + "]\nb = 1\n",  # parsed, but every walk recurses
+        "inline.toml": "x = " + "{a = " * 20 + "1" + "}" * 20 + "\n",
+    }
+    for name, text in deep_files.items():
+        (tmp_path / name).write_text(text)
+        assert_clean_failure(run("config", "--config", tmp_path / name), f"'{tmp_path / name}'", "more than 16 deep")
+    key = "distill.terms.ce." + ".".join(["a"] * 3000)
+    result = run("config", "--config", cfg, "--set", f"{key}=1")
+    assert_clean_failure(result, "a key of 3003 parts", "at most 16 deep")
+    assert len(result.output) < 300  # the key is not echoed whole
+    assert_clean_failure(run("config", "--config", cfg, "--set", "distill.student_features=" + "[" * 3000 + "]" * 3000),
+                         "--set distill.student_features nests", "more than 16 deep")
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", tmp_path / "s",
+                             "--grid", "distill.student_features=" + "[" * 3000 + "]" * 3000), "--grid", "more than 16 deep")
+
+
+def test_paths_too_long_for_the_file_system_are_one_line_before_anything_is_written(tiny_config, tmp_path):
+    cfg, out = tiny_config("logit"), tmp_path / "run"
+    long_name = "a" * 300
+    for key, value in [("data.root", long_name), ("teacher.checkpoint", f"{tmp_path.as_posix()}/{long_name}/t.pt"),
+                       ("teacher.cache_dir", f"{tmp_path.as_posix()}/{long_name}"), ("name", long_name),
+                       ("data.root", "x/" * 2100)]:
+        result = run("distill", "--config", cfg, "--out", out, "--set", f'{key}="{value}"', "--set", 'teacher.cache="disk"')
+        assert_clean_failure(result, key, "over the file system's limit", "shorten")
+        assert len(result.output.splitlines()[-1]) < 300
+    terms = tiny_config("terms", name="terms.toml", extra=f'imports = ["{long_name}.py"]\n[distill.terms.ce]\nweight = 1.0')
+    assert_clean_failure(run("distill", "--config", terms, "--out", out), "distill.imports", "shorten the path")
+    # paths given on the command line
+    assert_clean_failure(run("distill", "--config", cfg, "--out", tmp_path / long_name), "too long for the file system")
+    assert_clean_failure(run("distill", "--config", tmp_path / f"{long_name}.toml"), "too long for the file system")
+    assert_clean_failure(run("evaluate", tmp_path / long_name), "too long for the file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["terms.toml", "tiny.toml"]
