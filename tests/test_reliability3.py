@@ -112,3 +112,16 @@ def test_paths_too_long_for_the_file_system_are_one_line_before_anything_is_writ
     assert_clean_failure(run("distill", "--config", tmp_path / f"{long_name}.toml"), "too long for the file system")
     assert_clean_failure(run("evaluate", tmp_path / long_name), "too long for the file system")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["terms.toml", "tiny.toml"]
+
+
+# --- 3. duplicate grid values --------------------------------------------------------------------------------
+
+
+def test_a_grid_value_listed_twice_is_refused(tiny_config, tmp_path):
+    cfg, out = tiny_config("logit"), tmp_path / "sweep"
+    for values, phrase in (("2,4,2", "lists 2 twice"), ("2,2.0", "lists 2 and 2.0, the same value")):
+        assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--seeds", "1",
+                                 "--grid", f"distill.temperature={values}"), phrase, "give each value once")
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--grid", 'student.arch=small_cnn,"small_cnn"'),
+                         'lists "small_cnn" twice')
+    assert not out.exists()

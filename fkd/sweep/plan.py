@@ -69,8 +69,29 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
         if key == "seed":
             raise ConfigError("--grid cannot sweep 'seed'; use --seeds.")
         parsed = [parse_value(v, f"--grid {shorten(key)}") for v in values.split(",")]
+        _check_distinct(key, parsed)
         axes.append((key, parsed))
     return axes
+
+
+def _check_distinct(key: str, values: list) -> None:
+    """Refuse a value listed twice (``2,2`` or ``2,2.0``): its two students would merge under one label."""
+    seen: dict[str, Any] = {}
+    for v in values:
+        if _value_key(v) not in seen:
+            seen[_value_key(v)] = v
+            continue
+        same = seen[_value_key(v)]
+        twice = f"{_toml(v)} twice" if _toml(same) == _toml(v) else f"{_toml(same)} and {_toml(v)}, the same value"
+        raise ConfigError(f"--grid {shorten(key)} lists {twice}; give each value once (two students would share "
+                          "one label).")
+
+
+def _value_key(value: Any) -> str:
+    """Equal for values that make the same config: 2 and 2.0 (a float field takes either), not 1 and true."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return type(value).__name__ + ":" + _toml(value)
 
 
 @attrs.frozen
@@ -139,6 +160,11 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
         for seed in seeds:
             resolved = resolve(from_dict({**point_raw, "seed": seed}))  # presets expand after the grid's values
             students.append(Student(len(students), tuple(point), seed, resolved.config, resolved.objective))
+    labels = [s.label for s in students]
+    if len(set(labels)) != len(labels):  # distinct values that print alike would merge in the summary
+        label = next(x for x in labels if labels.count(x) > 1)
+        raise ConfigError(f"two students of this sweep would both be labelled '{shorten(label)}'; give --grid values "
+                          "that print differently.")
     groups: dict[str, list[Student]] = {}
     for s in students:
         groups.setdefault(structure_key(s), []).append(s)
