@@ -111,6 +111,10 @@ class DataConfig(WithOptions):
         if self.labeled_share and self.transfer == "none":
             raise ConfigError(f"data.labeled_share = {self.labeled_share} mixes labeled and unlabeled images, but "
                               "data.transfer is 'none'; set data.transfer = 'unlabeled' or data.labeled_share = 0.")
+        if self.labeled_share and self.batch_size < 2:
+            raise ConfigError(f"data.labeled_share = {self.labeled_share} puts labeled and unlabeled images in every "
+                              f"batch, which needs data.batch_size >= 2 (got {self.batch_size}); raise "
+                              "data.batch_size or set data.labeled_share = 0.")
         if self.labeled_share >= 1:
             raise ConfigError("data.labeled_share must be below 1 (a batch of labeled images only has no room for "
                               "the transfer set); use e.g. 0.5, or 0 to shuffle both together.")

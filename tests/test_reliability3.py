@@ -125,3 +125,17 @@ def test_a_grid_value_listed_twice_is_refused(tiny_config, tmp_path):
     assert_clean_failure(run("sweep", "--config", cfg, "--out", out, "--grid", 'student.arch=small_cnn,"small_cnn"'),
                          'lists "small_cnn" twice')
     assert not out.exists()
+
+
+# --- 7. transfer-set batches -----------------------------------------------------------------------------------
+
+
+def test_labeled_share_needs_a_batch_that_holds_both_kinds(tiny_config, tmp_path):
+    cfg, out = tiny_config("logit"), tmp_path / "run"
+    share = ["--set", "data.transfer=unlabeled", "--set", "data.label_fraction=0.5", "--set", "data.labeled_share=0.5"]
+    for command in ("distill", "sweep"):
+        assert_clean_failure(run(command, "--config", cfg, "--out", out, *share, "--set", "data.batch_size=1"),
+                             "data.labeled_share = 0.5", "data.batch_size >= 2 (got 1)")
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", out, *share, "--grid", "data.batch_size=1,16"),
+                         "data.batch_size >= 2")
+    assert not out.exists() and not (tmp_path / "teacher").exists()
