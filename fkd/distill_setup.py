@@ -66,7 +66,8 @@ class Preflight:
 def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None) -> Preflight:
     """Build the objective and the student and check every term against the real shapes.
 
-    Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
+    Unknown feature names, unmatchable pairs and terms that do not return a 0-d loss fail here, in a second,
+    instead of after a teacher fit.
     The teacher is built with random weights on the CPU only to read its feature shapes.
     """
     obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
@@ -79,6 +80,7 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device, objectiv
         t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
     shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
     obj.check(shapes)
+    obj.probe(shapes, cfg.data.batch_size)  # each term's output checked once, before the first write
     return Preflight(obj, student, params, buffers, shapes)
 
 

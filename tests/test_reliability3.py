@@ -139,3 +139,127 @@ def test_labeled_share_needs_a_batch_that_holds_both_kinds(tiny_config, tmp_path
     assert_clean_failure(run("sweep", "--config", cfg, "--out", out, *share, "--grid", "data.batch_size=1,16"),
                          "data.batch_size >= 2")
     assert not out.exists() and not (tmp_path / "teacher").exists()
+
+
+# --- 6. loss terms from configs and user files -------------------------------------------------------------
+
+R3_TERMS = '''
+import attrs
+import torch
+
+from fkd.terms import Term, register_term
+
+
+@register_term("r3_per_example")
+@attrs.frozen
+class PerExample(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return inputs.student_logits.pow(2).mean(dim=1), state  # (B,): forgot to reduce over the batch
+
+
+@register_term("r3_integer")
+@attrs.frozen
+class Integer(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return inputs.student_logits.argmax(dim=1).sum(), state
+
+
+@register_term("r3_no_state")
+@attrs.frozen
+class NoState(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return inputs.student_logits.pow(2).mean()
+
+
+@register_term("r3_raises")
+@attrs.frozen
+class Raises(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return inputs.student_logits @ torch.ones(3), state
+
+
+@register_term("r3_nan")
+@attrs.frozen
+class NotANumber(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return inputs.student_logits.mean() * float("nan"), state
+
+
+@register_term("r3_sqrt_at_zero")
+@attrs.frozen
+class SqrtAtZero(Term):
+    consumes = frozenset({"student_logits"})
+
+    def apply(self, params, state, inputs):
+        return (inputs.student_logits * 0).sqrt().mean(), state  # 0, but its gradient is 0 * inf = NaN
+'''
+
+
+@pytest.fixture(scope="module")
+def r3_terms(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r3") / "r3_terms.py"  # imported once per process: one file for the module
+    path.write_text(R3_TERMS)
+    return path
+
+
+def with_term(tiny_config, terms_file, name: str):
+    return tiny_config("terms", extra=f'imports = ["{terms_file.as_posix()}"]\n[distill.terms.ce]\nweight = 1.0\n'
+                                      f"[distill.terms.{name}]\nweight = 0.5\n")
+
+
+def test_a_term_weight_must_be_finite(tiny_config, tmp_path):
+    cfg = tiny_config("terms", extra="[distill.terms.ce]\nweight = 1.0")
+    for weight in ("inf", "nan", "1e999"):
+        assert_clean_failure(run("distill", "--config", cfg, "--out", tmp_path / "run",
+                                 "--set", f"distill.terms.ce.weight={weight}"), "distill.terms.ce.weight", "finite")
+    assert_clean_failure(run("sweep", "--config", cfg, "--out", tmp_path / "run", "--grid",
+                             "distill.terms.ce.weight=1,inf"), "finite")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("term, phrases", [
+    ("r3_per_example", ["'r3_per_example' loss term must return (loss, new_state) with a 0-d floating-point loss",
+                        "a tensor of shape (8,) and dtype float32 and its state", ".mean()"]),
+    ("r3_integer", ["'r3_integer' loss term", "a tensor of shape () and dtype int64"]),
+    ("r3_no_state", ["'r3_no_state' loss term", "it returned a tensor of shape () and dtype float32;"]),
+    ("r3_raises", ["the 'r3_raises' loss term failed on a test batch of 8 before training: RuntimeError"]),
+])
+def test_a_terms_output_is_checked_on_a_test_batch_before_anything_is_written(tiny_config, r3_terms, tmp_path,
+                                                                               term, phrases):
+    cfg = with_term(tiny_config, r3_terms, term)
+    for command in ("distill", "sweep"):
+        assert_clean_failure(run(command, "--config", cfg, "--out", tmp_path / "run", "--quiet"), *phrases)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_user_file_that_exits_while_imported_is_one_line(tiny_config, tmp_path):
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    multiline = tmp_path / "multiline.py"
+    multiline.write_text("raise ValueError('first line\\nsecond line')\n")
+    for path, phrase in ((exits, "it called sys.exit(3) while being imported"),
+                         (multiline, "ValueError: first line.")):
+        cfg = tiny_config("terms", extra=f'imports = ["{path.as_posix()}"]\n[distill.terms.ce]\nweight = 1.0')
+        result = run("distill", "--config", cfg, "--out", tmp_path / "run")
+        assert_clean_failure(result, f"importing '{path.as_posix()}'", phrase)
+        assert "second line" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("term, phrases", [
+    ("r3_nan", ["The 'r3_nan' loss term became non-finite while the others stayed finite", "its settings"]),
+    ("r3_sqrt_at_zero", ["The loss stayed finite but its gradients did not"]),
+])
+def test_the_non_finite_message_says_what_became_non_finite(tiny_config, r3_terms, tmp_path, term, phrases):
+    result = run("distill", "--config", with_term(tiny_config, r3_terms, term), "--out", tmp_path / "run", "--quiet")
+    assert_clean_failure(result, "non-finite (NaN or inf) at epoch 1, step 1", *phrases)
