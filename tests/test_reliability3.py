@@ -263,3 +263,21 @@ def test_a_user_file_that_exits_while_imported_is_one_line(tiny_config, tmp_path
 def test_the_non_finite_message_says_what_became_non_finite(tiny_config, r3_terms, tmp_path, term, phrases):
     result = run("distill", "--config", with_term(tiny_config, r3_terms, term), "--out", tmp_path / "run", "--quiet")
     assert_clean_failure(result, "non-finite (NaN or inf) at epoch 1, step 1", *phrases)
+
+
+# --- 5. damaged exported files ---------------------------------------------------------------------------------
+
+
+def test_a_damaged_pt2_file_is_one_line_without_torchs_logged_traceback(tmp_path):
+    import zipfile
+
+    damaged = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(damaged, "w") as z:  # a zip, as a .pt2 is, without the archive's records
+        z.writestr("archive/data.pkl", b"garbage")
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(b"PK\x03\x04 cut short")
+    for path in (damaged, truncated):
+        result = run("evaluate", path, "--config", "configs/baseline.toml")
+        assert_clean_failure(result, f"'{path}' could not be read as an exported pt2 model")
+        assert "deserializing" not in result.output and "warnings above" not in result.output
+        assert len(result.output.splitlines()) == 1, result.output
