@@ -281,3 +281,104 @@ def test_a_damaged_pt2_file_is_one_line_without_torchs_logged_traceback(tmp_path
         assert_clean_failure(result, f"'{path}' could not be read as an exported pt2 model")
         assert "deserializing" not in result.output and "warnings above" not in result.output
         assert len(result.output.splitlines()) == 1, result.output
+
+
+# --- 4. export: export.json fkd did not write, replacing a file, a file without its entry ----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-epoch student run (no teacher) to export, made once for the module."""
+    from tests.conftest import tiny_config_text
+
+    root = tmp_path_factory.mktemp("export")
+    config = root / "tiny.toml"
+    config.write_text(tiny_config_text(root, "none", train={"epochs": 1}))
+    result = run("distill", "--config", config, "--out", root / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def export(run_dir, out, *extra):
+    return run("export", run_dir, "--format", "pt2", "--out", out, "--latency-repeats", "0", *extra)
+
+
+@pytest.mark.parametrize("report", ["[1, 2]", '{"notes": "someone else\'s"}', '{"student.pt2": {"size": 3}}',
+                                    "{not json", b"\xff\xfe", "FOLDER"])
+def test_an_export_json_fkd_did_not_write_is_refused_before_any_work(tiny_run, tmp_path, report):
+    target = tmp_path / "student.pt2"
+    if report == "FOLDER":
+        (tmp_path / "export.json").mkdir()
+    elif isinstance(report, bytes):
+        (tmp_path / "export.json").write_bytes(report)
+    else:
+        (tmp_path / "export.json").write_text(report)
+    before = snapshot(tmp_path)
+    assert_clean_failure(export(tiny_run, target), "export.json' is not an export report written by fkd export",
+                         "--out")
+    assert snapshot(tmp_path) == before and not target.exists()
+
+
+def test_replacing_an_exported_file_takes_overwrite_and_is_reported(tiny_run, tmp_path):
+    target = tmp_path / "student.pt2"
+    first = export(tiny_run, target)
+    assert first.exit_code == 0, first.output
+    before = snapshot(tmp_path)
+    assert_clean_failure(export(tiny_run, target), "already exists", "--overwrite")
+    assert snapshot(tmp_path) == before
+    again = export(tiny_run, target, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert f"replacing {target} (--overwrite)" in again.output
+
+
+def test_a_file_is_never_left_without_its_export_json_entry(tiny_run, tmp_path, monkeypatch):
+    import fkd.export.report
+    from fkd.errors import WriteError
+
+    def disk_full(path, text):
+        raise WriteError(f"could not write '{path}' (No space left on device); free disk space.")
+
+    target = tmp_path / "student.pt2"
+    monkeypatch.setattr(fkd.export.report, "write_text_atomic", disk_full)
+    assert_clean_failure(export(tiny_run, target), "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file without an entry, no temporary files
+    monkeypatch.undo()
+    assert export(tiny_run, target).exit_code == 0
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(fkd.export.report, "write_text_atomic", disk_full)
+    assert_clean_failure(export(tiny_run, target, "--overwrite"), "No space left on device")
+    assert snapshot(tmp_path) == before  # the previous file, with its entry
+
+
+# --- 8. torchrun: a peer that stops responding ---------------------------------------------------------------
+
+
+def test_a_frozen_peer_ends_the_job_with_the_one_line_timeout(tiny_config, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import CHILD, ROOT
+
+    cfg = tiny_config("none", train={"epochs": 1, "log_every": 1})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # rank 1 sleeps 4 s before its 2nd step; rank 0 waits in that step's all-reduce and times out after 1 s
+    jobs = [{"name": "frozen", "args": ["distill", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"],
+             "freeze": "1:2"}]
+    (logs / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FKD_COLLECTIVE_TIMEOUT_S": "1",
+           "FKD_TEST_FREEZE_S": "4"}
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(CHILD), "--jobs", str(logs / "jobs.json")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert launch.returncode != 0
+    err0 = (logs / "frozen.rank0.err").read_text()
+    assert "Traceback" not in err0 and "Timed out waiting" not in err0, err0
+    assert err0.strip().splitlines() == [err0.strip()] and err0.startswith(
+        "error: a collective operation timed out after 1 s (FKD_COLLECTIVE_TIMEOUT_S)"), err0
+    assert (logs / "frozen.rank0.rc").read_text() == "1"
+    if (logs / "frozen.rank1.err").exists():  # the frozen rank, on waking, finds its peer gone: silent
+        assert (logs / "frozen.rank1.err").read_text() == ""
+    assert "Timed out waiting" not in launch.stderr, launch.stderr[-3000:]  # torchrun's own report only
