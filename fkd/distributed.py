@@ -255,23 +255,24 @@ def error_line(exc: BaseException) -> str | None:
     batch), a refusal decided on rank 0 -- are printed by rank 0 only. An error only one rank can meet
     (an unreadable file on its node) is printed by that rank, with its number. A collective that failed
     because a peer went away prints nothing: the peer printed its own error (or torchrun reports how it
-    ended), and that is the one message. Any other failed collective (a timeout) is printed by rank 0.
+    ended), and that is the one message. A timeout (a peer stopped responding) is printed by each rank that
+    waited for it, with its number unless it is rank 0; any other failed collective by rank 0.
     """
     from fkd.errors import TrainingError
 
     # Before the group is joined (a config error) the rank comes from torchrun's environment.
     rank = world().rank if dist.is_initialized() else (int(os.environ["RANK"]) if is_distributed() else 0)
     if lost_peer(exc) and not isinstance(exc, FkdError):
-        gone = any(m in str(exc).lower() for m in _PEER_GONE)
-        if gone or rank != 0:
+        if any(m in str(exc).lower() for m in _PEER_GONE):
             return None
         if _timed_out(exc):  # gloo's "Timed out waiting 600000ms for recv operation to complete"
+            # printed by every rank that waited (the frozen one, on waking, finds its peers gone: silent)
             seconds = collective_timeout().total_seconds()
-            return (f"error: a collective operation timed out after {seconds:g} s (FKD_COLLECTIVE_TIMEOUT_S): another "
-                    "process of the job stopped responding without exiting; the last checkpoint was kept, so stop "
-                    "the job and continue it with --resume (raise FKD_COLLECTIVE_TIMEOUT_S if a step legitimately "
-                    "takes longer).")
-        return f"error: a collective operation failed ({str(exc).splitlines()[0]})"
+            return (f"error{f' (rank {rank})' if rank else ''}: a collective operation timed out after {seconds:g} s "
+                    "(FKD_COLLECTIVE_TIMEOUT_S): another process of the job stopped responding without exiting; the "
+                    "last checkpoint was kept, so stop the job and continue it with --resume (raise "
+                    "FKD_COLLECTIVE_TIMEOUT_S if a step legitimately takes longer).")
+        return None if rank != 0 else f"error: a collective operation failed ({str(exc).splitlines()[0]})"
     if rank == 0:
         return f"error: {exc}"
     if isinstance(exc, (SharedError, ConfigError, TrainingError)):

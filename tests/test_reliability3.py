@@ -364,21 +364,22 @@ def test_a_frozen_peer_ends_the_job_with_the_one_line_timeout(tiny_config, tmp_p
     cfg = tiny_config("none", train={"epochs": 1, "log_every": 1})
     logs = tmp_path / "logs"
     logs.mkdir()
-    # rank 1 sleeps 4 s before its 2nd step; rank 0 waits in that step's all-reduce and times out after 1 s
+    # rank 1 sleeps 8 s before its 2nd step; rank 0 waits in that step's all-reduce and times out after 3 s
     jobs = [{"name": "frozen", "args": ["distill", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"],
              "freeze": "1:2"}]
     (logs / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FKD_COLLECTIVE_TIMEOUT_S": "1",
-           "FKD_TEST_FREEZE_S": "4"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FKD_COLLECTIVE_TIMEOUT_S": "3",
+           "FKD_TEST_FREEZE_S": "8"}
     launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(CHILD), "--jobs", str(logs / "jobs.json")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert launch.returncode != 0
-    err0 = (logs / "frozen.rank0.err").read_text()
-    assert "Traceback" not in err0 and "Timed out waiting" not in err0, err0
-    assert err0.strip().splitlines() == [err0.strip()] and err0.startswith(
-        "error: a collective operation timed out after 1 s (FKD_COLLECTIVE_TIMEOUT_S)"), err0
-    assert (logs / "frozen.rank0.rc").read_text() == "1"
-    if (logs / "frozen.rank1.err").exists():  # the frozen rank, on waking, finds its peer gone: silent
-        assert (logs / "frozen.rank1.err").read_text() == ""
+    errs = [(logs / f"frozen.rank{r}.err").read_text() if (logs / f"frozen.rank{r}.err").exists() else ""
+            for r in (0, 1)]
+    assert all("Traceback" not in e and "Timed out waiting" not in e for e in errs), errs
+    # one line for the job: rank 0's, which waited for the frozen rank (on a busy machine a slow start can
+    # make rank 1 the one that waits first: then its line, with its number)
+    lines = [line for e in errs for line in e.splitlines()]
+    assert len(lines) == 1 and "a collective operation timed out after 3 s (FKD_COLLECTIVE_TIMEOUT_S)" in lines[0], errs
+    assert lines[0].startswith("error: ") or lines[0].startswith("error (rank 1): "), errs
     assert "Timed out waiting" not in launch.stderr, launch.stderr[-3000:]  # torchrun's own report only
