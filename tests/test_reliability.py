@@ -456,4 +456,3 @@ def test_memory_benchmark_reports_rss_per_epoch(tiny_config, tmp_path):
     rows = bench.measure(load_config(tiny_config("logit"), ["train.epochs=3"]), tmp_path / "bench", echo=lambda s: None)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["rss_mb"] > 0 and r["peak_rss_mb"] >= r["rss_mb"] * 0.99 for r in rows)
-
