@@ -320,12 +320,13 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
         weight = keys.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"{where}.{name}.weight must be a number >= 0 and finite (got {weight!r}).")
-        teacher = _term_teacher(cls, keys.pop("teacher", ""), teachers, f"{where}.{name}")
+        reads_teacher = bool({"teacher_logits", "teacher_features"} & cls.consumes)
+        teacher = _term_teacher(cls, keys.pop("teacher", "") if reads_teacher else "", teachers, f"{where}.{name}")
         valid = [f.name for f in config_fields(cls)]
         for key in keys:
             if key not in valid:
                 raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: "
-                                  f"{', '.join(['weight', 'teacher', *valid])}.")
+                                  f"{', '.join(['weight', *(['teacher'] if reads_teacher else []), *valid])}.")
         term = build_attrs(cls, keys, f"{where}.{name}.")
         if "pairs" in attrs.fields_dict(cls):
             term = attrs.evolve(term, pairs=tuple((s, f"{teacher}{TEACHER_SEP}{t}" if teacher else t) for s, t in pairs))
