@@ -80,13 +80,17 @@ def run_options(fn):
         click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N."),
         click.option("--resume", is_flag=True, help="Continue the run in the run directory from its last checkpoint."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--verbose", is_flag=True, help="Also print the resolved config (always written to "
+                     "RUN/config.toml; `config` prints it without running)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _setup(config_path, overrides, out, seed, device):
+def _setup(config_path, overrides, out, seed, device, verbose):
+    """The resolved config, run directory, device and rank-0 echo; the config is printed only when verbose
+    (the command's start line says what will happen)."""
     from fkd import distributed
     from fkd.rundir import RunDir
     from fkd.device import resolve_device
@@ -97,9 +101,10 @@ def _setup(config_path, overrides, out, seed, device):
     run = RunDir(out if out is not None else Path("runs") / cfg.name)
     dev = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
     echo = distributed.echo_main(click.echo)
-    echo(f"# resolved config ({config_path or 'defaults'}; device {dev}{distributed.describe()}; "
-         f"run directory {run.path})")
-    echo(dumps(cfg))
+    if verbose:
+        echo(f"# resolved config ({config_path or 'defaults'}; device {dev}{distributed.describe()}; "
+             f"run directory {run.path})")
+        echo(dumps(cfg))
     return resolved, run, dev, echo
 
 
@@ -121,7 +126,7 @@ def main():
 @run_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing teacher checkpoint (teacher.checkpoint).")
 @friendly_errors
-def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite):
+def teacher(config_path, overrides, out, seed, device, resume, quiet, verbose, overwrite):
     """Fit a teacher (linear probe, finetune or from scratch) and write its checkpoint.
 
     \b
@@ -138,7 +143,7 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite)
     from fkd.data import load_data
     from fkd.teacher import fit_teacher
 
-    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device, verbose)
     cfg = resolved.config
     data = load_data(cfg.data, device=dev)
     fit_teacher(cfg, data, dev, run, resume=resume, overwrite=overwrite, quiet=quiet, echo=echo)
@@ -147,7 +152,7 @@ def teacher(config_path, overrides, out, seed, device, resume, quiet, overwrite)
 @main.command()
 @run_options
 @friendly_errors
-def distill(config_path, overrides, out, seed, device, resume, quiet):
+def distill(config_path, overrides, out, seed, device, resume, quiet, verbose):
     """Train a student against a teacher (or alone, with distill.method = "none").
 
     Fits the teacher first when its checkpoint is missing and teacher.fit_if_missing is true.
@@ -169,7 +174,7 @@ def distill(config_path, overrides, out, seed, device, resume, quiet):
     """
     from fkd.distill import run_distill
 
-    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device)
+    resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device, verbose)
     run_distill(resolved.config, run, dev, resume=resume, quiet=quiet, echo=echo, objective=resolved.objective)
 
 

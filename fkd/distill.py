@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fkd import distributed
+from fkd import announce, distributed
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
@@ -58,6 +58,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         start = world.from_main(lambda: decide_start(
             run, kind="student_run", config_text=dumps(cfg), resume=resume, num_examples=len(data.train),
             batch_size=cfg.data.batch_size, label="student"))
+        echo(announce.distill_start(cfg, obj.weights, num_images=len(data.train), run_path=run.path, device=device,
+                                    done_epochs=start.epoch))
         teacher = None
         if obj.needs_teacher:
             teacher = load_teacher_for(cfg, data, obj, device, echo=echo, quiet=quiet)
@@ -86,8 +88,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-        echo(f"student {cfg.student.arch}, method {cfg.distill.preset} "
-             f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
+        if teacher is not None:
+            echo(f"teacher cache: {cache_note}")
         state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
                     batch_extras=batch_extras, learning_rate=training.learning_rate,

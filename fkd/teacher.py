@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from fkd import announce as start_lines
 from fkd import distributed
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
@@ -65,9 +66,12 @@ def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]
 
 def fit_teacher(
     cfg: Config, data, device: torch.device, run: RunDir, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False, echo: Callable[[str], None] = print,
+    quiet: bool = False, echo: Callable[[str], None] = print, announce: bool = True,
 ) -> dict:
     """Fit the teacher of ``cfg`` on ``data``; write its checkpoint and return its summary.
+
+    ``announce``: echo the start line (:func:`fkd.announce.teacher_start`); ``fkd distill`` fitting a
+    missing teacher has said so already.
 
     An existing teacher checkpoint is replaced only with ``overwrite`` or by resuming the run that wrote
     it: a teacher can take hours to fit. Every refusal comes before the first write (see
@@ -93,6 +97,9 @@ def fit_teacher(
 
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(decide)
+        if announce:
+            echo(start_lines.teacher_start(cfg, checkpoint=ckpt_path, num_images=len(data.train), run_path=run.path,
+                                           device=device, done_epochs=start.epoch))
         trainable, frozen = _split_trainable(model, params, t.mode)
         training = build_training(
             model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
