@@ -280,9 +280,11 @@ def show_config(config_path, overrides, keys):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the report to DIR/evaluation.json.")
 @click.option("--device", help="auto (default: cuda when present), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads the latency is timed with (batch 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a report.")
 @friendly_errors
-def evaluate(path, config_path, overrides, out, device, as_json):
+def evaluate(path, config_path, overrides, out, device, threads, as_json):
     """Test accuracy, per-class accuracy, parameter count, size and CPU latency of PATH.
 
     PATH is a run directory or a checkpoint file written by fkd; the data come from the config
@@ -304,10 +306,10 @@ def evaluate(path, config_path, overrides, out, device, as_json):
     if is_exported_file(path):
         from fkd.export.evaluate_exported import evaluate_exported
 
-        result = evaluate_exported(path, config_path=config_path, overrides=list(overrides))
+        result = evaluate_exported(path, config_path=config_path, overrides=list(overrides), threads=threads)
     else:
         result = evaluate_path(path, resolve_device(device or "auto"), config_path=config_path,
-                               overrides=list(overrides))
+                               overrides=list(overrides), threads=threads)
     if out is not None:
         click.echo(f"report written to {write_report(result, out)}", err=True)
     if as_json:
@@ -317,7 +319,7 @@ def evaluate(path, config_path, overrides, out, device, as_json):
     click.echo(f"  test accuracy  {result['test_acc']:.2%} over {result['test_images']} images")
     params = "unknown" if result["params"] is None else f"{result['params']:,}"
     click.echo(f"  parameters     {params}  ({result['size_bytes'] / 1e6:.2f} MB)")
-    click.echo(f"  CPU latency    {result['cpu_latency_ms']:.2f} ms / image")
+    click.echo(f"  CPU latency    {result['cpu_latency']['text']}")
     click.echo("  per class      " + "  ".join(
         f"{name}: {'n/a' if acc is None else f'{acc:.0%}'}" for name, acc in result["per_class_acc"].items()))
 
@@ -334,9 +336,11 @@ def evaluate(path, config_path, overrides, out, device, as_json):
               "student run was distilled from) instead of a student, for comparison.")
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=50, show_default=True,
               help="Timed calls per CPU latency figure (median); 0 skips timing.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads the latency is timed with (batch 1 and 64).")
 @click.option("--json", "as_json", is_flag=True, help="Print the export.json entry instead of a summary.")
 @friendly_errors
-def export(path, fmt, quantize, out, teacher, latency_repeats, as_json):
+def export(path, fmt, quantize, out, teacher, latency_repeats, threads, as_json):
     """Export a trained student to a file a serving stack loads, verified against fkd.
 
     PATH is a distill run directory or a student checkpoint. The file takes float32
@@ -351,20 +355,19 @@ def export(path, fmt, quantize, out, teacher, latency_repeats, as_json):
       python cli.py export runs/feature --format onnx --teacher
       python cli.py export runs/feature/checkpoints/latest.pt --format onnx --out student.onnx
     """
+    from fkd.export.latency import describe_table
     from fkd.export.pipeline import export_model
 
-    entry = export_model(path, fmt=fmt, quantize=quantize, out=out, teacher=teacher,
-                         latency_repeats=latency_repeats, echo=lambda m: click.echo(m, err=True))
+    entry = export_model(path, fmt=fmt, quantize=quantize, out=out, teacher=teacher, latency_repeats=latency_repeats,
+                         latency_threads=threads, echo=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(entry))
         return
     click.echo(f"wrote {entry['file']} ({entry['file_size_bytes'] / 1e6:.2f} MB); report: {entry['report']}")
     click.echo(f"  test accuracy  {entry['test_acc']:.2%} (fkd's model {entry['fkd_test_acc']:.2%})")
-    latency = entry["latency_ms_per_image"]
-    if latency is not None:
-        for who in ("fkd", "exported", "teacher"):
-            click.echo(f"  CPU ms/image   {who:<9} batch 1: {latency[who]['batch_1']:.3f}  "
-                       f"batch 64: {latency[who]['batch_64']:.3f}")
+    if entry["latency_ms_per_image"] is not None:
+        for line in describe_table(entry["latency_ms_per_image"]):
+            click.echo(f"  CPU latency    {line}")
 
 
 @main.command()

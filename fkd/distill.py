@@ -25,7 +25,7 @@ from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.distill_setup import load_teacher_for, preflight, teacher_cache, teacher_to_use
 from fkd.errors import ConfigError
-from fkd.evaluate import cpu_latency_ms, make_evaluator
+from fkd.evaluate import cpu_latency, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
@@ -117,8 +117,8 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "student_per_class_acc": final["per_class"],
         "student_params": s_params,
         "student_size_bytes": size_bytes(state["params"]["model"], state["buffers"]),
-        "student_cpu_latency_ms": cpu_latency_ms(student, state["params"]["model"], state["buffers"],
-                                                 cfg.data.image_size),
+        **latency_entries(cpu_latency(student, state["params"]["model"], state["buffers"], cfg.data.image_size),
+                          "student_"),
         "baseline_test_acc": find_baseline(run, data.fingerprint, cfg),
         "epochs": cfg.train.epochs,
         "seed": cfg.seed,
@@ -132,8 +132,8 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
             "teacher_test_acc": teacher.accuracy,
             "teacher_params": t_params,
             "teacher_size_bytes": size_bytes(teacher_vars["params"], teacher_vars["buffers"]),
-            "teacher_cpu_latency_ms": cpu_latency_ms(teacher.model, teacher_vars["params"], teacher_vars["buffers"],
-                                                     cfg.data.image_size),
+            **latency_entries(cpu_latency(teacher.model, teacher_vars["params"], teacher_vars["buffers"],
+                                          cfg.data.image_size), "teacher_"),
             "compression_ratio": t_params / s_params,
         })
     return summary
@@ -179,4 +179,19 @@ def format_table(summary: dict) -> str:
         lines.append(f"baseline student (no distillation): {summary['baseline_test_acc']:.2%}")
     if "compression_ratio" in summary:
         lines.append(f"compression: {summary['compression_ratio']:.1f}x fewer parameters")
+    figures = [summary[k] for k in ("teacher_cpu_latency", "student_cpu_latency") if k in summary]
+    if figures:
+        lines.append(latency_note(figures))
     return "\n".join(lines)
+
+
+def latency_note(figures: list[dict]) -> str:
+    """The table's footnote on how its CPU ms/img column was measured (batch, threads, a busy machine);
+    ``figures``: the column's :func:`fkd.latency.measure` dicts, timed alike."""
+    fig = figures[-1]
+    note = (f"CPU ms/img: batch {fig['batch_size']}, {fig['threads']} thread{'s' if fig['threads'] != 1 else ''}, "
+            f"median of {fig['repeats']} calls")
+    busy = [f for f in figures if f["busy"]]
+    if busy:
+        note += f"; busy machine (load {busy[0]['load_1min']:.1f} on {busy[0]['cores']} cores): slower than idle"
+    return note
