@@ -234,8 +234,6 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
     chosen = choose_strategy(strategy, dev)
     plan = in_chunks(plan, chunk if chunk is not None else auto_chunk(plan, chosen, dev))
     run = RunDir(out if out is not None else Path("runs") / f"{base.name}-sweep")
-    echo(f"# sweep of {config_path or 'defaults'}: {plan.describe()}; device {dev}{distributed.describe()}; "
-         f"directory {run.path}")
     run_sweep(plan, run, dev, strategy=chosen, save=save, resume=resume, quiet=quiet, echo=echo)
 
 

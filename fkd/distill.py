@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fkd import announce, distributed
+from fkd import announce, distributed, titles
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
@@ -97,7 +97,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
         if world.is_main:
             run.write_summary(summary)
-            plot_curves(run.read_metrics(), run.curves_path)
+            plot_curves(run.read_metrics(), run.curves_path,
+                        titles.run_title(cfg, run.path, needs_teacher=obj.needs_teacher))
     if world.is_main:
         echo(format_table(summary))
     return summary

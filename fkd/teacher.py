@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from fkd import announce as start_lines
-from fkd import distributed
+from fkd import distributed, titles
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
 from fkd.data import load_data
@@ -137,7 +137,7 @@ def fit_teacher(
         }
         if world.is_main:
             run.write_summary(summary)
-            plot_curves(run.read_metrics(), run.curves_path)
+            plot_curves(run.read_metrics(), run.curves_path, titles.run_title(cfg, run.path, role="teacher"))
     world.barrier()  # the checkpoint is written before any rank goes on to read it (a distill fitting its teacher)
     if world.is_main:
         echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")
