@@ -36,17 +36,16 @@ def teacher_to_use(cfg: Config) -> Path:
     return path
 
 
-def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> tuple[Path, bool]:
-    """``(path, fitted)``: the teacher checkpoint path, the teacher fitted first (``fitted``) when it was
-    missing and allowed."""
+def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: bool = False) -> Path:
+    """The teacher checkpoint path, fitting the teacher first when it is missing and allowed."""
     path = teacher_to_use(cfg)
     if distributed.world().from_main(path.is_file):  # under torchrun every rank follows rank 0's view
-        return path, False
+        return path
     echo(announce.teacher_missing(cfg, path))
     teacher_run = RunDir(path.parent)
     fit_teacher(cfg, data, device, teacher_run, resume=teacher_run.latest.exists(), quiet=quiet, echo=echo,
                 announce=False)
-    return path, True
+    return path
 
 
 @attrs.frozen(eq=False)
@@ -92,9 +91,10 @@ class Teacher:
 def load_teacher_for(cfg: Config, data, objective: Objective, device, *, echo: Callable = print,
                      quiet: bool = False) -> Teacher:
     """The teacher the objective consumes, fitted first when missing and ``teacher.fit_if_missing``."""
-    path, fitted = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
+    present = distributed.world().from_main(teacher_checkpoint_path(cfg).is_file)
+    path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
     model, variables, accuracy = load_teacher(path, cfg, data.num_classes, objective.teacher_feature_names, device)
-    if not fitted:  # a fitted teacher has just said its accuracy
+    if present:  # a teacher fitted here has just said its accuracy
         echo(announce.teacher_loaded(cfg.teacher.arch, path, accuracy))
     return Teacher(model, variables, path, accuracy)
 
