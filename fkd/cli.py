@@ -114,7 +114,7 @@ def main():
     """fkd: knowledge distillation in the functional, JAX style (torch.func).
 
     \b
-    Quickstart (offline, CPU, about a minute):
+    Quickstart (offline, CPU, about three minutes with the teacher's fit; `make demo` from a clone):
       python cli.py distill --config configs/feature.toml
     """
     from fkd.runtime import tune_cpu_allocator
