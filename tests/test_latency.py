@@ -15,7 +15,7 @@ def test_measure_names_batch_and_threads_and_restores_the_thread_count():
     fig = latency.measure(lambda x: seen.append(torch.get_num_threads()), torch.zeros(4, 3), threads=1, repeats=2)
     assert set(seen) == {1} and torch.get_num_threads() == before
     assert (fig["batch_size"], fig["threads"], fig["repeats"]) == (4, 1, 2) and fig["ms_per_image"] >= 0
-    assert fig["text"].endswith("ms/img, batch 4, 1 thread") and fig["cores"] >= 1
+    assert "ms/img, batch 4, 1 thread" in fig["text"] and fig["cores"] >= 1
 
 
 def test_a_busy_machine_is_named_in_the_figure():
