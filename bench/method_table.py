@@ -41,6 +41,24 @@ def grid_values(weight: float) -> list[float]:
     return [float(f"{weight * s:.6g}") for s in SCALES]
 
 
+def run_cli(name: str, args: list[str]) -> None:
+    """``python cli.py *args`` in this process; prints ``name``'s exit code and time, and goes on after a failure."""
+    from fkd.cli import main as fkd_main
+
+    start = time.perf_counter()
+    try:
+        fkd_main.main(args, standalone_mode=False)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:  # noqa: BLE001 -- report it and go on with the next one
+        traceback.print_exc()
+        code = "error"
+    print(f"{name}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+    if isinstance(code, int) and code >= 128:  # stopped by a signal (Ctrl-C, SIGTERM): stop here too
+        raise SystemExit(code)
+
+
 @click.group()
 def main():
     """Sweep every method of configs/methods/ and tabulate the results."""
@@ -56,8 +74,6 @@ def main():
               help="also append each method's summary to this JSON-lines file as soon as it is done")
 def run(seeds, out, device, only, overrides, collect):
     """Run the sweeps, one per method."""
-    from fkd.cli import main as fkd_main
-
     chosen = [m for m in METHODS if not only or m in only.split(",")]
     for method in chosen:
         config = ROOT / "configs" / "methods" / f"{method}.toml"
@@ -68,16 +84,7 @@ def run(seeds, out, device, only, overrides, collect):
             args += ["--grid", f"distill.terms.{term[0]}.weight=" + ",".join(map(str, grid_values(term[1])))]
         for o in overrides:
             args += ["--set", o]
-        start = time.perf_counter()
-        try:
-            fkd_main.main(args, standalone_mode=False)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        except Exception:  # noqa: BLE001 -- report it and go on with the next method
-            traceback.print_exc()
-            code = "error"
-        print(f"{method}: exit {code}, {time.perf_counter() - start:.1f} s", flush=True)
+        run_cli(method, args)
         summary = out / method / "sweep_summary.json"
         if collect and summary.exists():
             with open(collect, "a") as f:

@@ -38,6 +38,7 @@ from fkd.presets import METHODS
 from fkd.registry import Registry, naming_options, option_default, option_help, options_of, resolve_options
 from fkd.schedules import SCHEDULES, learning_rate_schedule
 from fkd.schema import toml_value
+from fkd.stage_config import refuse_pipeline_keys
 from fkd.terms import TERMS, config_fields
 from fkd.user_imports import import_user_files
 
@@ -73,6 +74,7 @@ def load(path: str | Path | None = None, overrides: list[str] = (), **top: Any) 
     (``seed=``, ``device=``), then :func:`resolve`."""
     raw = read_toml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
+    refuse_pipeline_keys(raw)  # [[stages]] and teacher.from_stage: read by fkd.stages, never here
     for key, value in top.items():
         if value is not None:
             raw[key] = value
@@ -99,16 +101,30 @@ def resolve(cfg: Config) -> Resolved:
         student=_with_options(cfg.student, "student"),
         teacher=attrs.evolve(_with_options(cfg.teacher, "teacher"),
                              train=_train(cfg.teacher.train, "teacher.train")),
+        teachers={name: attrs.evolve(_with_options(t, f"teachers.{name}"), train=_train(t.train, f"teachers.{name}.train"))
+                  for name, t in cfg.teachers.items()},
         train=_train(cfg.train, "train"),
+        cohort=attrs.evolve(cfg.cohort, members={name: _with_options(m, f"cohort.members.{name}")
+                                                 for name, m in cfg.cohort.members.items()}),
     )
-    objective = objective_from(d)
+    if cfg.cohort.members and cfg.cohort.size not in (0, len(cfg.cohort.members)):
+        raise ConfigError(f"cohort.size = {cfg.cohort.size} but {len(cfg.cohort.members)} [cohort.members] tables are "
+                          "given; drop cohort.size (the tables name the members) or make them agree.")
+    if cfg.cohort.names and cfg.teacher.source == "ema":
+        raise ConfigError("a moving-average teacher of a cohort is not supported; train the cohort with a "
+                          "teacher checkpoint (teacher.source = 'checkpoint') or without a teacher.")
+    if cfg.teachers and (cfg.teacher.source == "ema" or any(t.source == "ema" for t in cfg.teachers.values())):
+        raise ConfigError("a moving-average teacher (source = 'ema') is one teacher, in [teacher]; remove the "
+                          "[teachers.<name>] tables or set teacher.source = 'checkpoint'.")
+    objective = objective_lib.over_cohort(objective_lib.from_config(d, teachers=cfg.teachers), cfg.cohort.names)
     check_mixing(cfg.data, objective)  # function matching: a teacher term, no label term
     return Resolved(cfg, objective)
 
 
-def objective_from(distill: DistillConfig) -> Objective:
-    """The objective of ``[distill]`` (its term tables; ``distill.weights`` in messages for ``combined``)."""
-    return objective_lib.from_config(distill)
+def objective_from(distill: DistillConfig, teachers: dict | None = None) -> Objective:
+    """The objective of ``[distill]`` (its term tables; ``distill.weights`` in messages for ``combined``),
+    over the ensemble of ``teachers`` (``[teachers.<name>]``) when there are several."""
+    return objective_lib.from_config(distill, teachers=teachers or {})
 
 
 def _train(train, key: str):
@@ -186,6 +202,11 @@ def _term_rows() -> list[tuple[str, str, str]]:
     for name in TERMS.names():
         cls = TERMS.get(name)
         rows.append((f"distill.terms.{name}.weight", "1.0", f"weight of the '{name}' term: {cls.summary}"))
+        if {"teacher_logits", "teacher_features"} & cls.consumes:
+            reads = ("the ensemble (at its temperature) unless it names one" if cls.ensemble_temperature
+                     else "one teacher: with several it must name one (it cannot read an ensemble)")
+            rows.append((f"distill.terms.{name}.teacher", '""', f"with [teachers.<name>]: the teacher it reads; it "
+                                                               f"reads {reads}"))
         for f in config_fields(cls):
             rows.append((f"distill.terms.{name}.{f.name}", toml_value(f.default), meaning(f)))
     return rows

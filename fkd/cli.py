@@ -161,6 +161,10 @@ def distill(config_path, overrides, out, seed, device, resume, quiet, verbose):
     own Python file are used by naming it in distill.imports: fkd imports it, which runs its code,
     so name only files you trust; fkd imports nothing a config does not name.
 
+    A config with [[stages]] is a pipeline: its stages (teacher fits and distillations, a stage's
+    teacher possibly an earlier stage's model) run in order, each in OUT/<stage> (default
+    runs/<name>/<stage>); run it again to skip finished stages and resume an interrupted one.
+
     \b
     Writes to the run directory: config.toml, metrics.jsonl, checkpoints/latest.pt,
     summary.json, curves.png.
@@ -171,9 +175,14 @@ def distill(config_path, overrides, out, seed, device, resume, quiet, verbose):
       python cli.py distill --config configs/logit.toml --set distill.temperature=4
       python cli.py distill --config configs/baseline.toml --out runs/my-baseline
       python cli.py distill --config configs/feature.toml --resume
+      python cli.py distill --config configs/paradigms/teacher_assistant.toml
     """
     from fkd.distill import run_distill
+    from fkd.stages import is_pipeline_file, run_pipeline_file
 
+    if is_pipeline_file(config_path):  # [[stages]]: each stage in its own run directory under --out
+        run_pipeline_file(config_path, overrides, out=out, seed=seed, device=device, quiet=quiet, echo=click.echo)
+        return
     resolved, run, dev, echo = _setup(config_path, overrides, out, seed, device, verbose)
     run_distill(resolved.config, run, dev, resume=resume, quiet=quiet, echo=echo, objective=resolved.objective)
 
@@ -206,7 +215,8 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
     Students that differ only in numbers inside the step (seed, term weights, temperature, learning
     rate) train together with one step function; other differences (architecture, features, batch
     size, ...) split the sweep into groups that run one after another. A KD weight of 0 (or
-    distill.method = "none") is the baseline the table compares with.
+    distill.method = "none") is the baseline the table compares with. A pipeline config ([[stages]])
+    runs whole once per seed, in DIR/seed-<s>/<stage>, and the table has one row per stage.
 
     \b
     Writes to the sweep directory: config.toml, grid.json, sweep.jsonl (one line per student and
@@ -221,10 +231,21 @@ def sweep(config_path, overrides, seeds, grid, out, device, strategy, chunk, sav
       python cli.py sweep --config configs/logit.toml --seeds 5 --resume
     """
     from fkd.device import resolve_device
+    from fkd.errors import ConfigError
     from fkd.rundir import RunDir
+    from fkd.stages import is_pipeline_file, run_pipeline_seeds
     from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
     from fkd.sweep.runner import auto_chunk, choose_strategy, run_sweep
 
+    if is_pipeline_file(config_path):  # [[stages]]: the whole pipeline once per seed, each stage a run directory
+        given = [name for name, on in (("--grid", grid), ("--chunk", chunk), ("--save", save != "none"),
+                                       ("--strategy", strategy != "auto")) if on]
+        if given:
+            raise ConfigError(f"{given[0]} does not apply to a pipeline, which sweeps seeds only (each stage keeps its "
+                           "weights in its run directory); drop it, or sweep one stage's config.toml.")
+        run_pipeline_seeds(config_path, list(overrides), parse_seeds(seeds), out=out, device=device, quiet=quiet,
+                           echo=click.echo)
+        return
     plan = plan_sweep(config_path, list(overrides), parse_seeds(seeds), parse_grid(list(grid)), device=device)
     base = plan.groups[0].base.config
     from fkd import distributed

@@ -183,6 +183,13 @@ class TeacherConfig(WithOptions):
     checkpoint: str = field("", help="fkd teacher checkpoint (written by `fkd teacher`)")
     fit_if_missing: bool = field(False, help="distill: fit the teacher first when its checkpoint is missing")
     mode: str = field("linear_probe", one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
+    source: str = field(
+        "checkpoint", one_of("checkpoint", "ema"),
+        help="where the teacher comes from: 'checkpoint' (teacher.checkpoint, fitted when missing and allowed), "
+             "or 'ema': the moving average of the student's own weights, kept in the train state (a mean "
+             "teacher: self-distillation, no checkpoint; teacher.arch is ignored)")
+    decay: float = field(0.999, unit_interval, help="teacher.source = 'ema': the average's decay d per step, "
+                                                     "ema <- d * ema + (1 - d) * student")
     cache: str = field("auto", one_of("auto", "memory", "disk", "off"), help="reuse teacher outputs")
     cache_dir: str = field(".fkd_cache", help="where disk caches of teacher outputs live")
     cache_max_gb: float = field(
@@ -190,7 +197,29 @@ class TeacherConfig(WithOptions):
         help="most a teacher cache may take (GB, and never more than cache_dir's free space): when the features "
              "would not fit, only the logits are cached and the teacher runs live up to its last feature")
     train: TrainConfig = field(_TEACHER_TRAIN, help="how the teacher is fitted")
+    weight: float = field(1.0, positive, help="[teachers.<name>] only: this teacher's weight in the ensemble "
+                                              "(normalised over the teachers)")
     options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
+
+
+@attrs.frozen
+class CohortConfig:
+    """Students trained together, each from its own initialisation, that may teach each other (deep mutual
+    learning: the ``mutual`` term). ``size`` members of ``[student]``'s architecture, or one
+    ``[cohort.members.<name>]`` model table per member (architectures may differ)."""
+
+    size: int = field(0, at_least(0), help="members of [student]'s architecture trained together (0: one student, no cohort)")
+    members: dict = field({}, help="or one [cohort.members.<name>] table per member, with [student]'s keys "
+                                   "(arch and its options): a mixed cohort", hash=False)
+    strategy: str = field("auto", one_of("auto", "vmap", "loop"),
+                          help="how the members' forward passes run: 'vmap' (stacked weights, one batched pass: "
+                               "the members must share an architecture), 'loop', or 'auto' (vmap on CUDA when "
+                               "they can, else loop)")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The members' names: ``student1 .. studentK``, or the ``[cohort.members]`` tables' names."""
+        return tuple(self.members) if self.members else tuple(f"student{k + 1}" for k in range(self.size))
 
 
 @attrs.frozen(init=False)
@@ -210,6 +239,11 @@ class DistillConfig:
     student_features: list = field([], help="student feature names, paired by position")
     teacher_features: list = field([], help="teacher feature (FX node) names, paired by position")
     terms: dict = field({}, help="one [distill.terms.<name>] table per loss term")
+    ensemble: str = field(
+        "weighted", one_of("weighted", "confidence"),
+        help="with [teachers.<name>] tables: how a term that reads the ensemble mixes the teachers' soft targets: "
+             "'weighted' by teachers.<name>.weight, or 'confidence': per example, a teacher weighs less the "
+             "higher its cross-entropy on the label (CA-MKD, Zhang et al. ICASSP 2022)")
     imports: list = field([], help="your own .py files or modules registering terms (or models, optimizers, ...); "
                                    "importing RUNS their code, so name only files you trust")
 
@@ -226,8 +260,12 @@ class Config:
     device: str = field("auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     data: DataConfig = field(DataConfig(), help="data")
     teacher: TeacherConfig = field(TeacherConfig(), help="teacher")
+    teachers: dict = field({}, help="several teachers: one [teachers.<name>] table each, with [teacher]'s keys and "
+                                    "a weight; terms read their ensemble or name one (distill.terms.<term>.teacher)",
+                           hash=False)
     student: ModelConfig = field(ModelConfig(), help="student")
     train: TrainConfig = field(TrainConfig(), help="student training")
+    cohort: CohortConfig = field(CohortConfig(), help="students trained together")
     distill: DistillConfig = field(DistillConfig(), help="distillation loss")
 
 
@@ -242,6 +280,26 @@ def from_dict(raw: dict) -> Config:
     raw = dict(raw)
     if isinstance(raw.get("distill"), dict):
         raw["distill"] = expand_preset(raw["distill"])
+    teachers = raw.pop("teachers", {})
+    if not isinstance(teachers, dict) or not all(isinstance(t, (dict, TeacherConfig)) for t in teachers.values()):
+        raise ConfigError("teachers must hold one table per teacher, e.g. [teachers.a] arch = 'resnet18'.")
+    if len(teachers) == 1:
+        raise ConfigError(f"[teachers] has one teacher ({next(iter(teachers))}); an ensemble needs two or more, "
+                          "and one teacher is the [teacher] table.")
+    for name in teachers:
+        if not name or ":" in name:
+            raise ConfigError(f"teachers.{name!r}: a teacher's name must be non-empty and without ':'.")
+    raw["teachers"] = {name: t if isinstance(t, TeacherConfig) else build_attrs(TeacherConfig, t, f"teachers.{name}.")
+                       for name, t in teachers.items()}
+    if isinstance(raw.get("cohort"), dict) and isinstance(raw["cohort"].get("members"), dict):
+        cohort = dict(raw["cohort"])
+        for name, member in cohort["members"].items():
+            if not isinstance(member, (dict, ModelConfig)) or not name or ":" in name or "/" in name:
+                raise ConfigError(f"cohort.members.{name} must be a model table ([cohort.members.<name>] arch = ...) "
+                                  "under a plain name without ':' or '/'.")
+        cohort["members"] = {name: m if isinstance(m, ModelConfig) else build_attrs(ModelConfig, m, f"cohort.members.{name}.")
+                             for name, m in cohort["members"].items()}
+        raw["cohort"] = cohort
     return build_attrs(Config, raw)
 
 
@@ -328,6 +386,9 @@ def dumps(cfg: Config) -> str:
             path = f"{prefix}.{name}" if prefix else name
             if attrs.has(type(value)):
                 table(value, path)
+            elif all(attrs.has(type(v)) for v in value.values()):  # [teachers.<name>] tables
+                for key, sub in value.items():
+                    table(sub, f"{path}.{key}")
             else:  # [distill.terms.<name>] tables, one per term
                 for key, sub in value.items():
                     lines.append(f"\n[{path}.{key}]")
@@ -338,7 +399,8 @@ def dumps(cfg: Config) -> str:
 
 
 def _is_table_of_tables(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict) or attrs.has(type(v))
+                                                           for v in value.values())
 
 
 def schema_rows(cls=Config, prefix: str = "", defaults: Any = None, *, names=None,

@@ -18,19 +18,23 @@ from typing import Callable
 
 import torch
 
-from fkd import announce, distributed, titles
+from fkd import announce, distributed, latency, titles
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import load_teacher_for, preflight, teacher_cache, teacher_to_use
+from fkd.checkpoint import save_checkpoint
+from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
 from fkd.errors import ConfigError
-from fkd.evaluate import cpu_latency, latency_entries, make_evaluator
+from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
+from fkd.losses import ensemble_distribution
 from fkd.models import param_count, size_bytes
+from fkd.models.cohort import Cohort
+from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
@@ -49,10 +53,10 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
-    t_path = teacher_to_use(cfg) if obj.needs_teacher else None
-    if t_path is not None and not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
-        raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
-                          "would be fitted too; set it to a file in another folder.")
+    for t_path in teacher_paths(cfg) if obj.needs_teacher and ema_decay(cfg) is None else ():
+        if not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
+            raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
+                              "would be fitted too; set it to a file in another folder.")
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(lambda: decide_start(
@@ -70,7 +74,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             objective_state=objective_state, teacher=teacher.model if teacher else None,
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
             seed=cfg.seed, augment=augment, device=device, quiet=quiet,
-            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix))
+            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None)
         start.check_state(training.state)
         if world.is_main:
             start.begin(echo=echo)
@@ -84,7 +88,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         teacher_vars = None
         if teacher is not None:
             batch_extras, cache_note = teacher_cache(cfg, data, teacher, augment=augment, device=device, echo=echo)
-            teacher_vars = training.layout(teacher.variables)
+            if teacher.variables is not None:
+                teacher_vars = training.layout(teacher.variables)
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
@@ -95,6 +100,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
                     batch_extras=batch_extras, learning_rate=training.learning_rate,
                     extra_payload=lambda st: {"model": dict(student.spec)})
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
+        if world.is_main and isinstance(student, Cohort):
+            summary["members"] = save_members(cfg, run, student, state, evaluate(state)["members"])
         if world.is_main:
             run.write_summary(summary)
             plot_curves(run.read_metrics(), run.curves_path,
@@ -104,8 +111,30 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     return summary
 
 
+def save_members(cfg: Config, run: RunDir, cohort: Cohort, state: dict, accuracies: dict) -> dict:
+    """Each cohort member as a student checkpoint of its own, ``<run>/members/<name>.pt``, that ``fkd evaluate``
+    and ``fkd export`` read like any student's; returns ``{name: {"arch", "test_acc", "checkpoint"}}``."""
+    out = {}
+    for name in cohort.names:
+        path = run.path / "members" / f"{name}.pt"
+        weights = {"params": {"model": state["params"]["model"][name]}, "frozen": {}, "buffers": state["buffers"][name]}
+        save_checkpoint(path, {"state": tree_map(lambda t: t.detach().cpu(), weights),
+                               "model": dict(cohort.member(name).spec), "config": dumps(member_config(cfg, name)),
+                               "epoch": cfg.train.epochs, "batch": 0}, "student_run")
+        out[name] = {"arch": cohort.member(name).arch, "test_acc": accuracies[name], "checkpoint": str(path)}
+    return out
+
+
 def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
-    """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's."""
+    """The contents of ``summary.json``: both models' accuracy, size and latency, and the baseline's.
+
+    For a cohort the student figures are its members' means (accuracy) and one member's (size, latency:
+    the first); ``members`` lists each (:func:`save_members`)."""
+    cohort = student if isinstance(student, Cohort) else None
+    if cohort is not None:  # one member's size and latency stand for the student's
+        first = student.names[0]
+        student = student.member(first)
+        state = {**state, "params": {"model": state["params"]["model"][first]}, "buffers": state["buffers"][first]}
     s_params = param_count(state["params"]["model"])
     summary = {
         "kind": "student",
@@ -113,7 +142,7 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "terms": obj.weights,
         "data": cfg.data.name,
         "data_fingerprint": data.fingerprint,
-        "student_arch": cfg.student.arch,
+        "student_arch": cohort.arch if cohort is not None else cfg.student.arch,
         "student_test_acc": final["accuracy"],
         "student_per_class_acc": final["per_class"],
         "student_params": s_params,
@@ -124,7 +153,32 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "epochs": cfg.train.epochs,
         "seed": cfg.seed,
     }
-    if teacher is not None:
+    if teacher is not None and teacher.variables is None:  # a mean teacher: the average, evaluated here
+        ema = evaluate_model(teacher.model, state["ema"]["params"], state["ema"]["buffers"], data.test,
+                             batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=state["step"].device)
+        summary.update({"teacher_arch": f"{cfg.student.arch} (moving average, decay {cfg.teacher.decay:g})",
+                        "teacher_source": "ema", "teacher_test_acc": ema["accuracy"], "teacher_params": s_params,
+                        "teacher_size_bytes": summary["student_size_bytes"],
+                        "teacher_cpu_latency_ms": summary["student_cpu_latency_ms"],
+                        "teacher_cpu_latency": summary["student_cpu_latency"], "compression_ratio": 1.0})
+    elif teacher is not None and teacher.members:  # several teachers: each one's figures and the ensemble's
+        members = teacher.members
+        summary["teachers"] = {
+            name: {"arch": cfg.teachers[name].arch, "checkpoint": str(t.path), "test_acc": t.accuracy,
+                   "weight": cfg.teachers[name].weight, "params": param_count(t.variables["params"])}
+            for name, t in members.items()}
+        t_params = sum(m["params"] for m in summary["teachers"].values())
+        summary.update({
+            "teacher_arch": teacher.model.arch,
+            "teacher_test_acc": ensemble_accuracy(teacher, obj, data, cfg),
+            "teacher_params": t_params,
+            "teacher_size_bytes": sum(size_bytes(t.variables["params"], t.variables["buffers"]) for t in members.values()),
+            **latency_entries(ensemble_latency([cpu_latency(t.model, t.variables["params"], t.variables["buffers"],
+                                                            cfg.data.image_size) for t in members.values()]),
+                              "teacher_"),
+            "compression_ratio": t_params / s_params,
+        })
+    elif teacher is not None:
         teacher_vars = teacher.variables
         t_params = param_count(teacher_vars["params"])
         summary.update({
@@ -138,6 +192,29 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
             "compression_ratio": t_params / s_params,
         })
     return summary
+
+
+def ensemble_latency(figures: list[dict]) -> dict:
+    """The ensemble's latency figure: the sum of its members' (they run one after another), measured alike."""
+    first = figures[0]
+    return latency.figure(sum(f["ms_per_image"] for f in figures), batch_size=first["batch_size"],
+                          threads=first["threads"], repeats=first["repeats"])
+
+
+def ensemble_accuracy(teacher, obj: Objective, data, cfg: Config) -> float:
+    """Test accuracy of the ensemble's prediction ``argmax_c sum_m w_m softmax(z_m)`` (the teachers'
+    weights; per example confidence weights would need the label, so they are not used here)."""
+    weights = torch.tensor(obj.teacher_weights)
+    correct = count = 0
+    variables = tree_to(teacher.variables, "cpu")
+    model = teacher.model
+    with torch.no_grad():
+        for x, y, _ in data.test.batches(cfg.data.eval_batch_size, shuffle=False):
+            logits, _, _ = model.apply(variables["params"], variables["buffers"], x.cpu(), train=False)
+            p = ensemble_distribution(logits.float().movedim(1, 0), 1.0, weights)
+            correct += int((p.argmax(-1) == y.cpu()).sum())
+            count += len(y)
+    return correct / max(count, 1)
 
 
 def find_baseline(run: RunDir, fingerprint: str, cfg: Config) -> float | None:

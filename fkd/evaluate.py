@@ -23,6 +23,7 @@ from fkd.data.order import batch_count
 from fkd.config import apply_overrides, from_dict, read_toml
 from fkd.data import load_data
 from fkd.errors import CheckpointError, DataError
+from fkd.models.cohort import Cohort
 from fkd.models import build_model, head_prefix, param_count, size_bytes
 from fkd.rundir import ensure_writable, write_text_atomic
 from fkd.step import make_eval_step
@@ -32,12 +33,23 @@ def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: in
                    device: torch.device, precision: str = "fp32", shard: bool = True) -> dict:
     """Accuracy over a whole split: ``{"accuracy", "per_class", "correct", "count"}``.
 
-    ``per_class`` is a list of per-class accuracies (None for classes with no test images).
+    ``per_class`` is a list of per-class accuracies (None for classes with no test images). For a
+    :class:`~fkd.models.cohort.Cohort` each member is evaluated alone: ``members`` holds their accuracies
+    and the other figures are the members' means (counts: sums).
 
     Under torchrun each rank evaluates a contiguous block of the batches and the confusion counts are
     summed over ranks, so every rank returns the single-process result (``shard=False``: this rank
     evaluates everything alone, as a sweep does for the students it trains).
     """
+    if isinstance(model, Cohort):  # each member on its own; the cohort's figures are their means
+        results = {n: evaluate_model(model.member(n), params[n], buffers[n], source, batch_size=batch_size,
+                                     num_classes=num_classes, device=device, precision=precision, shard=shard)
+                   for n in model.names}
+        per_class = [[r["per_class"][c] for r in results.values()] for c in range(num_classes)]
+        return {"accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
+                "per_class": [None if None in v else sum(v) / len(v) for v in per_class],
+                "correct": sum(r["correct"] for r in results.values()), "count": sum(r["count"] for r in results.values()),
+                "members": {n: r["accuracy"] for n, r in results.items()}}
     eval_step = make_eval_step(model, precision=precision, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     world = distributed.world() if shard else distributed.World()
@@ -106,6 +118,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _weights(data: dict) -> tuple[dict, dict]:
+    if "cohort" in data.get("model", {}):
+        raise CheckpointError("this run trained a cohort of students; evaluate or export one member's own "
+                              "checkpoint: <run>/members/<name>.pt.")
     if data["kind"] == "teacher":
         return data["params"], data["buffers"]
     state = data["state"]

@@ -18,20 +18,25 @@ from __future__ import annotations
 import attrs
 import torch
 
-from fkd import losses
+from fkd import losses, prng
 from fkd.errors import ConfigError
+from fkd.models.ensemble import SEP as TEACHER_SEP  # "<teacher>:<feature>"
 from fkd.pytree import tree_to
 from fkd.schema import build_attrs
 from fkd.terms import TERMS, Shapes, Term, TermInputs, config_fields
 
 
+
+
 @attrs.frozen
 class WeightedTerm:
-    """One term of an objective: its name (the metric and the key of its params/state), weight, unit."""
+    """One term of an objective: its name (the metric and the key of its params/state), weight, unit, and
+    with several teachers the one it reads (``teacher``; ``""``: their ensemble)."""
 
     name: str
     weight: float
     term: Term
+    teacher: str = ""
 
 
 @attrs.frozen
@@ -39,6 +44,11 @@ class Objective:
     """``objective(params, state, inputs) -> (loss, metrics, new_state)``; see the module docstring."""
 
     terms: tuple = ()
+    #: several teachers (``[teachers.<name>]``): their names in the order of the teacher-logits axis, their
+    #: weights and how a term that reads the ensemble mixes them (``"weighted"`` | ``"confidence"``)
+    teachers: tuple = ()
+    teacher_weights: tuple = ()
+    ensemble: str = "weighted"
 
     @property
     def weights(self) -> dict[str, float]:
@@ -111,12 +121,29 @@ class Objective:
             mine = hyper.get(t.name, {})
             fields = {k: v for k, v in mine.items() if k != "weight"}
             term_inputs = inputs._replace(hyper=fields) if fields else inputs
+            if self.teachers and t.term.consumes & {"teacher_logits"}:
+                term_inputs = term_inputs._replace(teacher_logits=self._teacher_logits(t, term_inputs))
             values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), term_inputs)
             weights[t.name] = mine.get("weight", t.weight)
             if term_state or t.name in state:  # the same structure as ``state`` (stateless terms may be absent)
                 new_state[t.name] = term_state
         loss, metrics = losses.weighted_sum(values, weights)
         return loss, metrics, new_state
+
+    def _teacher_logits(self, t: WeightedTerm, inputs: TermInputs) -> torch.Tensor:
+        """The ``(B, K)`` teacher logits term ``t`` sees, from the ensemble's ``(B, M, K)``: its named
+        teacher's, or logits whose softmax at the term's temperature is the ensemble's distribution
+        (:func:`fkd.losses.ensemble_logits`; per-example confidence weights with ``ensemble = "confidence"``)."""
+        stacked = inputs.teacher_logits
+        if t.teacher:
+            return stacked[:, self.teachers.index(t.teacher)]
+        per_teacher = stacked.movedim(1, 0)  # (M, B, K)
+        if self.ensemble == "confidence":
+            weights = losses.confidence_weights(per_teacher, inputs.labels)
+        else:
+            weights = torch.tensor(self.teacher_weights, dtype=per_teacher.dtype, device=per_teacher.device)
+        temperature = t.term.hp(inputs, t.term.ensemble_temperature) if t.term.ensemble_temperature else 1.0
+        return losses.ensemble_logits(per_teacher, temperature, weights)
 
     def hyper_defaults(self) -> dict[str, dict[str, float]]:
         """``{term: {"weight": w, field: value}}``: the numbers a sweep may vary inside one step."""
@@ -127,9 +154,79 @@ class Objective:
         """This objective with its weights and sweepable fields zeroed: equal for objectives that one
         sweep step can serve (the same terms, pairs and non-sweepable settings)."""
         with attrs.validators.disabled():  # a placeholder value, not a setting: no field's range applies
-            return Objective(tuple(
-                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}))
+            return attrs.evolve(self, terms=tuple(
+                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}), t.teacher)
                 for t in self.terms))
+
+
+class CohortObjective:
+    """One objective per cohort member, summed: ``objective(params, state, inputs)`` as :class:`Objective`,
+    over a :class:`~fkd.models.cohort.Cohort`'s outputs (logits ``(K, B, C)``, features
+    ``"<member>:<feature>"``).
+
+    Member k's terms see its own logits and features, the whole cohort's logits detached
+    (``inputs.cohort_logits``, for the ``mutual`` term) and a key folded with k. The loss is the sum of the
+    members' losses -- each member's gradient is then its own loss's -- and each term's metric the
+    members' mean. Term params and state are ``{member: ...}``; everything else is the base objective's.
+    """
+
+    def __init__(self, base: Objective, names: tuple):
+        self.base, self.names = base, tuple(names)
+
+    def __getattr__(self, name):  # weights, needs_teacher, feature names, hyper_defaults, ...
+        return getattr(self.base, name)
+
+    def structure(self) -> "CohortObjective":
+        return CohortObjective(self.base.structure(), self.names)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CohortObjective) and (self.base, self.names) == (other.base, other.names)
+
+    def __hash__(self) -> int:
+        return hash((self.base, self.names))
+
+    def _member_shapes(self, shapes: Shapes, name: str) -> Shapes:
+        mine = {k.partition(TEACHER_SEP)[2]: v for k, v in shapes.student_features.items()
+                if k.startswith(name + TEACHER_SEP)}
+        return attrs.evolve(shapes, student_features=mine)
+
+    def check(self, shapes: Shapes) -> None:
+        for name in self.names:
+            self.base.check(self._member_shapes(shapes, name))
+
+    def init(self, shapes: Shapes, *, seed: int = 0, device="cpu") -> tuple[dict, dict]:
+        params, state = {}, {}
+        for k, name in enumerate(self.names):
+            params[name], state[name] = self.base.init(self._member_shapes(shapes, name), seed=seed + k, device=device)
+        return params, state
+
+    def __call__(self, params: dict, state: dict, inputs: TermInputs, hyper: dict | None = None):
+        cohort = inputs.student_logits.detach()
+        total, metrics, new_state = 0.0, {}, {}
+        for k, name in enumerate(self.names):
+            prefix = name + TEACHER_SEP
+            mine = inputs._replace(
+                student_logits=inputs.student_logits[k], cohort_logits=cohort, key=prng.fold_in(inputs.key, k),
+                student_features={f[len(prefix):]: v for f, v in inputs.student_features.items() if f.startswith(prefix)})
+            loss, member_metrics, new_state[name] = self.base(params.get(name, {}), state.get(name, {}), mine, hyper)
+            total = total + loss
+            for term, value in member_metrics.items():
+                metrics[term] = metrics.get(term, 0.0) + value / len(self.names)
+        return total, metrics, new_state
+
+
+def over_cohort(objective: Objective, names: tuple) -> Objective | CohortObjective:
+    """``objective`` for each member of a cohort named ``names`` (:class:`CohortObjective`), or itself
+    when there is no cohort. A ``mutual`` term needs one, and a cohort of one member is refused."""
+    mutual = [t.name for t in objective.terms if "cohort_logits" in t.term.consumes]
+    if not names:
+        if mutual:
+            raise ConfigError(f"the {mutual[0]} term makes students teach each other: train a cohort with "
+                              "[cohort] size = 2 (or more), or drop the term.")
+        return objective
+    if len(names) < 2:
+        raise ConfigError(f"a cohort needs two or more members (got {len(names)}); set cohort.size = 2 or more.")
+    return CohortObjective(objective, names)
 
 
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
@@ -144,13 +241,20 @@ def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
 # --- building objectives ----------------------------------------------------------------------------
 
 
-def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.terms") -> Objective:
+def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.terms",
+          teachers: dict[str, float] | None = None, ensemble: str = "weighted") -> Objective:
     """An objective from ``{term name: {"weight": w, **hyper-parameters}}``.
 
     Names are looked up in :data:`fkd.terms.TERMS`; unknown names, unknown keys and invalid values are
     :class:`ConfigError` naming the dotted key (``where.<name>.<key>``) and the valid choices. Terms
     that match features get ``pairs``.
+
+    ``teachers`` (``{name: weight}``, two or more) makes it an objective over an ensemble: a table's
+    ``teacher`` key names the one teacher that term reads (its feature pairs then read that teacher's
+    features, ``"<teacher>:<feature>"``); without it a term reads the ensemble, which only terms that see
+    the teacher through ``softmax(z / T)`` can (:attr:`fkd.terms.Term.ensemble_temperature`).
     """
+    teachers = teachers or {}
     if not isinstance(tables, dict):
         raise ConfigError(f"{where} must be a table of term tables, e.g. [{where}.ce] weight = 1.0.")
     terms = []
@@ -164,19 +268,39 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
         weight = keys.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ConfigError(f"{where}.{name}.weight must be a number >= 0 (got {weight!r}).")
+        teacher = _term_teacher(cls, keys.pop("teacher", ""), teachers, f"{where}.{name}")
         valid = [f.name for f in config_fields(cls)]
         for key in keys:
             if key not in valid:
                 raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: "
-                                  f"{', '.join(['weight', *valid])}.")
+                                  f"{', '.join(['weight', 'teacher', *valid])}.")
         term = build_attrs(cls, keys, f"{where}.{name}.")
         if "pairs" in attrs.fields_dict(cls):
-            term = attrs.evolve(term, pairs=tuple(pairs))
+            term = attrs.evolve(term, pairs=tuple((s, f"{teacher}{TEACHER_SEP}{t}" if teacher else t) for s, t in pairs))
         if weight != 0:
-            terms.append(WeightedTerm(name, float(weight), term))
+            terms.append(WeightedTerm(name, float(weight), term, teacher))
     if not terms:
         raise ConfigError(f"every term in {where} has weight 0; give at least one term a positive weight.")
-    return Objective(tuple(terms))
+    return Objective(tuple(terms), tuple(teachers), tuple(float(w) for w in teachers.values()), ensemble)
+
+
+def _term_teacher(cls: type, teacher, teachers: dict, where: str) -> str:
+    """The teacher a term's table names (``""``: the ensemble, or the one teacher), checked."""
+    if not isinstance(teacher, str):
+        raise ConfigError(f"{where}.teacher must be a teacher's name (got {teacher!r}).")
+    if teacher and not teachers:
+        raise ConfigError(f"{where}.teacher = {teacher!r} names a teacher, but the config has one [teacher]; "
+                          "give several as [teachers.<name>] tables, or drop the key.")
+    if teacher and teacher not in teachers:
+        raise ConfigError(f"{where}.teacher = {teacher!r} is not one of the teachers: {', '.join(teachers)}.")
+    if teachers and not teacher:
+        if "teacher_features" in cls.consumes:
+            raise ConfigError(f"the {cls.name} term reads teacher features, which an ensemble does not have; name "
+                              f"one teacher: {where}.teacher = {next(iter(teachers))!r}.")
+        if "teacher_logits" in cls.consumes and not cls.ensemble_temperature:
+            raise ConfigError(f"the {cls.name} term cannot read an ensemble of teachers (it does not see the teacher "
+                              f"through softmax(z / T)); name one teacher: {where}.teacher = {next(iter(teachers))!r}.")
+    return teacher
 
 
 def from_weights(weights: dict[str, float], *, pairs: tuple = (), **hyper) -> Objective:
@@ -203,8 +327,9 @@ def term_tables(distill) -> dict[str, dict]:
     return distill.terms
 
 
-def from_config(distill) -> Objective:
-    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first).
+def from_config(distill, teachers: dict | None = None) -> Objective:
+    """Build the objective a :class:`fkd.config.DistillConfig` describes (imports its user terms first),
+    over the ensemble of ``teachers`` (``{name: TeacherConfig}``, the config's ``[teachers.<name>]``) when given.
 
     Commands build it once per run, through :func:`fkd.build.load`."""
     from fkd.user_imports import import_user_files
@@ -217,7 +342,8 @@ def from_config(distill) -> Objective:
         )
     pairs = tuple(zip(distill.student_features, distill.teacher_features))
     where = "distill.weights" if distill.preset == "combined" else "distill.terms"
-    objective = build(term_tables(distill), pairs=pairs, where=where)
+    objective = build(term_tables(distill), pairs=pairs, where=where,
+                      teachers={name: t.weight for name, t in (teachers or {}).items()}, ensemble=distill.ensemble)
     paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term))]
     if paired and not pairs:
         raise ConfigError(

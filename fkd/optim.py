@@ -722,6 +722,24 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 
 
+def ema_update(ema_tree: Any, tree: Any, decay: Number) -> Any:
+    r"""The exponential moving average one step on: ``decay * ema + (1 - decay) * tree``, leaf by leaf.
+
+    .. math:: \bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta
+
+    New tensors (the inputs are untouched); ``decay`` is a Python number in [0, 1] or a 0-d tensor. Leaves
+    that are not floating point (BatchNorm's ``num_batches_tracked``) take ``tree``'s value. The "mean
+    teacher" of Tarvainen & Valpola, NeurIPS 2017, eq. 1, is this average of a student's weights.
+    """
+    e, t = tree_leaves(ema_tree), _leaves(tree, ema_tree)
+    floats = [i for i, x in enumerate(e) if x.is_floating_point()]
+    mixed = _lerp([e[i] for i in floats], [t[i].to(e[i].dtype) for i in floats], 1.0 - decay) if floats else []
+    out = [x if x.is_floating_point() else x.clone() for x in t]
+    for i, value in zip(floats, mixed):
+        out[i] = value
+    return tree_unflatten_like(ema_tree, out)
+
+
 def optimizer_from_config(
     cfg: OptimizerConfig, steps_per_epoch: int, epochs: int, *, key: str = "train.optimizer"
 ) -> tuple[GradientTransformation, Schedule]:

@@ -102,6 +102,7 @@ def build_training(
     quiet: bool = False,
     mix: Callable | None = None,
     split_batches: bool = True,
+    ema_decay: float | None = None,
 ) -> TrainingSetup:
     """Optimizer and schedule (from ``train.optimizer``), initial state, step and loop spec of one run.
 
@@ -118,6 +119,8 @@ def build_training(
         teacher: the teacher's template when the step runs it live (None with cached outputs).
         compile: overrides ``train.compile`` (the bench times eager and compiled steps side by side).
         mix: the step's image mixing for function matching (:func:`fkd.mixup.make_mixer`), or None.
+        ema_decay: a mean teacher's decay (``teacher.source = "ema"``): the state keeps the moving average
+            of the weights and the step reads its teacher from it (:func:`fkd.step.make_train_step`).
         split_batches: under torchrun, split each batch over the ranks (:func:`for_this_world`); False
             when every rank trains models of its own (a sweep's students).
     """
@@ -130,10 +133,12 @@ def build_training(
     channels_last = uses_channels_last(train, device)
     layout = to_channels_last if channels_last else _same_layout
     state = layout(init_train_state(params, buffers, optimizer, objective_params=objective_params,
-                                    objective_state=objective_state, frozen=frozen, seed=seed))
+                                    objective_state=objective_state, frozen=frozen, seed=seed,
+                                    ema=ema_decay is not None))
     step = make_train_step(model, objective, optimizer, teacher=teacher, train_mode=train_mode,
                            precision=train.precision, compile=train.compile if compile is None else compile,
                            compile_mode=train.compile_mode, channels_last=channels_last, device=device,
-                           steps_per_epoch=max(steps_per_epoch, 1), data_parallel=data_parallel, mix=mix)
+                           steps_per_epoch=max(steps_per_epoch, 1), data_parallel=data_parallel, mix=mix,
+                           ema_decay=ema_decay)
     spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet)
     return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

@@ -42,8 +42,8 @@ from fkd import prng
 from fkd.data_parallel import DataParallel
 from fkd.models import Model
 from fkd.objective import Objective
-from fkd.optim import GradientTransformation, apply_updates, global_norm
-from fkd.pytree import tree_map
+from fkd.optim import GradientTransformation, apply_updates, ema_update, global_norm
+from fkd.pytree import tree_leaves, tree_map
 from fkd.terms import TermInputs
 
 State = dict[str, Any]
@@ -61,16 +61,22 @@ def init_train_state(
     objective_state: dict | None = None,
     frozen: dict | None = None,
     seed: int = 0,
+    ema: bool = False,
 ) -> State:
     """The initial train state (see the module docstring).
 
     ``params`` are the model's trainable weights, ``frozen`` are used but never updated;
     ``objective_params`` / ``objective_state`` come from :meth:`fkd.objective.Objective.init`; ``seed``
-    gives the run's random key (:func:`fkd.prng.key_from_seed`).
+    gives the run's random key (:func:`fkd.prng.key_from_seed`). ``ema`` adds ``state["ema"]``, the
+    moving average of the model's weights and buffers that a mean teacher is (``teacher.source = "ema"``),
+    starting as a copy of them.
     """
     trainable = {"model": params, "objective": objective_params or {}}
-    device = next(iter(params.values())).device
+    device = tree_leaves(params)[0].device
+    extra = {"ema": {"params": tree_map(torch.clone, {**(frozen or {}), **params}),
+                     "buffers": tree_map(torch.clone, buffers)}} if ema else {}
     return {
+        **extra,
         "params": trainable,
         "frozen": frozen or {},
         "buffers": buffers,
@@ -209,8 +215,9 @@ def gradients_fn(
         grads, (loss, (metrics, new_buffers, logits, objective_state)) = grad_and_value(loss_fn, has_aux=True)(
             state["params"])
         y = inputs.labels
-        correct = ((logits.argmax(dim=-1) == y) & (y >= 0)).sum()  # labeled examples only
-        return Gradients(grads, loss, metrics, correct, (y >= 0).sum(), new_buffers, objective_state)
+        hits = (logits.argmax(dim=-1) == y) & (y >= 0)  # labeled examples only; (K, B) for a cohort's K members
+        count = (y >= 0).expand_as(hits).sum()
+        return Gradients(grads, loss, metrics, hits.sum(), count, new_buffers, objective_state)
 
     return gradients
 
@@ -243,15 +250,16 @@ def summed_over_ranks(gradients: Callable[..., Gradients], data_parallel: DataPa
 
 def keep_finite(state: State, new_state: State, finite: torch.Tensor) -> State:
     """The non-finite guard: ``new_state`` where ``finite``, else the previous params, buffers, objective
-    and optimizer state (``torch.where``, no host sync); ``bad_step`` records the first bad step's index.
+    and optimizer state (and moving average) (``torch.where``, no host sync); ``bad_step`` records the first bad step's index.
 
     The training loop reads ``bad_step`` at its sync points and stops with a message (a plain run), or a
     population freezes the member (:func:`fkd.population.freeze_diverged`).
     """
     keep = lambda new, old: torch.where(finite, new, old)  # noqa: E731
     guarded = dict(new_state)
-    for part in ("params", "buffers", "objective", "opt_state"):
-        guarded[part] = tree_map(keep, new_state[part], state[part])
+    for part in ("params", "buffers", "objective", "opt_state", "ema"):
+        if part in state:
+            guarded[part] = tree_map(keep, new_state[part], state[part])
     guarded["bad_step"] = torch.where((state["bad_step"] < 0) & ~finite, state["step"], state["bad_step"])
     return guarded
 
@@ -271,6 +279,7 @@ def make_train_step(
     steps_per_epoch: int | None = None,
     mix: Callable | None = None,
     data_parallel: DataParallel | None = None,
+    ema_decay: float | None = None,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)`` for one model.
 
@@ -309,6 +318,11 @@ def make_train_step(
             (:class:`fkd.data_parallel.DataParallel`, applied with :func:`weighted_by_share` and
             :func:`summed_over_ranks`). None in a
             single process.
+        ema_decay: a mean teacher (``teacher.source = "ema"``): the teacher's variables are ``state["ema"]``
+            (``teacher`` is a template of the student's architecture; ``teacher_vars`` is not used), and after
+            the update the average moves on, ``ema <- d * ema + (1 - d) * (new weights, new buffers)``
+            (:func:`fkd.optim.ema_update`; Tarvainen & Valpola 2017). The state must come from
+            ``init_train_state(..., ema=True)``.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
     ``grad_norm``, ``finite`` (bool). ``correct`` and ``count`` cover the labeled examples only
@@ -329,6 +343,8 @@ def make_train_step(
         key = prng.fold_in(state["key"], state["step"])
         # the mixing has its own stream, independent of the numbers the terms draw from ``key``
         x = mix_images(layout(batch["x"]), prng.fold_in(key, MIX_STREAM))
+        if ema_decay is not None:
+            teacher_vars = state["ema"]
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         epoch = state["step"].to(torch.float32) / steps_per_epoch if steps_per_epoch else None
         inputs = TermInputs(None, {}, batch["y"], t_logits, t_features, batch.get("idx"), key, epoch)
@@ -344,6 +360,9 @@ def make_train_step(
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
+        if ema_decay is not None:
+            weights = {**state["frozen"], **new_state["params"]["model"]}
+            new_state["ema"] = ema_update(state["ema"], {"params": weights, "buffers": g.buffers}, ema_decay)
         metrics = {**g.metrics, "loss": g.loss.detach(), "correct": g.correct, "count": g.count,
                    "grad_norm": grad_norm.detach(), "finite": finite}
         return keep_finite(state, new_state, finite), metrics

@@ -16,6 +16,7 @@ again without it (:func:`fkd.data.transfer.labeled_only`); ``data.label_fraction
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -176,6 +177,31 @@ def save_teacher(path: Path, cfg: Config, model: Model, params: dict, buffers: d
         "test_acc": float(test_acc),
         "config": dumps(cfg),
     }, kind="teacher")
+
+
+def save_student_as_teacher(run: RunDir, path: Path) -> Path:
+    """Write the trained student of the finished distill run ``run`` as a teacher checkpoint at ``path``.
+
+    The teacher checkpoint holds the student's model spec, its final weights (``checkpoints/latest.pt``),
+    the test accuracy its ``summary.json`` records and the run's config, so :func:`load_teacher` reads it
+    as any fitted teacher: a later stage of a pipeline learns from it (:mod:`fkd.stages`), and ``fkd
+    evaluate`` / ``fkd export --teacher`` take it. Returns ``path``.
+    """
+    saved = load_checkpoint(run.latest, "student_run")
+    try:
+        accuracy = float(json.loads(run.summary_path.read_text())["student_test_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"'{run.summary_path}' does not record the student's test accuracy; the run in "
+                              f"'{run.path}' has not finished: run it to the end first.") from None
+    state = saved["state"]
+    save_checkpoint(path, {
+        "model": dict(saved["model"]),
+        "params": {**state["frozen"], **state["params"]["model"]},
+        "buffers": dict(state["buffers"]),
+        "test_acc": accuracy,
+        "config": saved["config"],
+    }, kind="teacher")
+    return path
 
 
 def load_teacher(path: Path, cfg: Config, num_classes: int, feature_names=(), device="cpu"):

@@ -11,13 +11,23 @@ from pathlib import Path
 from fkd.config import Config
 
 
+def teacher_name(cfg: Config) -> str:
+    """``"teacher resnet18"``, ``"teachers a (resnet18) + b (wrn_40_2)"`` for an ensemble, or ``"a moving
+    average of the student"`` for a mean teacher (``teacher.source = "ema"``)."""
+    if cfg.teachers:
+        return "teachers " + " + ".join(f"{name} ({t.arch})" for name, t in cfg.teachers.items())
+    if cfg.teacher.source == "ema":
+        return "a moving average of the student"
+    return f"teacher {cfg.teacher.arch}"
+
+
 def models(cfg: Config) -> str:
     """``"student seed_cnn ← teacher resnet18, method feature"`` (``"student seed_cnn alone, method none"``
     when the method consumes no teacher)."""
     method = cfg.distill.preset
     if method == "none":
         return f"student {cfg.student.arch} alone, method none"
-    return f"student {cfg.student.arch} ← teacher {cfg.teacher.arch}, method {method}"
+    return f"student {cfg.student.arch} ← {teacher_name(cfg)}, method {method}"
 
 
 def run_title(cfg: Config, run_path: Path, *, role: str = "student", needs_teacher: bool = True) -> str:

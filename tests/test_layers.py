@@ -103,7 +103,7 @@ def test_nothing_below_the_build_layer_imports_it_or_a_command():
     graph = import_graph()
     top = BUILD | COMMANDS
     users = {name: sorted(m for m in imported if m in top) for name, imported in graph.items()}
-    allowed = top | {n for n in graph if n.startswith(("fkd.sweep.", "fkd.export."))} | {"fkd.distill", "fkd.teacher"}
+    allowed = top | {n for n in graph if n.startswith(("fkd.sweep.", "fkd.export."))} | {"fkd.distill", "fkd.teacher", "fkd.stages"}
     wrong = {name: got for name, got in users.items() if got and name not in allowed}
     assert not wrong, f"modules below the build layer import it: {wrong}"
     assert "fkd.build" not in {m for n in BUILD for m in graph[n]}
@@ -114,14 +114,15 @@ def test_nothing_below_the_build_layer_imports_it_or_a_command():
 LAYERS = {
     0: ("fkd", "fkd.errors", "fkd.schema", "fkd.registry", "fkd.presets", "fkd.config_files", "fkd.pytree",
         "fkd.prng", "fkd.losses", "fkd.atomic", "fkd.user_imports"),
-    1: ("fkd.config",),
+    1: ("fkd.config", "fkd.stage_config"),
     2: ("fkd.terms", "fkd.models", "fkd.optim", "fkd.schedules", "fkd.objective", "fkd.data_parallel",
         "fkd.data.datasets", "fkd.data.views", "fkd.data.stl10"),
     3: ("fkd.step", "fkd.population", "fkd.loop", "fkd.fit", "fkd.data", "fkd.mixup", "fkd.cache", "fkd.checkpoint",
         "fkd.run_setup", "fkd.run_start", "fkd.rundir", "fkd.runlock", "fkd.progress", "fkd.distributed",
         "fkd.evaluate", "fkd.device", "fkd.runtime", "fkd.clone_files"),
     4: ("fkd.build",),
-    5: ("fkd.cli", "fkd.distill", "fkd.distill_setup", "fkd.teacher", "fkd.sweep", "fkd.export"),
+    5: ("fkd.cli", "fkd.distill", "fkd.distill_setup", "fkd.teacher", "fkd.sweep", "fkd.export",
+        "fkd.stages"),
 }
 LAYER_NAMES = {0: "ground", 1: "config", 2: "units", 3: "step, loop, data", 4: "build", 5: "commands"}
 

@@ -32,7 +32,8 @@ def test_the_table_covers_every_method_config_and_every_term():
     from fkd.terms import TERMS
 
     built_in = {n for n in TERMS.names() if TERMS.get(n).__module__.startswith("fkd.terms.")}
-    assert terms == built_in - {"ce"}  # every built-in method, once (other tests register their own)
+    cohort_only = {n for n in built_in if "cohort_logits" in TERMS.get(n).consumes}  # mutual: docs/paradigms.md
+    assert terms == built_in - {"ce"} - cohort_only  # every built-in method, once (other tests register their own)
 
 
 def test_method_configs_differ_only_in_distill_and_name():

@@ -30,6 +30,8 @@ and, re-exported from their own modules (which import only torch and einops):
 :mod:`fkd.losses.maps`       ``nst``, ``vid_nll`` (with ``init_vid_params``, ``vid_regressor``,
                              ``pool_to_common_size``)
 :mod:`fkd.losses.contrastive` ``crd`` (with its memory banks: ``init_memory``, ``momentum_update``)
+:mod:`fkd.losses.groups`     ``ensemble_distribution``, ``confidence_weights``, ``ensemble_logits``,
+                             ``mutual_learning`` (with ``mutual_learning_member``)
 """
 
 from __future__ import annotations
@@ -42,12 +44,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fkd.losses.contrastive import crd
+from fkd.losses.groups import (confidence_weights, ensemble_distribution, ensemble_logits, mutual_learning,
+                               mutual_learning_member)
 from fkd.losses.logits import dist, dkd, dkd_per_example, logit_standardized_kd
 from fkd.losses.maps import init_vid_params, nst, pool_to_common_size, vid_nll, vid_regressor
 from fkd.losses.relations import correlation_congruence, pkt, rkd, similarity_preserving
 
 __all__ = [
     "attention_map",
+    "confidence_weights",
+    "ensemble_distribution",
+    "ensemble_logits",
+    "mutual_learning",
+    "mutual_learning_member",
     "attention_transfer",
     "blended_kd",
     "correlation_congruence",

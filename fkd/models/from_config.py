@@ -18,8 +18,9 @@ def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: s
     """The teacher architecture of ``cfg`` returning ``feature_names`` -> ``(model, params, buffers)``.
 
     ``weights``: ``"imagenet"`` or ``"none"`` (random, from ``seed``, default the run's seed); a
-    distillation run then loads the teacher checkpoint over them.
+    distillation run then loads the teacher checkpoint over them. With ``teacher.source = "ema"`` the
+    teacher is the student's architecture (its weights are the average the train state keeps).
     """
-    t = cfg.teacher
+    t = cfg.student if cfg.teacher.source == "ema" else cfg.teacher  # a mean teacher has the student's shape
     return build_model(t.arch, num_classes, cfg.data.image_size, feature_names, weights=weights,
                        seed=cfg.seed if seed is None else seed, device=device, **t.options)

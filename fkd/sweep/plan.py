@@ -21,6 +21,7 @@ import attrs
 
 from fkd.build import resolve
 from fkd.config import Config, apply_overrides, dumps, from_dict, read_toml
+from fkd.stage_config import refuse_pipeline_keys
 from fkd.errors import ConfigError
 from fkd.objective import Objective
 from fkd.schema import toml_value
@@ -117,6 +118,7 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
     """Build and validate every student's config and group them (see the module docstring)."""
     raw = read_toml(config_path) if config_path is not None else {}
     raw = apply_overrides(raw, list(overrides))
+    refuse_pipeline_keys(raw)
     for key, value in top.items():
         if value is not None:
             raw[key] = value

@@ -38,7 +38,7 @@ from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import load_teacher_for, preflight, teacher_cache
+from fkd.distill_setup import build_students, ema_decay, load_teacher_for, preflight, teacher_cache
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
@@ -122,11 +122,11 @@ def student_state(cfg, objective, shapes, num_classes: int, steps_per_epoch: int
     """A sweep student's initial train state: initialised from ``cfg.seed`` exactly as ``distill`` does, with
     its own optimizer hyper-parameters (from ``cfg.train.optimizer``, in its optimizer state) and its term
     numbers (``hyper``, Python floats) as 0-d tensors under ``"hyper"`` when given."""
-    _, params, buffers = build_student(cfg, num_classes, objective.student_feature_names, device=device)
+    _, params, buffers = build_students(cfg, num_classes, objective.student_feature_names, device=device)
     obj_params, obj_state = objective.init(shapes, seed=cfg.seed, device=device)
     optimizer, _ = optimizer_from_config(cfg.train.optimizer, steps_per_epoch, cfg.train.epochs)
     state = init_train_state(params, buffers, optimizer, objective_params=obj_params, objective_state=obj_state,
-                             seed=cfg.seed)
+                             seed=cfg.seed, ema=objective.needs_teacher and ema_decay(cfg) is not None)
     if hyper is not None:
         state["hyper"] = tree_map(lambda v: torch.tensor(float(v), device=device), hyper)
     return layout(state)
@@ -155,9 +155,9 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
         pre.student, obj, base.train, params=pre.params, buffers=pre.buffers,
         teacher=teacher.model if teacher else None, steps_per_epoch=nb, batch_size=base.data.batch_size,
         seed=base.seed, augment=augment, device=device, compile="off", quiet=True,
-        mix=make_mixer(base.data.mixup, base.data.cutmix),
+        mix=make_mixer(base.data.mixup, base.data.cutmix), ema_decay=ema_decay(base) if obj.needs_teacher else None,
         split_batches=False)  # under torchrun each rank trains students of its own
-    teacher_vars = training.layout(teacher.variables) if teacher is not None else None
+    teacher_vars = training.layout(teacher.variables) if teacher is not None and teacher.variables else None
     return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher.model if teacher else None, teacher_vars,
                       lookup, training.step, training.layout, augment, nb, base.data.mixes)
 
@@ -178,7 +178,7 @@ def group_batches(setup: GroupSetup, strategy: str) -> Callable:
                 batch = {"x": x, "y": y, "idx": idx}
                 if setup.lookup is not None:
                     batch.update(setup.lookup(idx))
-                elif setup.shared_order and strategy == "loop":
+                elif setup.shared_order and strategy == "loop" and setup.teacher_vars is not None:
                     logits, feats = teacher_batch_outputs(setup.teacher, setup.teacher_vars, x, cfg.train.precision)
                     batch.update({"teacher_logits": logits, "teacher_features": feats})
                 out.append(batch)

@@ -75,11 +75,12 @@ def summarize(finals: list[dict], baseline_point: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: -1.0 if r["mean"] is None else r["mean"], reverse=True)
 
 
-def format_table(rows: list[dict], baseline_point: str | None) -> str:
-    """The printed sweep table: accuracy over seeds per grid point, best first. Points with fewer than
-    :data:`MIN_SEEDS_FOR_INTERVAL` seeds show their values instead of an interval, and a line says why."""
+def format_table(rows: list[dict], baseline_point: str | None, *, label: str = "grid point") -> str:
+    """The printed sweep table: accuracy over seeds per grid point (``label`` heads that column), in the
+    order of ``rows``. Points with fewer than :data:`MIN_SEEDS_FOR_INTERVAL` seeds show their values
+    instead of an interval, and a line says why."""
     few = any(0 < r["n"] < MIN_SEEDS_FOR_INTERVAL for r in rows)
-    head = ("grid point", "n", "mean", "± std", "95% CI", "min", "max", "vs baseline", "diverged")
+    head = (label, "n", "mean", "± std", "95% CI", "min", "max", "vs baseline", "diverged")
     head += ("values",) if few else ()
     body = [head]
 

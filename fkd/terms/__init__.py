@@ -26,6 +26,7 @@ from fkd.terms.base import (
 from fkd.terms import ce, logit, feature, attention  # noqa: E402,F401,I001 -- registers the built-ins, in this order
 from fkd.terms import dkd, dist, lskd, sp, rkd, pkt, cc, nst, vid  # noqa: E402,F401,I001 -- issue 9 methods
 from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
+from fkd.terms import mutual  # noqa: E402,F401,I001 -- deep mutual learning (cohorts)
 
 __all__ = [
     "INPUTS", "TERMS", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",

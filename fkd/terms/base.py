@@ -32,7 +32,7 @@ from fkd.registry import Registry
 
 #: Everything a term may read in a step; a term lists the ones it uses in ``consumes``.
 INPUTS = ("labels", "student_logits", "student_features", "teacher_logits", "teacher_features", "idx", "key",
-          "epoch")
+          "epoch", "cohort_logits")
 
 #: The registered terms: ``[distill.terms.<name>]`` tables in a config name them.
 TERMS = Registry("loss term", "distill.terms", load=("fkd.terms",))
@@ -47,12 +47,13 @@ class TermInputs(NamedTuple):
     student_logits: Tensor  # (B, K), fp32, differentiable
     student_features: dict  # {name: (B, C, H, W) or (B, D)}, differentiable
     labels: Tensor  # (B,) int64
-    teacher_logits: Tensor | None  # (B, K), or None when no term consumes them
+    teacher_logits: Tensor | None  # (B, K), or None when no term consumes them; (B, M, K) for M teachers
     teacher_features: dict  # {name: tensor}, empty when no term consumes them
     idx: Tensor | None  # (B,) int64: each example's index in the training set
     key: Tensor  # 0-d int64 random key of this step (fold_in(run key, step)); see fkd.prng
     epoch: Tensor | None = None  # 0-d float32: epochs completed before this step (step / steps per epoch)
     hyper: dict = {}  # {field: 0-d tensor}: this term's swept hyper-parameters (see Term.hp), else empty
+    cohort_logits: Tensor | None = None  # (K, B, C): every cohort member's logits, detached (see fkd.models.cohort)
 
 
 @attrs.frozen
@@ -110,6 +111,10 @@ class Term:
     consumes: ClassVar[frozenset] = frozenset()
     #: float fields read through :meth:`hp`, so a sweep can vary them per student inside one step
     sweepable: ClassVar[frozenset] = frozenset()
+    #: the field holding the temperature T when the term reads the teacher only through
+    #: ``softmax(teacher_logits / T)``: such a term can read an ensemble of teachers (it then gets
+    #: :func:`fkd.losses.ensemble_logits` at its T); None: it must name one teacher
+    ensemble_temperature: ClassVar[str | None] = None
 
     def hp(self, inputs: "TermInputs", name: str):
         """Hyper-parameter ``name``: the field's value, or this step's per-student tensor in a sweep.

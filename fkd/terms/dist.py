@@ -16,6 +16,7 @@ class DIST(Term):
 
     summary = "DIST: 1 - Pearson correlation of softmax(z/T) across classes and across the batch (Huang et al. 2022)"
     sweepable = frozenset({"beta", "gamma", "temperature"})
+    ensemble_temperature = "temperature"
     consumes = frozenset({"student_logits", "teacher_logits"})
     beta: float = hyper(1.0, non_negative, help="weight of the inter-class relation (correlation over classes)")
     gamma: float = hyper(1.0, non_negative, help="weight of the intra-class relation (correlation over the batch)")

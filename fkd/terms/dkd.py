@@ -23,6 +23,7 @@ class DecoupledKD(Term):
 
     summary = "decoupled KD: alpha * target-class KD + beta * non-target-class KD, T^2-scaled (Zhao et al. 2022)"
     sweepable = frozenset({"alpha", "beta", "temperature"})
+    ensemble_temperature = "temperature"
     consumes = frozenset({"labels", "student_logits", "teacher_logits", "epoch"})
     alpha: float = hyper(1.0, non_negative, help="weight of TCKD, the KL of the binary (target, rest) distributions")
     beta: float = hyper(8.0, non_negative, help="weight of NCKD, the KL among the non-target classes")

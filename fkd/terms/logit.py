@@ -15,6 +15,7 @@ class SoftTargetKL(Term):
 
     summary = "soft-target KL divergence at temperature T, times T^2 (Hinton et al. 2015)"
     sweepable = frozenset({"temperature"})
+    ensemble_temperature = "temperature"
     consumes = frozenset({"student_logits", "teacher_logits"})
     temperature: float = hyper(2.0, positive, help="softmax temperature T (the loss carries the T^2 factor)")
 
