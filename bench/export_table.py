@@ -30,7 +30,8 @@ def export_rows(run: Path, out: Path, *, fmt: str = "onnx", latency_repeats: int
         if options.get("quantize") and fmt != "onnx":
             continue
         target = out / (label.replace(" ", "-") + suffix)
-        entry = export_model(run, fmt=fmt, out=target, latency_repeats=latency_repeats, echo=echo, **options)
+        entry = export_model(run, fmt=fmt, out=target, latency_repeats=latency_repeats, overwrite=True, echo=echo,
+                             **options)  # the table's own files: made again on each run
         rows.append({"label": label, **entry})
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import shlex
@@ -12,7 +13,7 @@ from pathlib import Path
 import click
 
 from fkd.config import dumps
-from fkd.errors import FkdError
+from fkd.errors import FkdError, shorten
 
 EXIT_USAGE = 2
 
@@ -34,6 +35,12 @@ def friendly_errors(fn):
             if line is not None:
                 click.echo(line, err=True)
             sys.exit(EXIT_USAGE if isinstance(exc, FkdError) else 1)
+        except OSError as exc:  # a path the file system cannot take (--out, --config, PATH): one line
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            click.echo(f"error: the path '{shorten(exc.filename or '')}' is too long for the file system "
+                       f"({exc.strerror}); shorten it.", err=True)
+            sys.exit(EXIT_USAGE)
         except Interrupted as exc:
             if distributed.is_main():
                 ctx = click.get_current_context()
@@ -357,15 +364,17 @@ def evaluate(path, config_path, overrides, out, device, threads, as_json):
               help="Timed calls per CPU latency figure (median); 0 skips timing.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads the latency is timed with (batch 1 and 64).")
+@click.option("--overwrite", is_flag=True, help="Replace the file at --out (or the default path) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export.json entry instead of a summary.")
 @friendly_errors
-def export(path, fmt, quantize, out, teacher, latency_repeats, threads, as_json):
+def export(path, fmt, quantize, out, teacher, latency_repeats, threads, overwrite, as_json):
     """Export a trained student to a file a serving stack loads, verified against fkd.
 
     PATH is a distill run directory or a student checkpoint. The file takes float32
     (batch, 3, S, S) RGB images with values pixels / 255; the run's normalisation is built
     in. It is loaded back and its logits checked against fkd's (1e-4) before it is written;
-    int8 reports its test accuracy. Writes the file and an entry in export.json beside it.
+    int8 reports its test accuracy. Writes the file and an entry in export.json beside it; an
+    existing file is replaced only with --overwrite.
 
     \b
     Examples:
@@ -378,7 +387,7 @@ def export(path, fmt, quantize, out, teacher, latency_repeats, threads, as_json)
     from fkd.export.pipeline import export_model
 
     entry = export_model(path, fmt=fmt, quantize=quantize, out=out, teacher=teacher, latency_repeats=latency_repeats,
-                         latency_threads=threads, echo=lambda m: click.echo(m, err=True))
+                         latency_threads=threads, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(entry))
         return

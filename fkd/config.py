@@ -31,11 +31,11 @@ from typing import Any
 
 import attrs
 
-from fkd.config_files import read_config_file
-from fkd.errors import ConfigError
+from fkd.config_files import MAX_DEPTH, parse_toml, read_config_file
+from fkd.errors import ConfigError, shorten
 from fkd.presets import PRESET_KEYS, PresetSettings, expand_preset
-from fkd.schema import (WithOptions, at_least, build_attrs, field, has_options, non_negative, one_of, positive,
-                        suggest, toml_value, unit_interval, validators_of)
+from fkd.schema import (WithOptions, at_least, build_attrs, field, file_path, has_options, non_negative, one_of,
+                        path_problem, positive, suggest, toml_value, unit_interval, validators_of)
 
 
 def int64(inst, attribute, value):
@@ -50,6 +50,8 @@ def plain_name(inst, attribute, value):
     if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
         raise ValueError(f"must be a plain name, not a path (got {value!r}): the run directory is runs/<name>; "
                          "drop '/', '\\' and '..', or choose the folder with --out")
+    if (problem := path_problem(value)) is not None:  # runs/<name> must be a name the file system takes
+        raise ValueError(f"{problem} (got {shorten(value)!r}); shorten it, or choose the folder with --out")
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ class DataConfig(WithOptions):
     """
 
     name: str = field("digits", help="data set", names="data set")
-    root: str = field("data", help="folder holding downloaded / user data")
+    root: str = field("data", file_path, help="folder holding downloaded / user data")
     image_size: int = field(32, at_least(8), help="side of the square images the models see")
     resize: int = field(0, at_least(0), help="resize shorter side to this before cropping (0: image_size)")
     crop: str = field("center", one_of("center", "random"), help="crop to image_size")
@@ -109,6 +111,10 @@ class DataConfig(WithOptions):
         if self.labeled_share and self.transfer == "none":
             raise ConfigError(f"data.labeled_share = {self.labeled_share} mixes labeled and unlabeled images, but "
                               "data.transfer is 'none'; set data.transfer = 'unlabeled' or data.labeled_share = 0.")
+        if self.labeled_share and self.batch_size < 2:
+            raise ConfigError(f"data.labeled_share = {self.labeled_share} puts labeled and unlabeled images in every "
+                              f"batch, which needs data.batch_size >= 2 (got {self.batch_size}); raise "
+                              "data.batch_size or set data.labeled_share = 0.")
         if self.labeled_share >= 1:
             raise ConfigError("data.labeled_share must be below 1 (a batch of labeled images only has no room for "
                               "the transfer set); use e.g. 0.5, or 0 to shuffle both together.")
@@ -180,7 +186,7 @@ class TeacherConfig(WithOptions):
 
     arch: str = field("resnet18", help="torchvision model name (or seed_cnn / small_cnn)", names="model")
     weights: str = field("none", one_of("imagenet", "none"), help="starting weights for a teacher fit")
-    checkpoint: str = field("", help="fkd teacher checkpoint (written by `fkd teacher`)")
+    checkpoint: str = field("", file_path, help="fkd teacher checkpoint (written by `fkd teacher`)")
     fit_if_missing: bool = field(False, help="distill: fit the teacher first when its checkpoint is missing")
     mode: str = field("linear_probe", one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
     source: str = field(
@@ -191,7 +197,7 @@ class TeacherConfig(WithOptions):
     decay: float = field(0.999, unit_interval, help="teacher.source = 'ema': the average's decay d per step, "
                                                      "ema <- d * ema + (1 - d) * student")
     cache: str = field("auto", one_of("auto", "memory", "disk", "off"), help="reuse teacher outputs")
-    cache_dir: str = field(".fkd_cache", help="where disk caches of teacher outputs live")
+    cache_dir: str = field(".fkd_cache", file_path, help="where disk caches of teacher outputs live")
     cache_max_gb: float = field(
         16.0, positive,
         help="most a teacher cache may take (GB, and never more than cache_dir's free space): when the features "
@@ -310,12 +316,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, value_text = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set has an empty key in {text!r}; write it as section.key=value.")
+        raise ConfigError(f"--set has an empty key in {shorten(text)!r}; write it as section.key=value.")
+    path = key.split(".")
+    if len(path) > MAX_DEPTH:
+        raise ConfigError(f"--set {shorten(key)}: a key of {len(path)} parts, but config keys are at most "
+                          f"{MAX_DEPTH} deep; check the key (python cli.py config --keys lists them).")
+    return path, parse_value(value_text, f"--set {shorten(key)}")
+
+
+def parse_value(text: str, where: str) -> Any:
+    """A value typed on the command line, read as TOML (``3``, ``0.5``, ``[1, 2]``, ``"x"``), else taken as a
+    bare string; nesting deeper than a config may is refused, naming ``where``."""
     try:
-        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+        return parse_toml(f"v = {text.strip()}", where)["v"]
     except tomllib.TOMLDecodeError:
-        value = value_text.strip()
-    return key.split("."), value
+        return text.strip()
 
 
 def _check_key_path(path: list[str], option: str = "--set") -> None:

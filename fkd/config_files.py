@@ -19,6 +19,36 @@ from fkd.errors import ConfigError
 
 EXTENDS = "extends"
 
+#: How deep tables and arrays may sit within each other (fkd's own configs need 5: a list in distill.terms.<name>).
+#: Deeper ones are refused in one line before anything walks them (each walk is recursive).
+MAX_DEPTH = 16
+
+
+def nesting_depth(value, limit: int = MAX_DEPTH) -> int:
+    """How many tables and arrays ``value`` nests (0 for a number or string), counted without recursion and
+    only up to ``limit + 1``."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers or depth > limit:
+            return depth
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+
+
+def parse_toml(text: str, where: str) -> dict:
+    """The TOML document ``text``; :class:`ConfigError` naming ``where`` when it nests tables or arrays more
+    than :data:`MAX_DEPTH` deep (tomllib's parser recurses, and so do fkd's walks over a config).
+    A malformed document raises ``tomllib.TOMLDecodeError`` as ``tomllib.loads`` does."""
+    try:
+        doc = tomllib.loads(text)
+    except RecursionError:
+        doc = None
+    if doc is None or nesting_depth(doc) > MAX_DEPTH:
+        raise ConfigError(f"{where} nests tables or arrays more than {MAX_DEPTH} deep, deeper than any config "
+                          "needs; flatten it.")
+    return doc
+
 
 def merge_tables(base: dict, top: dict) -> dict:
     """A new dict: ``base`` with ``top`` on top. Tables present in both merge recursively; any other value
@@ -35,7 +65,7 @@ def merge_tables(base: dict, top: dict) -> dict:
 def _parse(path: Path, shown: str) -> dict:
     """The TOML table in ``path``; errors name the file as ``shown``."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return parse_toml(path.read_text(encoding="utf-8"), f"config file '{shown}'")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{shown}' is not valid TOML: {exc}.") from None
     except UnicodeDecodeError:

@@ -25,7 +25,6 @@ from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.checkpoint import save_checkpoint
 from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
-from fkd.errors import ConfigError
 from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
@@ -53,10 +52,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     data = load_data(cfg.data, device=device)
     pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
     obj, student = pre.objective, pre.student
-    for t_path in teacher_paths(cfg) if obj.needs_teacher and ema_decay(cfg) is None else ():
-        if not t_path.is_file() and t_path.parent.resolve() == run.path.resolve():
-            raise ConfigError(f"teacher.checkpoint '{t_path}' is in the run directory, where the missing teacher "
-                              "would be fitted too; set it to a file in another folder.")
+    if obj.needs_teacher and ema_decay(cfg) is None:
+        teacher_paths(cfg, run)  # each checkpoint there (or to be fitted, outside this run's directory)
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(lambda: decide_start(

@@ -38,13 +38,13 @@ def member_configs(cfg: Config) -> dict[str, Config]:
     return {name: attrs.evolve(cfg, teacher=t, teachers={}) for name, t in cfg.teachers.items()}
 
 
-def teacher_paths(cfg: Config) -> list[Path]:
+def teacher_paths(cfg: Config, run: RunDir | None = None) -> list[Path]:
     """Every teacher checkpoint of ``cfg`` (one, or one per ensemble member), checked as :func:`teacher_to_use`;
     two members may not share a checkpoint."""
     members = member_configs(cfg)
     if not members:
-        return [teacher_to_use(cfg)]
-    paths = {name: teacher_to_use(c) for name, c in members.items()}
+        return [teacher_to_use(cfg, run)]
+    paths = {name: teacher_to_use(c, run) for name, c in members.items()}
     seen: dict[Path, str] = {}
     for name, path in paths.items():
         if path.resolve() in seen:
@@ -54,15 +54,19 @@ def teacher_paths(cfg: Config) -> list[Path]:
     return list(paths.values())
 
 
-def teacher_to_use(cfg: Config) -> Path:
-    """The teacher checkpoint path, checked before anything is written: not a folder, and present unless
-    ``teacher.fit_if_missing`` allows fitting it."""
+def teacher_to_use(cfg: Config, run: RunDir | None = None) -> Path:
+    """The teacher checkpoint path, checked before anything is written: not a folder, present unless
+    ``teacher.fit_if_missing`` allows fitting it, and -- when it is missing -- not inside ``run``, the
+    directory of the command that would fit it (the fit would need the lock that command holds)."""
     path = teacher_checkpoint_path(cfg)
     if not path.is_file() and not cfg.teacher.fit_if_missing:
         raise CheckpointError(
             f"teacher checkpoint '{path}' does not exist; fit it first with `fkd teacher --config ...`, "
             "or set teacher.fit_if_missing = true to fit it here."
         )
+    if run is not None and not path.is_file() and path.parent.resolve() == run.path.resolve():
+        raise ConfigError(f"teacher.checkpoint '{path}' is in the run directory, where the missing teacher "
+                          "would be fitted too; set it to a file in another folder.")
     return path
 
 
@@ -92,7 +96,8 @@ class Preflight:
 def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None) -> Preflight:
     """Build the objective and the student and check every term against the real shapes.
 
-    Unknown feature names and unmatchable pairs fail here, in a second, instead of after a teacher fit.
+    Unknown feature names, unmatchable pairs and terms that do not return a 0-d loss fail here, in a second,
+    instead of after a teacher fit.
     The teacher is built with random weights on the CPU only to read its feature shapes.
     """
     obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
@@ -105,6 +110,7 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device, objectiv
         t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
     shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
     obj.check(shapes)
+    obj.probe(shapes, cfg.data.batch_size)  # each term's output checked once, before the first write
     return Preflight(obj, student, params, buffers, shapes)
 
 

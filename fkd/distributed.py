@@ -230,16 +230,22 @@ def describe() -> str:
 
 
 _PEER_GONE = ("closed by peer", "reset by peer", "broken pipe")
+_TIMED_OUT = ("timed out", "timeout")
 
 
 def lost_peer(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective that failed because another process of the job went away.
+    """Whether ``exc`` is a collective that failed because another process of the job went away or stopped
+    answering (it timed out, see :func:`collective_timeout`).
 
     The in-step collectives raise gloo's error as a plain RuntimeError, so its message is what tells.
     """
     if not (dist.is_available() and dist.is_initialized() and isinstance(exc, RuntimeError)):
         return False
-    return isinstance(exc, dist.DistError) or any(m in str(exc).lower() for m in _PEER_GONE)
+    return isinstance(exc, dist.DistError) or any(m in str(exc).lower() for m in _PEER_GONE + _TIMED_OUT)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return any(m in str(exc).lower() for m in _TIMED_OUT)
 
 
 def error_line(exc: BaseException) -> str | None:
@@ -249,15 +255,24 @@ def error_line(exc: BaseException) -> str | None:
     batch), a refusal decided on rank 0 -- are printed by rank 0 only. An error only one rank can meet
     (an unreadable file on its node) is printed by that rank, with its number. A collective that failed
     because a peer went away prints nothing: the peer printed its own error (or torchrun reports how it
-    ended), and that is the one message. Any other failed collective (a timeout) is printed by rank 0.
+    ended), and that is the one message. A timeout (a peer stopped responding) is printed by each rank that
+    waited for it, with its number unless it is rank 0; any other failed collective by rank 0.
     """
     from fkd.errors import TrainingError
 
     # Before the group is joined (a config error) the rank comes from torchrun's environment.
     rank = world().rank if dist.is_initialized() else (int(os.environ["RANK"]) if is_distributed() else 0)
     if lost_peer(exc) and not isinstance(exc, FkdError):
-        gone = any(m in str(exc).lower() for m in _PEER_GONE)
-        return None if gone or rank != 0 else f"error: a collective operation failed ({str(exc).splitlines()[0]})"
+        if any(m in str(exc).lower() for m in _PEER_GONE):
+            return None
+        if _timed_out(exc):  # gloo's "Timed out waiting 600000ms for recv operation to complete"
+            # printed by every rank that waited (the frozen one, on waking, finds its peers gone: silent)
+            seconds = collective_timeout().total_seconds()
+            return (f"error{f' (rank {rank})' if rank else ''}: a collective operation timed out after {seconds:g} s "
+                    "(FKD_COLLECTIVE_TIMEOUT_S): another process of the job stopped responding without exiting; the "
+                    "last checkpoint was kept, so stop the job and continue it with --resume (raise "
+                    "FKD_COLLECTIVE_TIMEOUT_S if a step legitimately takes longer).")
+        return None if rank != 0 else f"error: a collective operation failed ({str(exc).splitlines()[0]})"
     if rank == 0:
         return f"error: {exc}"
     if isinstance(exc, (SharedError, ConfigError, TrainingError)):

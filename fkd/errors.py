@@ -36,3 +36,10 @@ class RunInUseError(FkdError):
 
 class ExportError(FkdError):
     """An exported model failed its check (its outputs differ from fkd's) or could not be written."""
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut), for quoting what a user typed in a
+    one-line error however long it was."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"

@@ -174,7 +174,8 @@ def run_epochs(
         batches = single_order_batches(source, spec, batch_extras)
     members = population.size if population is not None else 1
     bad_steps = population.bad_steps if population is not None else (lambda st: st["bad_step"].reshape(1))
-    check = (lambda st: None) if spec.on_non_finite == "freeze" else (lambda st: _check_finite(bad_steps(st), spec, nb))
+    check = ((lambda st, sums: None) if spec.on_non_finite == "freeze"
+             else (lambda st, sums: _check_finite(bad_steps(st), spec, nb, sums)))
     run_start = time.perf_counter()
     world = distributed.world()
     detail = spec.detail or (f"{world.size} processes" if world.parallel else "")
@@ -192,22 +193,22 @@ def run_epochs(
                 images += spec.batch_size * members
                 sync = done % spec.log_every == 0 or done == nb
                 if sync:
-                    check(state)
+                    check(state, sums)
                     if progress is not None:
                         progress.update(done, loss=_mean(sums, "loss"), **{"img/s": images / (time.perf_counter() - t0)})
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
-                    check(state)
+                    check(state, sums)
                     save(state, epoch, done)
                 stopping = should_stop(stop, world, sync)
                 if stopping and done < nb:
-                    check(state)
+                    check(state, sums)
                     if save:
                         save(state, epoch, done)
                     raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
                 # at the epoch's last step: its record and checkpoint first, then the stop (below)
             if progress is not None:
                 progress.close()
-            check(state)
+            check(state, sums)
             seconds = time.perf_counter() - t0
             shared = {"images_per_s": images / seconds if seconds > 0 else None, "epoch_seconds": seconds,
                       "wall_seconds": time.perf_counter() - run_start}
@@ -268,12 +269,31 @@ def _mean(sums: dict, key: str, k: int = 0) -> float:
     return _member(sums[key], k) / max(int(sums["steps"]), 1) if key in sums else float("nan")
 
 
-def _check_finite(bad_steps: torch.Tensor, spec: LoopSpec, steps_per_epoch_: int) -> None:
+def _check_finite(bad_steps: torch.Tensor, spec: LoopSpec, steps_per_epoch_: int, sums: dict) -> None:
     bad = int(bad_steps.max())  # the one host sync, at logging intervals only
     if bad >= 0:
         epoch, step = divmod(bad, steps_per_epoch_)
         raise TrainingError(
             f"the {spec.label} loss became non-finite (NaN or inf) at epoch {epoch + 1}, step {step + 1}; "
-            "the last checkpoint was kept. The learning rate is the usual cause: lower it "
-            "(e.g. --set train.optimizer.learning_rate=...) or set train.optimizer.clip_norm."
+            f"the last checkpoint was kept. {_what_became_non_finite(sums)}"
         )
+
+
+def _what_became_non_finite(sums: dict) -> str:
+    """Which part went non-finite, and the advice that fits it, from the epoch's summed metrics (read only
+    once the guard has stopped the run: a NaN or inf in any step leaves its sum non-finite)."""
+    lr = "lower it (e.g. --set train.optimizer.learning_rate=...) or set train.optimizer.clip_norm"
+    terms = [k for k, v in sums.items() if k not in _NOT_LOSSES and not bool(torch.isfinite(v).all())]
+    every = [k for k in sums if k not in _NOT_LOSSES]
+    if terms and len(terms) < len(every):
+        named = ", ".join(f"'{t}'" for t in terms)
+        return (f"The {named} loss term{'s' if len(terms) > 1 else ''} became non-finite while the others stayed "
+                f"finite: check {'their' if len(terms) > 1 else 'its'} settings and inputs (a user's term: its "
+                f"formula); if the model itself diverged, the learning rate is the usual cause: {lr}.")
+    if terms:
+        return f"Every loss term became non-finite: the model diverged, and the learning rate is the usual cause: {lr}."
+    if "loss" in sums and not bool(torch.isfinite(sums["loss"]).all()):
+        return ("Every term stayed finite but their weighted sum did not: lower the large term weights in "
+                "distill.terms.")
+    return (f"The loss stayed finite but its gradients did not (a term's gradient overflowed or is undefined, e.g. "
+            f"a square root at 0); the learning rate is the usual cause: {lr}.")

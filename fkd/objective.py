@@ -15,11 +15,13 @@ Feature terms match ``distill.student_features[i]`` with ``distill.teacher_featu
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
 from fkd import losses, prng
-from fkd.errors import ConfigError
+from fkd.errors import ConfigError, shorten
 from fkd.models.ensemble import SEP as TEACHER_SEP  # "<teacher>:<feature>"
 from fkd.pytree import tree_to
 from fkd.schema import build_attrs
@@ -93,6 +95,40 @@ class Objective:
         """Every term's :meth:`~fkd.terms.Term.check` (unmatchable feature pairs fail here, before training)."""
         for t in self.terms:
             t.term.check(shapes)
+
+    def probe(self, shapes: Shapes, batch_size: int = 4) -> None:
+        """Apply every term once to a random batch of the real shapes (on the CPU, without gradients) and
+        check what it returns: ``(loss, new_state)`` with a 0-d floating-point ``loss``.
+
+        Run once when a run is built, never in the step: a term that returns a per-example loss, an integer
+        or no state fails here with a :class:`ConfigError` naming it, instead of inside ``grad`` mid-run.
+        An exception from a user's term becomes such an error too; fkd's own terms keep their traceback.
+        """
+        g = torch.Generator().manual_seed(0)
+        b, k = max(2, min(batch_size, 8)), max(shapes.num_classes, 2)
+        rand = lambda shape: torch.randn((b, *shape), generator=g)  # noqa: E731
+        inputs = TermInputs(
+            student_logits=rand((k,)), student_features={n: rand(s) for n, s in shapes.student_features.items()},
+            labels=torch.randint(k, (b,), generator=g), teacher_logits=rand((k,)),
+            teacher_features={n: rand(s) for n, s in shapes.teacher_features.items()},
+            idx=torch.arange(b) % max(shapes.num_examples, 1), key=prng.key_from_seed(0), epoch=torch.zeros(()),
+            cohort_logits=torch.randn((2, b, k), generator=g))
+        params, state = self.init(shapes)
+        for t in self.terms:
+            try:
+                with torch.no_grad():
+                    out = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), inputs)
+            except Exception as exc:
+                if type(t.term).__module__.startswith("fkd."):
+                    raise  # a bug of fkd's: shown with its traceback
+                reason = (str(exc).strip().splitlines() or [""])[0]
+                raise ConfigError(f"the '{t.name}' loss term failed on a test batch of {b} before training: "
+                                  f"{type(exc).__name__}: {shorten(reason, 200)}; fix its apply().") from None
+            loss = out[0] if isinstance(out, tuple) and len(out) == 2 else None
+            if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point()):
+                raise ConfigError(f"the '{t.name}' loss term must return (loss, new_state) with a 0-d floating-point "
+                                  f"loss, but on a test batch of {b} it returned {_described(out)}; reduce the loss "
+                                  "over the batch (e.g. .mean()) and return it with the state.")
 
     def init(self, shapes: Shapes, *, seed: int = 0, device="cpu") -> tuple[dict, dict]:
         """``({name: params}, {name: state})`` of every term.
@@ -194,6 +230,10 @@ class CohortObjective:
         for name in self.names:
             self.base.check(self._member_shapes(shapes, name))
 
+    def probe(self, shapes: Shapes, batch_size: int = 4) -> None:
+        for name in self.names:
+            self.base.probe(self._member_shapes(shapes, name), batch_size)
+
     def init(self, shapes: Shapes, *, seed: int = 0, device="cpu") -> tuple[dict, dict]:
         params, state = {}, {}
         for k, name in enumerate(self.names):
@@ -227,6 +267,18 @@ def over_cohort(objective: Objective, names: tuple) -> Objective | CohortObjecti
     if len(names) < 2:
         raise ConfigError(f"a cohort needs two or more members (got {len(names)}); set cohort.size = 2 or more.")
     return CohortObjective(objective, names)
+
+
+def _described(out) -> str:
+    """What a term returned, in a few words: ``a tensor of shape (4,) and dtype float32 and its state``."""
+    def one(x) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"a tensor of shape {tuple(x.shape)} and dtype {str(x.dtype).removeprefix('torch.')}"
+        return f"a {type(x).__name__}"
+
+    if isinstance(out, tuple) and len(out) == 2:
+        return one(out[0]) + " and its state"
+    return one(out) if not isinstance(out, tuple) else f"a tuple of {len(out)}"
 
 
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
@@ -266,8 +318,8 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
             raise ConfigError(f"{where}.{name} must be a table ([{where}.{name}] with weight and the term's keys).")
         keys = dict(table)
         weight = keys.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ConfigError(f"{where}.{name}.weight must be a number >= 0 (got {weight!r}).")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ConfigError(f"{where}.{name}.weight must be a number >= 0 and finite (got {weight!r}).")
         teacher = _term_teacher(cls, keys.pop("teacher", ""), teachers, f"{where}.{name}")
         valid = [f.name for f in config_fields(cls)]
         for key in keys:

@@ -80,9 +80,7 @@ def decide_start(run: RunDir, *, kind: str, config_text: str, resume: bool, num_
     resumed run must have been started with the same config except the epoch counts, which may grow.
     ``num_examples`` / ``batch_size`` / ``label`` describe the training set: it must hold one batch.
     """
-    if steps_per_epoch(num_examples, batch_size) == 0:
-        raise ConfigError(f"the {label} training set has {num_examples} images, fewer than one batch of "
-                          f"{batch_size}; lower data.batch_size.")
+    check_one_batch(num_examples, batch_size, label)
     if run.latest.exists():
         if not resume:
             raise FkdError(
@@ -99,6 +97,14 @@ def decide_start(run: RunDir, *, kind: str, config_text: str, resume: bool, num_
     if resume:
         raise FkdError(f"nothing to resume in '{run.path}' (no checkpoints/latest.pt); run without --resume.")
     return RunStart(run, kind, config_text)
+
+
+def check_one_batch(num_examples: int, batch_size: int, label: str) -> None:
+    """The training set must hold one batch (batches are full, the last partial one dropped); a run of
+    zero steps would otherwise "finish" and report an untrained model."""
+    if steps_per_epoch(num_examples, batch_size) == 0:
+        raise ConfigError(f"the {label} training set has {num_examples} images, fewer than one batch of "
+                          f"{batch_size}; lower data.batch_size.")
 
 
 def config_key(config_text: str) -> str:

@@ -56,6 +56,32 @@ def non_negative(inst, attribute, value):
         raise ValueError(f"must be >= 0 (got {value!r})")
 
 
+#: Linux's limits: a file or folder name of at most 255 bytes, a whole path below 4096 bytes.
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def path_problem(value: str) -> str | None:
+    """Why the file system cannot take the path ``value`` (a name over :data:`NAME_MAX` bytes, a path over
+    :data:`PATH_MAX`, a NUL character), or None. Caught here, it is one line before anything starts, instead
+    of ``OSError: File name too long`` from whatever touches it first -- possibly mid-run."""
+    encoded = str(value).encode("utf-8", "surrogateescape")
+    if b"\0" in encoded:
+        return "contains a NUL character"
+    if len(encoded) >= PATH_MAX:
+        return f"is {len(encoded)} bytes long, over the file system's limit of {PATH_MAX}"
+    longest = max(encoded.replace(b"\\", b"/").split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        return f"has a part of {len(longest)} bytes, over the file system's limit of {NAME_MAX}"
+    return None
+
+
+def file_path(inst, attribute, value):
+    problem = path_problem(value)
+    if problem is not None:
+        shown = value if len(value) <= 60 else value[:59] + "\u2026"
+        raise ValueError(f"{problem} (got {shown!r}); shorten the path")
+
+
 def field(default, *validators, help: str = "", names: str = "", hash: bool | None = None):
     """An attrs field with its ``help`` for ``fkd config --keys``.
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from fkd.errors import ConfigError
+from fkd.errors import ConfigError, shorten
+from fkd.schema import path_problem
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -34,6 +35,8 @@ def _import_one(entry: str) -> ModuleType:
     if not isinstance(entry, str) or not entry.strip():
         raise ConfigError(f"distill.imports entries must be file paths or module names (got {entry!r}).")
     is_file = entry.endswith(".py") or "/" in entry or "\\" in entry
+    if (problem := path_problem(entry)) is not None:
+        raise ConfigError(f"distill.imports entry '{shorten(entry)}' {problem}; shorten the path.")
     if is_file:
         path = Path(entry).resolve()
         if not path.is_file():
@@ -53,8 +56,13 @@ def _import_one(entry: str) -> ModuleType:
             raise ConfigError(f"distill.imports names module '{entry}', which cannot be found; install it or "
                               "give the path of a .py file.") from None
         raise ConfigError(f"importing '{entry}' (distill.imports) failed: {exc}.") from None
+    except SystemExit as exc:  # the file ended the process while imported: say so instead of exiting silently
+        raise ConfigError(f"importing '{shorten(entry, 300)}' (distill.imports) failed: it called sys.exit({exc.code!r}) "
+                          "while being imported; remove that call from the file.") from None
     except Exception as exc:  # the user's code: report it in one line, whatever it raised
-        raise ConfigError(f"importing '{entry}' (distill.imports) failed: {type(exc).__name__}: {exc}.") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"importing '{shorten(entry, 300)}' (distill.imports) failed: {type(exc).__name__}: "
+                          f"{shorten(reason, 200)}.") from None
     _loaded[cache_key] = module
     return module
 

@@ -7,7 +7,8 @@ and importing torch twice -- per command on a busy CI machine. Each job is
 to ``<logs>/<name>.rank<R>.{out,err,rc}`` (``logs`` is the JSON's folder), so a test can check what
 each rank printed. ``signal`` makes that rank alone send itself SIGTERM just before its STEP-th
 training step (from 1), as if the signal had reached that rank only; ``fault`` makes it raise a
-DataError there instead (an unreadable image on one node). The process exits with the last job's code,
+DataError there instead (an unreadable image on one node); ``freeze`` makes it sleep there for
+``FKD_TEST_FREEZE_S`` seconds (a process that stops responding without exiting). The process exits with the last job's code,
 as a lone fkd command would.
 """
 
@@ -18,12 +19,13 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _signal_at(spec: str | None, fault: bool = False):
+def _signal_at(spec: str | None, fault: bool = False, freeze: bool = False):
     """A ``make_train_step`` replacement that signals this rank (or raises a DataError on it) before step
     STEP when ``spec`` (``RANK:STEP``) names it."""
     import fkd.run_setup
@@ -44,6 +46,9 @@ def _signal_at(spec: str | None, fault: bool = False):
             calls["n"] += 1
             if calls["n"] == at and fault:
                 raise DataError("image 17 of the training set cannot be read (a test's fault)")
+            if calls["n"] == at and freeze:
+                time.sleep(float(os.environ.get("FKD_TEST_FREEZE_S", "6")))
+                return step(state, batch, *rest)
             if calls["n"] == at:
                 os.kill(os.getpid(), signal.SIGTERM)
             return step(state, batch, *rest)
@@ -63,7 +68,8 @@ def run_jobs(jobs_path: Path) -> None:
     rank = os.environ.get("RANK", "0")
     for job in json.loads(jobs_path.read_text()):
         stem = jobs_path.parent / f"{job['name']}.rank{rank}"
-        fkd.run_setup.make_train_step = _signal_at(job.get("signal") or job.get("fault"), "fault" in job)
+        fkd.run_setup.make_train_step = _signal_at(job.get("signal") or job.get("fault") or job.get("freeze"),
+                                                   "fault" in job, "freeze" in job)
         code = 0
         with open(f"{stem}.out", "w") as out, open(f"{stem}.err", "w") as err, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -190,7 +190,7 @@ def test_a_mismatch_is_an_error_and_leaves_nothing(digits_run, tmp_path, one_thr
     out.write_bytes(b"the file exported before")
     real = fkd.export.pipeline.fkd_logits
     monkeypatch.setattr(fkd.export.pipeline, "fkd_logits", lambda saved, x: real(saved, x) + 1e-3)
-    result = invoke("export", run_dir, "--format", "pt2", "--out", out, "--latency-repeats", "0")
+    result = invoke("export", run_dir, "--format", "pt2", "--out", out, "--latency-repeats", "0", "--overwrite")
     assert result.exit_code == 2 and "differs from fkd's model" in result.output and "was not kept" in result.output
     assert out.read_bytes() == b"the file exported before"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2"]  # no temporary files, no report

@@ -8,6 +8,8 @@ Each format module provides ``SUFFIX``, ``write(module, example, path, metadata)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -45,11 +47,45 @@ def load_exported(path: str | Path, threads: int):
                           f"{' or '.join(f.SUFFIX for f in FORMATS.values())}.")
     if not path.is_file():
         raise CheckpointError(f"'{path}' does not exist; pass a file written by fkd export.")
+    with held_logs("torch") as held:  # torch.export.load logs a damaged file's traceback before it raises
+        try:
+            return FORMATS[name].load(path, threads)
+        except FkdError:
+            raise
+        except Exception as exc:  # a damaged or foreign file: its reader's own exception types vary
+            logged = [r.exc_info[1] for r in held if r.exc_info and r.exc_info[1] is not None]
+            cause = logged[-1] if logged else exc  # what went wrong, rather than "see the warnings above"
+            reason = str(cause).strip().splitlines()[0].split(". ")[0] if str(cause).strip() else type(cause).__name__
+            raise CheckpointError(f"'{path}' could not be read as an exported {name} model ({reason[:200]}); pass a "
+                                  "file written by fkd export.") from None
+
+
+class _Holder(logging.Handler):
+    def __init__(self, records: list) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_logs(prefix: str):
+    """Hold what the library's loggers (``prefix`` and ``prefix.*``) log, instead of printing it, while inside;
+    yields the list of held records. A library that logs a traceback and then raises would otherwise print
+    it above fkd's one-line error."""
+    held: list = []
+    holder = _Holder(held)
+    loggers = [logging.getLogger(prefix)] + [logger for n, logger in logging.root.manager.loggerDict.items()
+                                             if n.startswith(prefix + ".") and isinstance(logger, logging.Logger)]
+    saved = [(logger, logger.handlers) for logger in loggers]
+    for logger in loggers:  # loggers without handlers pass their records up to one that has the holder
+        logger.handlers = [holder] if logger.handlers or logger is loggers[0] else []
+    top_propagates = loggers[0].propagate
+    loggers[0].propagate = False
     try:
-        return FORMATS[name].load(path, threads)
-    except FkdError:
-        raise
-    except Exception as exc:  # a damaged or foreign file: its reader's own exception types vary
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"'{path}' could not be read as an exported {name} model ({reason[:200]}); pass a file "
-                              "written by fkd export.") from None
+        yield held
+    finally:
+        for logger, handlers in saved:
+            logger.handlers = handlers
+        loggers[0].propagate = top_propagates

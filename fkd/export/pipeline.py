@@ -7,11 +7,14 @@ target; load it back in its own runtime and check its logits against fkd's on a 
 its test accuracy and, unless ``latency_repeats == 0``, the CPU latency of fkd's model, the file and the
 teacher (:mod:`fkd.export.latency`); only then move the file into place atomically and write its
 ``export.json`` entry (:mod:`fkd.export.report`). A failed check raises ExportError and leaves nothing
-behind (a file already at the target is untouched).
+behind (a file already at the target is untouched). An existing file is replaced only with ``overwrite``,
+an ``export.json`` fkd did not write is never rewritten (both refused before any work), and a file is
+never left without its entry.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +33,7 @@ from fkd.export.input_spec import InputSpec
 from fkd.export.latency import latency_table, timed_runner
 from fkd.export.module import ExportableClassifier
 from fkd.export.quantize import CALIBRATION_IMAGES, SCHEMES, quantize_onnx_int8
-from fkd.export.report import file_metadata, write_entry
+from fkd.export.report import file_metadata, read_entries, write_entry
 from fkd.export.saved_model import SavedModel, load_saved_model
 from fkd.export.verify import ATOL, RTOL, check_logits, fkd_logits, split_accuracy
 from fkd.models.from_config import build_teacher
@@ -63,15 +66,30 @@ def check_request(fmt: str, quantize: str | None, out: Path | None) -> None:
         onnx_format.require()
 
 
+def check_target(out: Path, overwrite: bool) -> None:
+    """The file to write: not a folder, replaced only with ``overwrite``, and beside an ``export.json`` that
+    fkd wrote (or none). Checked before any work."""
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; give the file to write, e.g. {out / 'student.pt2'}.")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"'{out}' already exists; pass --overwrite to replace it, or choose another file with "
+                          "--out.")
+    read_entries(out.parent)
+
+
 def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out: str | Path | None = None,
                  teacher: bool = False, latency_repeats: int = 50, latency_threads: int = latency.DEFAULT_THREADS,
+                 overwrite: bool = False,
                  echo: Callable[[str], None] = lambda message: None) -> dict:
     """Export the model at ``path`` to ``out`` (default :func:`default_output`); returns its export.json entry
     (with ``"file"`` and ``"report"`` paths added).
 
     ``fmt``: ``"pt2"`` or ``"onnx"``; ``quantize``: None or ``"int8"`` (ONNX only); ``teacher``: export the
     teacher instead of a student (for comparison); ``latency_repeats``: timed calls per latency figure
-    (0: not measured); ``latency_threads``: the CPU threads they are timed with. Runs on the CPU.
+    (0: not measured); ``latency_threads``: the CPU threads they are timed with; ``overwrite``: replace an
+    existing file at ``out`` (else refused). Runs on the CPU.
+    The file and its ``export.json`` entry are written together: when the entry cannot be written, the
+    file at ``out`` is put back as it was.
 
     Raises:
         CheckpointError / ConfigError / DataError: bad input, before anything is written.
@@ -81,6 +99,7 @@ def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out
     check_request(fmt, quantize, out)
     saved = load_saved_model(path, teacher=teacher)
     out = out if out is not None else default_output(saved, fmt, quantize)
+    check_target(out, overwrite)
     writer = format_module(fmt)
     cfg = saved.config
     data = load_data(attrs.evolve(cfg.data, normalize="none"), device="cpu")  # exported files normalise
@@ -123,31 +142,51 @@ def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out
             echo(f"  timing on the CPU ({latency_threads} thread{'s' if latency_threads != 1 else ''}, "
                  f"median of {latency_repeats} calls)")
             timing = _latencies(saved, module, timed_runner(final_file, run, latency_threads), spec,
-                                 data.num_classes, latency_repeats, latency_threads)
-        atomic_write(out, lambda f: _copy_into(final_file, f))
-    entry = {
-        "format": fmt,
-        "quantization": quantization,
-        "role": saved.role,
-        "arch": saved.model.arch,
-        "checkpoint": str(saved.checkpoint),
-        "data": cfg.data.name,
-        "input": spec.as_dict(),
-        "opset": onnx_format.opset_of(out) if fmt == "onnx" else None,
-        "file_size_bytes": out.stat().st_size,
-        "params": metadata["params"],
-        "verification": {
-            "fp32_images": len(x_check), "max_abs_logit_diff": worst, "atol": ATOL, "rtol": RTOL,
-            "int8": "accuracy over the whole test set (test_acc)" if quantize else None,
-        },
-        "test_acc": accuracy["accuracy"],
-        "fkd_test_acc": fkd_accuracy["accuracy"],
-        "test_images": accuracy["count"],
-        "latency_ms_per_image": timing,
-        "versions": _versions(fmt),
-    }
-    report = write_entry(out, entry)
+                                data.num_classes, latency_repeats, latency_threads)
+        entry = {  # measured on final_file: the bytes that go to out
+            "format": fmt,
+            "quantization": quantization,
+            "role": saved.role,
+            "arch": saved.model.arch,
+            "checkpoint": str(saved.checkpoint),
+            "data": cfg.data.name,
+            "input": spec.as_dict(),
+            "opset": onnx_format.opset_of(final_file) if fmt == "onnx" else None,
+            "file_size_bytes": final_file.stat().st_size,
+            "params": metadata["params"],
+            "verification": {
+                "fp32_images": len(x_check), "max_abs_logit_diff": worst, "atol": ATOL, "rtol": RTOL,
+                "int8": "accuracy over the whole test set (test_acc)" if quantize else None,
+            },
+            "test_acc": accuracy["accuracy"],
+            "fkd_test_acc": fkd_accuracy["accuracy"],
+            "test_images": accuracy["count"],
+            "latency_ms_per_image": timing,
+            "versions": _versions(fmt),
+        }
+        report = _write_with_entry(out, final_file, entry, Path(tmp), echo)
     return {**entry, "file": str(out), "report": str(report)}
+
+
+def _write_with_entry(out: Path, final_file: Path, entry: dict, tmp: Path, echo: Callable[[str], None]) -> Path:
+    """Move the exported file to ``out`` and write its export.json entry; if the entry cannot be written,
+    ``out`` is put back as it was (the previous file, or none), so a file never lacks its entry."""
+    previous = tmp / "previous"
+    if out.exists():
+        echo(f"  replacing {out} (--overwrite)")
+        try:
+            os.link(out, previous)  # the old file stays reachable until the entry is written
+        except OSError:  # a file system without hard links
+            shutil.copy2(out, previous)
+    atomic_write(out, lambda f: _copy_into(final_file, f))
+    try:
+        return write_entry(out, entry)
+    except BaseException:
+        if previous.exists():
+            os.replace(previous, out)
+        else:
+            out.unlink(missing_ok=True)
+        raise
 
 
 def calibration_batches(source, images: int, seed: int, batch_size: int = 64):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fkd.errors import ConfigError
 from fkd.export.input_spec import InputSpec
 from fkd.rundir import write_text_atomic
 
@@ -39,16 +40,31 @@ def file_metadata(saved, spec: InputSpec, class_names: list[str], quantization: 
     }
 
 
+def read_entries(folder: Path) -> dict:
+    """The entries of ``folder/export.json`` (``{}`` when there is none), read before anything is exported.
+
+    A file there that fkd did not write -- not JSON, not a table of entries, or entries without a format and
+    role -- is refused with a :class:`ConfigError`: rewriting it would destroy someone else's file.
+    """
+    report = folder / REPORT_NAME
+    if not report.exists():
+        return {}
+    try:
+        entries = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # a folder, unreadable, not UTF-8, not JSON
+        entries = exc
+    if not (isinstance(entries, dict) and all(isinstance(e, dict) and {"format", "role"} <= set(e)
+                                              for e in entries.values())):
+        raise ConfigError(f"'{report}' is not an export report written by fkd export, so it is not rewritten; "
+                          "move it away, or export to another folder with --out.")
+    return entries
+
+
 def write_entry(path: Path, entry: dict) -> Path:
-    """Add (or replace) ``path``'s entry in the ``export.json`` of its folder, atomically; returns that file."""
+    """Add (or replace) ``path``'s entry in the ``export.json`` of its folder, atomically; returns that file.
+    Entries of files no longer there are dropped."""
     report = path.parent / REPORT_NAME
-    entries = {}
-    if report.is_file():
-        try:
-            entries = json.loads(report.read_text())
-        except ValueError:
-            entries = {}  # a damaged report is rebuilt from this entry on
-        entries = {name: e for name, e in entries.items() if isinstance(e, dict) and (path.parent / name).is_file()}
+    entries = {name: e for name, e in read_entries(path.parent).items() if (path.parent / name).is_file()}
     entries[path.name] = entry
     write_text_atomic(report, json.dumps(entries, indent=2) + "\n")
     return report

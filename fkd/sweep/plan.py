@@ -14,30 +14,44 @@ splits them into groups that run one after another.
 from __future__ import annotations
 
 import itertools
-import tomllib
+import math
 from typing import Any
 
 import attrs
 
 from fkd.build import resolve
-from fkd.config import Config, apply_overrides, dumps, from_dict, read_toml
+from fkd.config import Config, apply_overrides, dumps, from_dict, parse_value, read_toml
 from fkd.stage_config import refuse_pipeline_keys
-from fkd.errors import ConfigError
+from fkd.errors import ConfigError, shorten
 from fkd.objective import Objective
 from fkd.schema import toml_value
 
 
+#: The most students one sweep plans (seeds x grid points): each is a config built and checked up front.
+MAX_STUDENTS = 4096
+
+
+def _too_many(n: int, what: str) -> ConfigError:
+    return ConfigError(f"{what} makes {shorten(str(n), 24)} students, but a sweep trains at most {MAX_STUDENTS}; "
+                       "sweep fewer seeds or grid values, or split it into several sweeps.")
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"5"`` -> seeds 0..4; ``"3,7,11"`` -> those seeds."""
+    """``"5"`` -> seeds 0..4; ``"3,7,11"`` -> those seeds. At most :data:`MAX_STUDENTS`."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"--seeds takes a count (--seeds 5) or a list (--seeds 3,7,11), not {text!r}.") from None
+        raise ConfigError(f"--seeds takes a count (--seeds 5) or a list (--seeds 3,7,11), not "
+                          f"{shorten(text)!r}.") from None
     if len(values) == 1 and "," not in str(text):
         if values[0] < 1:
-            raise ConfigError(f"--seeds needs at least one seed (got {values[0]}).")
+            raise ConfigError(f"--seeds needs at least one seed (got {shorten(str(values[0]), 24)}).")
+        if values[0] > MAX_STUDENTS:
+            raise _too_many(values[0], f"--seeds {shorten(str(values[0]), 24)}")
         return tuple(range(values[0]))
+    if len(values) > MAX_STUDENTS:
+        raise _too_many(len(values), f"--seeds with {len(values)} seeds")
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"--seeds lists each seed once (got {text!r}).")
     return tuple(values)
@@ -55,14 +69,30 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
             raise ConfigError(f"--grid names {key} twice; give all its values in one --grid.")
         if key == "seed":
             raise ConfigError("--grid cannot sweep 'seed'; use --seeds.")
-        parsed = []
-        for v in values.split(","):
-            try:
-                parsed.append(tomllib.loads(f"v = {v.strip()}")["v"])
-            except tomllib.TOMLDecodeError:
-                parsed.append(v.strip())
+        parsed = [parse_value(v, f"--grid {shorten(key)}") for v in values.split(",")]
+        _check_distinct(key, parsed)
         axes.append((key, parsed))
     return axes
+
+
+def _check_distinct(key: str, values: list) -> None:
+    """Refuse a value listed twice (``2,2`` or ``2,2.0``): its two students would merge under one label."""
+    seen: dict[str, Any] = {}
+    for v in values:
+        if _value_key(v) not in seen:
+            seen[_value_key(v)] = v
+            continue
+        same = seen[_value_key(v)]
+        twice = f"{_toml(v)} twice" if _toml(same) == _toml(v) else f"{_toml(same)} and {_toml(v)}, the same value"
+        raise ConfigError(f"--grid {shorten(key)} lists {twice}; give each value once (two students would share "
+                          "one label).")
+
+
+def _value_key(value: Any) -> str:
+    """Equal for values that make the same config: 2 and 2.0 (a float field takes either), not 1 and true."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return type(value).__name__ + ":" + _toml(value)
 
 
 @attrs.frozen
@@ -116,6 +146,9 @@ class SweepPlan:
 def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: list[tuple[str, list]],
                **top: Any) -> SweepPlan:
     """Build and validate every student's config and group them (see the module docstring)."""
+    count = len(seeds) * math.prod(len(values) for _, values in axes)
+    if count > MAX_STUDENTS:
+        raise _too_many(count, "--seeds x --grid")
     raw = read_toml(config_path) if config_path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     refuse_pipeline_keys(raw)
@@ -129,6 +162,11 @@ def plan_sweep(config_path, overrides: list[str], seeds: tuple[int, ...], axes: 
         for seed in seeds:
             resolved = resolve(from_dict({**point_raw, "seed": seed}))  # presets expand after the grid's values
             students.append(Student(len(students), tuple(point), seed, resolved.config, resolved.objective))
+    labels = [s.label for s in students]
+    if len(set(labels)) != len(labels):  # distinct values that print alike would merge in the summary
+        label = next(x for x in labels if labels.count(x) > 1)
+        raise ConfigError(f"two students of this sweep would both be labelled '{shorten(label)}'; give --grid values "
+                          "that print differently.")
     groups: dict[str, list[Student]] = {}
     for s in students:
         groups.setdefault(structure_key(s), []).append(s)

@@ -38,7 +38,7 @@ from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import build_students, ema_decay, load_teacher_for, preflight, teacher_cache
+from fkd.distill_setup import build_students, ema_decay, load_teacher_for, preflight, teacher_cache, teacher_paths
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
@@ -51,6 +51,7 @@ from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
 from fkd.runlock import RunLock
+from fkd.run_start import check_one_batch, check_same_structure
 from fkd.step import init_train_state, maybe_compile
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
 from fkd.sweep.stats import MIN_SEEDS_FOR_INTERVAL, format_table, summarize
@@ -132,13 +133,48 @@ def student_state(cfg, objective, shapes, num_classes: int, steps_per_epoch: int
     return layout(state)
 
 
-def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
+def _data_of(group: Group, device: torch.device, data_cache: dict):
     base = group.base.config
     key = base.data  # a frozen attrs value: equal data configs share the data on the device
     if key not in data_cache:
         data_cache.clear()  # one data set on the device at a time
         data_cache[key] = load_data(base.data, device=device)
-    data = data_cache[key]
+    return data_cache[key]
+
+
+def check_groups(plan: SweepPlan, run: RunDir, device: torch.device, data_cache: dict) -> None:
+    """Every refusal ``distill`` makes about a config, made for every group before the sweep's first write:
+    the data (transfer-set contents included), the objective against the real feature shapes, a training
+    set of at least one batch, and the teacher checkpoint's path."""
+    for group in plan.groups:
+        base = group.base.config
+        data = _data_of(group, device, data_cache)
+        pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
+        check_one_batch(len(data.train), base.data.batch_size, "student")
+        if pre.objective.needs_teacher and ema_decay(base) is None:
+            teacher_paths(base, run)
+
+
+def check_teachers(groups, data_cache: dict, device: torch.device, *, echo: Callable, quiet: bool) -> None:
+    """The teachers of ``groups[1:]`` that differ from ``groups[0]``'s (set up already), fitted when missing
+    and allowed, and loaded once on the CPU to check they fit their configs: what ``distill`` does before
+    its first write."""
+    def teacher_of(group) -> tuple:
+        base = group.base.config
+        return repr(base.teacher), repr(base.teachers), repr(base.data), group.base.objective.teacher_feature_names
+
+    seen = {teacher_of(groups[0])} if groups else set()
+    for group in groups[1:]:
+        base, obj = group.base.config, group.base.objective
+        if not obj.needs_teacher or teacher_of(group) in seen:
+            continue
+        seen.add(teacher_of(group))
+        load_teacher_for(base, _data_of(group, device, data_cache), obj, "cpu", echo=echo, quiet=quiet)
+
+
+def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
+    base = group.base.config
+    data = _data_of(group, device, data_cache)
     pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
     obj = pre.objective
     augment = augments(base.data)
@@ -207,9 +243,18 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
     if smallest < world.size:
         raise distributed.SharedError(f"a group of this sweep has {smallest} students, fewer than the {world.size} "
                                       "processes sharing them; start fewer processes or sweep more seeds.")
+    data_cache: dict = {}
+    check_groups(plan, run, device, data_cache)
     # one process per sweep directory; a refusal below leaves it as it was
     with distributed.on_main(lambda: RunLock(run.path)):
         saved = world.from_main(lambda: _resume_point(run, sweep_text, resume))
+        first = saved["group"] if saved else 0
+        # the first group to train is set up (its teacher fitted and loaded) and the other groups'
+        # teachers checked before anything is written, as distill does
+        setup = _setup_part(plan.groups[first], device, data_cache, echo, quiet)
+        if saved:
+            check_same_structure(saved["states"][0], setup.init_state(setup.group.students[0], device), run)
+        check_teachers(plan.groups[first:], data_cache, device, echo=echo, quiet=quiet)
         if world.is_main:
             run.prepare()
             remove_stale_temporaries(run.path, [run.config_path.name, "grid.json", "sweep.jsonl",
@@ -223,20 +268,25 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
              + f"; directory {run.path}")
         finished = saved["finished"] if saved else []
         records = saved["records"] if saved else []
-        data_cache: dict = {}
         with StopRequest() as stop:
             for gi, group in enumerate(plan.groups):
-                if saved and gi < saved["group"]:
+                if gi < first:
                     continue
-                setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
-                if world.parallel:
-                    setup = attrs.evolve(setup, part=world.part(len(group.students)))
+                if gi > first:
+                    setup = _setup_part(group, device, data_cache, echo, quiet)
                 where = saved if saved and gi == saved["group"] else None
                 finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records,
                                          finished, sweep_text, stop, quiet, echo, save)
                 saved = None
         summary = _write_outputs(plan, run, finished, strategy, echo) if world.is_main else {}
     return summary
+
+
+def _setup_part(group: Group, device, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
+    """:func:`setup_group`, with this rank's part of the students under torchrun."""
+    setup = setup_group(group, device, data_cache=data_cache, echo=echo, quiet=quiet)
+    world = distributed.world()
+    return attrs.evolve(setup, part=world.part(len(group.students))) if world.parallel else setup
 
 
 _RECORD_KEYS = ("epoch", "train_loss", "train_acc", "test_acc", "diverged")
