@@ -59,7 +59,7 @@ def check_request(fmt: str, quantize: str | None, out: Path | None) -> None:
         raise ConfigError(f"--quantize {quantize} is not supported; use {' or '.join(SCHEMES)}.")
     if quantize is not None and fmt != "onnx":
         raise ConfigError("--quantize int8 is done by onnxruntime and needs --format onnx (a .pt2 file stays "
-                          "fp32; README, 'Deploying the student', says why).")
+                          "fp32; docs/export.md says why).")
     if out is not None and out.suffix.lower() != module.SUFFIX:
         raise ConfigError(f"--out '{out}' must end in {module.SUFFIX} for --format {fmt}.")
     if fmt == "onnx":
