@@ -20,8 +20,10 @@ from pathlib import Path
 ROWS = (("teacher", dict(teacher=True)), ("student", dict()), ("student int8", dict(quantize="int8")))
 
 
-def export_rows(run: Path, out: Path, *, fmt: str = "onnx", latency_repeats: int = 50, echo=print) -> list[dict]:
-    """Export the three models of the table into ``out`` and return their export.json entries, labelled."""
+def export_rows(run: Path, out: Path, *, fmt: str = "onnx", latency_repeats: int = 50, threads: int = 1,
+                echo=print) -> list[dict]:
+    """Export the three models of the table into ``out`` and return their export.json entries, labelled
+    (latency timed with ``threads`` CPU threads)."""
     from fkd.export.pipeline import export_model
 
     suffix = "." + fmt
@@ -30,8 +32,8 @@ def export_rows(run: Path, out: Path, *, fmt: str = "onnx", latency_repeats: int
         if options.get("quantize") and fmt != "onnx":
             continue
         target = out / (label.replace(" ", "-") + suffix)
-        entry = export_model(run, fmt=fmt, out=target, latency_repeats=latency_repeats, overwrite=True, echo=echo,
-                             **options)  # the table's own files: made again on each run
+        entry = export_model(run, fmt=fmt, out=target, latency_repeats=latency_repeats, latency_threads=threads,
+                             overwrite=True, echo=echo, **options)  # the table's own files: made again on each run
         rows.append({"label": label, **entry})
     return rows
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="distill run directory (its config names a trained teacher)")
     parser.add_argument("--format", dest="fmt", choices=("onnx", "pt2"), default="onnx")
     parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads the latency is timed with")
     parser.add_argument("--out", type=Path, help="folder for the files (default: RUN/export-table)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = export_rows(args.run, args.out or args.run / "export-table", fmt=args.fmt,
-                           latency_repeats=args.latency_repeats, echo=lambda m: print(m, file=sys.stderr))
+                           latency_repeats=args.latency_repeats, threads=args.threads,
+                           echo=lambda m: print(m, file=sys.stderr))
     except FkdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def compare(run: Path, *, latency_repeats: int = 50, echo=print) -> list[dict]:
     def row(path: str, runtime: str, fn, size: int | None) -> None:
         echo(f"{path} in {runtime}")
         acc = split_accuracy(fn, data.test, batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes)
-        timing = latency_table(fn, spec, repeats=latency_repeats) if latency_repeats else {}
+        timing = latency_table(fn, spec, repeats=latency_repeats, threads=threads) if latency_repeats else {}
         rows.append({"path": path, "runtime": runtime, "test_acc": acc["accuracy"], "file_size_bytes": size, **timing})
 
     with tempfile.TemporaryDirectory() as tmp:

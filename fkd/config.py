@@ -80,7 +80,7 @@ class DataConfig(WithOptions):
     num_workers: int = field(2, at_least(0), help="DataLoader workers for streamed data sets")
     download: bool = field(True, help="download torchvision data sets when missing and online")
     train_limit: int = field(0, at_least(0), help="use only the first N training images (0: all)")
-    # Transfer sets and function matching: see fkd/data/transfer.py and fkd/mixup.py, README "Transfer sets".
+    # Transfer sets and function matching: see fkd/data/transfer.py and fkd/mixup.py, docs/transfer.md.
     transfer: str = field(
         "none", one_of("none", "unlabeled"),
         help="extra unlabeled training images for the teacher-based terms (label -1; label terms skip them): "

@@ -18,14 +18,14 @@ from typing import Callable
 
 import torch
 
-from fkd import distributed
+from fkd import announce, distributed, latency, titles
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.checkpoint import save_checkpoint
 from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
-from fkd.evaluate import cpu_latency_ms, evaluate_model, make_evaluator
+from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
@@ -59,6 +59,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         start = world.from_main(lambda: decide_start(
             run, kind="student_run", config_text=dumps(cfg), resume=resume, num_examples=len(data.train),
             batch_size=cfg.data.batch_size, label="student"))
+        echo(announce.distill_start(cfg, obj.weights, num_images=len(data.train), run_path=run.path, device=device,
+                                    done_epochs=start.epoch))
         teacher = None
         if obj.needs_teacher:
             teacher = load_teacher_for(cfg, data, obj, device, echo=echo, quiet=quiet)
@@ -88,8 +90,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-        echo(f"student {cfg.student.arch}, method {cfg.distill.preset} "
-             f"({', '.join(f'{k} {w:g}' for k, w in obj.weights.items())}), teacher cache: {cache_note}")
+        if teacher is not None:
+            echo(f"teacher cache: {cache_note}")
         state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
                     batch_extras=batch_extras, learning_rate=training.learning_rate,
@@ -99,7 +101,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             summary["members"] = save_members(cfg, run, student, state, evaluate(state)["members"])
         if world.is_main:
             run.write_summary(summary)
-            plot_curves(run.read_metrics(), run.curves_path)
+            plot_curves(run.read_metrics(), run.curves_path,
+                        titles.run_title(cfg, run.path, needs_teacher=obj.needs_teacher))
     if world.is_main:
         echo(format_table(summary))
     return summary
@@ -141,8 +144,8 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         "student_per_class_acc": final["per_class"],
         "student_params": s_params,
         "student_size_bytes": size_bytes(state["params"]["model"], state["buffers"]),
-        "student_cpu_latency_ms": cpu_latency_ms(student, state["params"]["model"], state["buffers"],
-                                                 cfg.data.image_size),
+        **latency_entries(cpu_latency(student, state["params"]["model"], state["buffers"], cfg.data.image_size),
+                          "student_"),
         "baseline_test_acc": find_baseline(run, data.fingerprint, cfg),
         "epochs": cfg.train.epochs,
         "seed": cfg.seed,
@@ -153,7 +156,8 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
         summary.update({"teacher_arch": f"{cfg.student.arch} (moving average, decay {cfg.teacher.decay:g})",
                         "teacher_source": "ema", "teacher_test_acc": ema["accuracy"], "teacher_params": s_params,
                         "teacher_size_bytes": summary["student_size_bytes"],
-                        "teacher_cpu_latency_ms": summary["student_cpu_latency_ms"], "compression_ratio": 1.0})
+                        "teacher_cpu_latency_ms": summary["student_cpu_latency_ms"],
+                        "teacher_cpu_latency": summary["student_cpu_latency"], "compression_ratio": 1.0})
     elif teacher is not None and teacher.members:  # several teachers: each one's figures and the ensemble's
         members = teacher.members
         summary["teachers"] = {
@@ -166,8 +170,9 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
             "teacher_test_acc": ensemble_accuracy(teacher, obj, data, cfg),
             "teacher_params": t_params,
             "teacher_size_bytes": sum(size_bytes(t.variables["params"], t.variables["buffers"]) for t in members.values()),
-            "teacher_cpu_latency_ms": sum(cpu_latency_ms(t.model, t.variables["params"], t.variables["buffers"],
-                                                         cfg.data.image_size) for t in members.values()),
+            **latency_entries(ensemble_latency([cpu_latency(t.model, t.variables["params"], t.variables["buffers"],
+                                                            cfg.data.image_size) for t in members.values()]),
+                              "teacher_"),
             "compression_ratio": t_params / s_params,
         })
     elif teacher is not None:
@@ -179,11 +184,18 @@ def _summarize(cfg, run, data, student, state, final, teacher, obj) -> dict:
             "teacher_test_acc": teacher.accuracy,
             "teacher_params": t_params,
             "teacher_size_bytes": size_bytes(teacher_vars["params"], teacher_vars["buffers"]),
-            "teacher_cpu_latency_ms": cpu_latency_ms(teacher.model, teacher_vars["params"], teacher_vars["buffers"],
-                                                     cfg.data.image_size),
+            **latency_entries(cpu_latency(teacher.model, teacher_vars["params"], teacher_vars["buffers"],
+                                          cfg.data.image_size), "teacher_"),
             "compression_ratio": t_params / s_params,
         })
     return summary
+
+
+def ensemble_latency(figures: list[dict]) -> dict:
+    """The ensemble's latency figure: the sum of its members' (they run one after another), measured alike."""
+    first = figures[0]
+    return latency.figure(sum(f["ms_per_image"] for f in figures), batch_size=first["batch_size"],
+                          threads=first["threads"], repeats=first["repeats"])
 
 
 def ensemble_accuracy(teacher, obj: Objective, data, cfg: Config) -> float:
@@ -242,4 +254,19 @@ def format_table(summary: dict) -> str:
         lines.append(f"baseline student (no distillation): {summary['baseline_test_acc']:.2%}")
     if "compression_ratio" in summary:
         lines.append(f"compression: {summary['compression_ratio']:.1f}x fewer parameters")
+    figures = [summary[k] for k in ("teacher_cpu_latency", "student_cpu_latency") if k in summary]
+    if figures:
+        lines.append(latency_note(figures))
     return "\n".join(lines)
+
+
+def latency_note(figures: list[dict]) -> str:
+    """The table's footnote on how its CPU ms/img column was measured (batch, threads, a busy machine);
+    ``figures``: the column's :func:`fkd.latency.measure` dicts, timed alike."""
+    fig = figures[-1]
+    note = (f"CPU ms/img: batch {fig['batch_size']}, {fig['threads']} thread{'s' if fig['threads'] != 1 else ''}, "
+            f"median of {fig['repeats']} calls")
+    busy = [f for f in figures if f["busy"]]
+    if busy:
+        note += f"; busy machine (load {busy[0]['load_1min']:.1f} on {busy[0]['cores']} cores): slower than idle"
+    return note

@@ -12,7 +12,7 @@ from typing import Callable
 import attrs
 import torch
 
-from fkd import distributed
+from fkd import announce, distributed
 from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
 from fkd.config import CohortConfig, Config
@@ -75,10 +75,10 @@ def ensure_teacher(cfg: Config, data, device, *, echo: Callable = print, quiet: 
     path = teacher_to_use(cfg)
     if distributed.world().from_main(path.is_file):  # under torchrun every rank follows rank 0's view
         return path
-    echo(f"teacher checkpoint {path} not found: fitting the teacher first ([teacher] section, "
-         f"{cfg.teacher.arch}, {cfg.teacher.mode}, {cfg.teacher.train.epochs} epochs)")
+    echo(announce.teacher_missing(cfg, path))
     teacher_run = RunDir(path.parent)
-    fit_teacher(cfg, data, device, teacher_run, resume=teacher_run.latest.exists(), quiet=quiet, echo=echo)
+    fit_teacher(cfg, data, device, teacher_run, resume=teacher_run.latest.exists(), quiet=quiet, echo=echo,
+                announce=False)
     return path
 
 
@@ -187,14 +187,20 @@ def load_teacher_for(cfg: Config, data, objective: Objective, device, *, echo: C
         wanted = split_features(objective.teacher_feature_names)
         members = {}
         for name, c in member_configs(cfg).items():
+            present = distributed.world().from_main(teacher_checkpoint_path(c).is_file)
             path = ensure_teacher(c, data, device, echo=echo, quiet=quiet)
             model, variables, accuracy = load_teacher(path, c, data.num_classes, wanted.get(name, ()), device)
+            if present:  # a teacher fitted here has just said its accuracy
+                echo(announce.teacher_loaded(f"{name} ({c.teacher.arch})", path, accuracy))
             members[name] = Teacher(model, variables, path, accuracy)
         ensemble = TeacherEnsemble(tuple(members), tuple(t.model for t in members.values()))
         variables = {part: {n: t.variables[part] for n, t in members.items()} for part in ("params", "buffers")}
         return Teacher(ensemble, variables, None, None, members)
+    present = distributed.world().from_main(teacher_checkpoint_path(cfg).is_file)
     path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
     model, variables, accuracy = load_teacher(path, cfg, data.num_classes, objective.teacher_feature_names, device)
+    if present:  # a teacher fitted here has just said its accuracy
+        echo(announce.teacher_loaded(cfg.teacher.arch, path, accuracy))
     return Teacher(model, variables, path, accuracy)
 
 

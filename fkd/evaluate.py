@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fkd import distributed
+from fkd import distributed, latency
 from fkd.checkpoint import load_checkpoint
 from fkd.data.order import batch_count
 from fkd.config import apply_overrides, from_dict, read_toml
@@ -93,20 +92,15 @@ def make_evaluator(model, source, weights_of, *, batch_size: int, num_classes: i
     return evaluate
 
 
-def cpu_latency_ms(model, params: dict, buffers: dict, image_size: int, *, repeats: int = 20) -> float:
-    """Median CPU latency of one image (batch 1, eval mode, fp32), in milliseconds."""
+def cpu_latency(model, params: dict, buffers: dict, image_size: int, *, threads: int = latency.DEFAULT_THREADS,
+                batch_size: int = 1, repeats: int = latency.DEFAULT_REPEATS) -> dict:
+    """CPU latency per image of ``model`` (eval mode, fp32) on (``batch_size``, 3, S, S) zeros with
+    ``threads`` torch threads: a :func:`fkd.latency.measure` dict (``ms_per_image``, ``text``, ...)."""
     cpu = torch.device("cpu")
     p = {k: v.to(cpu) for k, v in params.items()}
     b = {k: v.to(cpu) for k, v in buffers.items()}
-    x = torch.zeros(1, 3, image_size, image_size)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            model.apply(p, b, x, train=False)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    x = torch.zeros(batch_size, 3, image_size, image_size)
+    return latency.measure(lambda batch: model.apply(p, b, batch, train=False), x, threads=threads, repeats=repeats)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -205,8 +199,11 @@ def _weight_mismatches(params: dict, buffers: dict, want_params: dict, want_buff
 
 
 def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | Path | None = None,
-                  overrides: list[str] = ()) -> dict:
+                  overrides: list[str] = (), threads: int = latency.DEFAULT_THREADS) -> dict:
     """Evaluate the model saved at ``path`` on the test split of its config.
+
+    ``threads``: torch threads for the CPU latency figure (batch 1; ``cpu_latency`` holds its
+    :func:`fkd.latency.measure` dict, ``cpu_latency_ms`` its number).
 
     The config is the one saved in the checkpoint, or ``config_path``; ``overrides`` (``key=value``)
     apply on top, e.g. ``data.root=...`` when the data moved. Data the model cannot take (another class
@@ -239,8 +236,13 @@ def evaluate_path(path: str | Path, device: torch.device, *, config_path: str | 
         "test_images": result["count"],
         "params": param_count(params),
         "size_bytes": size_bytes(params, buffers),
-        "cpu_latency_ms": cpu_latency_ms(model, params, buffers, cfg.data.image_size),
+        **latency_entries(cpu_latency(model, params, buffers, cfg.data.image_size, threads=threads)),
     }
+
+
+def latency_entries(fig: dict, prefix: str = "") -> dict:
+    """``{prefix + "cpu_latency_ms": number, prefix + "cpu_latency": the figure}`` for a report or summary."""
+    return {f"{prefix}cpu_latency_ms": fig["ms_per_image"], f"{prefix}cpu_latency": fig}
 
 
 def write_report(result: dict, out: str | Path) -> Path:

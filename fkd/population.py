@@ -10,7 +10,7 @@ run it:
   at once -- the win on a GPU, where one small model leaves the device mostly idle;
 * ``loop``: the population's state is the list of member states and the same step is called once per
   member -- on a CPU, where vmap turns convolutions into grouped convolutions and was measured slower
-  (``python cli.py bench --sweep K``; README, "Sweeps").
+  (``python cli.py bench --sweep K``; docs/sweeps.md).
 
 ``auto`` picks ``vmap`` on CUDA and ``loop`` elsewhere. Batches are per member (stacked for vmap) unless
 ``shared_batch``: then every member sees the same batch (``in_dims=None``: a live teacher runs once).

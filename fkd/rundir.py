@@ -126,31 +126,51 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
-    """Draw loss and accuracy per epoch into ``path``; False when matplotlib is not installed."""
-    try:
-        import matplotlib
+def curves_figure(records: list[dict[str, Any]], title: str = ""):
+    """A matplotlib figure of loss and accuracy per epoch under ``title`` (the run it shows, see
+    :mod:`fkd.titles`); raises ImportError without matplotlib."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.4))
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label="train loss")
     terms = [k for k in records[0] if k.startswith("train_") and k not in ("train_loss", "train_acc")]
     if len(terms) > 1:  # a weighted sum: show its terms too (unweighted)
         for key in terms:
             ax_loss.plot(epochs, [r.get(key) for r in records], linestyle="--", label=key.removeprefix("train_"))
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel("training loss (mean over the epoch's batches)")
     ax_loss.legend()
-    ax_acc.plot(epochs, [r["train_acc"] for r in records], marker="o", label="train")
-    ax_acc.plot(epochs, [r["test_acc"] for r in records], marker="o", label="test")
+
+    def pct(values):
+        return [None if v is None else 100 * v for v in values]
+
+    ax_acc.plot(epochs, pct([r["train_acc"] for r in records]), marker="o", label="train")
+    ax_acc.plot(epochs, pct([r["test_acc"] for r in records]), marker="o", label="test")
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Draw loss and accuracy per epoch into ``path`` under ``title``; False when matplotlib is not installed."""
+    try:
+        fig = curves_figure(records, title)
+    except ImportError:
+        return False
+    import matplotlib.pyplot as plt
+
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True

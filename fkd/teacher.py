@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from fkd import distributed
+from fkd import announce as start_lines
+from fkd import distributed, titles
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import Config, dumps
 from fkd.data import load_data
@@ -66,9 +67,12 @@ def _split_trainable(model: Model, params: dict, mode: str) -> tuple[dict, dict]
 
 def fit_teacher(
     cfg: Config, data, device: torch.device, run: RunDir, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False, echo: Callable[[str], None] = print,
+    quiet: bool = False, echo: Callable[[str], None] = print, announce: bool = True,
 ) -> dict:
     """Fit the teacher of ``cfg`` on ``data``; write its checkpoint and return its summary.
+
+    ``announce``: echo the start line (:func:`fkd.announce.teacher_start`); ``fkd distill`` fitting a
+    missing teacher has said so already.
 
     An existing teacher checkpoint is replaced only with ``overwrite`` or by resuming the run that wrote
     it: a teacher can take hours to fit. Every refusal comes before the first write (see
@@ -94,6 +98,9 @@ def fit_teacher(
 
     with distributed.on_main(lambda: RunLock(run.path)):
         start = world.from_main(decide)
+        if announce:
+            echo(start_lines.teacher_start(cfg, checkpoint=ckpt_path, num_images=len(data.train), run_path=run.path,
+                                           device=device, done_epochs=start.epoch))
         trainable, frozen = _split_trainable(model, params, t.mode)
         training = build_training(
             model, from_weights({"ce": 1.0}), t.train, params=trainable, buffers=buffers, frozen=frozen,
@@ -131,7 +138,7 @@ def fit_teacher(
         }
         if world.is_main:
             run.write_summary(summary)
-            plot_curves(run.read_metrics(), run.curves_path)
+            plot_curves(run.read_metrics(), run.curves_path, titles.run_title(cfg, run.path, role="teacher"))
     world.barrier()  # the checkpoint is written before any rank goes on to read it (a distill fitting its teacher)
     if world.is_main:
         echo(f"teacher {t.arch} ({t.mode}): test accuracy {final['accuracy']:.2%}; checkpoint {ckpt_path}")

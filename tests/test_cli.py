@@ -121,8 +121,11 @@ def test_evaluate_run_directory_and_checkpoint(tiny_config, tmp_path):
     assert report["test_acc"] == pytest.approx(summary["student_test_acc"])
     assert report["params"] == summary["student_params"]
     assert set(report["per_class_acc"]) == {"class_0", "class_1", "class_2", "class_3"}
-    teacher = invoke("evaluate", tmp_path / "teacher" / "teacher.pt", "--device", "cpu")
+    assert report["cpu_latency"]["batch_size"] == 1 and report["cpu_latency"]["threads"] == 1
+    assert "ms/img, batch 1, 1 thread" in summary["student_cpu_latency"]["text"]
+    teacher = invoke("evaluate", tmp_path / "teacher" / "teacher.pt", "--device", "cpu", "--threads", "2")
     assert teacher.exit_code == 0 and "test accuracy" in teacher.output and "per class" in teacher.output
+    assert "ms/img, batch 1, 2 threads" in teacher.output  # the figure says how it was measured
 
 
 def test_set_overrides_are_type_checked(tiny_config, tmp_path):
@@ -206,13 +209,33 @@ def test_resume_with_nothing_to_resume_fails_clearly(tiny_config, tmp_path):
     assert result.exit_code == 2 and "nothing to resume" in result.output
 
 
-def test_resolved_config_is_echoed(tiny_config, tmp_path):
-    result = invoke("distill", "--config", tiny_config("none"), "--out", tmp_path / "r", "--quiet",
-                    "--set", "train.epochs=1")
-    assert result.exit_code == 0
-    assert "# resolved config" in result.output and "epochs = 1" in result.output
+def test_start_is_a_line_and_the_config_is_echoed_only_with_verbose(tiny_config, tmp_path):
+    cfg = tiny_config("none")
+    result = invoke("distill", "--config", cfg, "--out", tmp_path / "r", "--quiet", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert "# resolved config" not in result.output and "[train]" not in result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith("distill: student small_cnn, method none") and "1 epoch on synthetic" in first
+    assert f"run directory {tmp_path / 'r'}" in first
     written = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
     assert written["train"]["epochs"] == 1
+    verbose = invoke("distill", "--config", cfg, "--out", tmp_path / "v", "--quiet", "--set", "train.epochs=1",
+                     "--verbose")
+    assert verbose.exit_code == 0
+    assert "# resolved config" in verbose.output and "epochs = 1" in verbose.output
+
+
+@pytest.mark.parametrize("args", [
+    ("--set", "train.epochs=0"),             # refused by the config
+    ("--set", "no_such.key=1"),              # an unknown key
+    ("--resume",),                           # nothing to resume
+])
+def test_a_refusal_prints_exactly_one_line(tiny_config, tmp_path, args):
+    result = CliRunner().invoke(cli.main, ["distill", "--config", str(tiny_config("none")), "--out",
+                                           str(tmp_path / "r"), *args])
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
 
 
 def test_config_command_prints_resolved_config_and_keys(tiny_config):

@@ -160,7 +160,7 @@ def test_two_processes_equal_one_and_write_the_run_once(job):
     summary = json.loads((two["run"] / "summary.json").read_text())
     assert summary["student_test_acc"] == json.loads((one_run / "summary.json").read_text())["student_test_acc"]
     # Printed once, by rank 0, with the world size in the header and the progress lines.
-    assert two[0]["out"].count("# resolved config") == 1 and "2 processes (torchrun, gloo)" in two[0]["out"]
+    assert two[0]["out"].count("distill: student") == 1 and "2 processes (torchrun, gloo)" in two[0]["out"]
     assert two[0]["out"].count("student (seed_cnn, logit)") == 1
     assert two[0]["err"].count("student epoch 2/2 (2 processes)") == 8
     assert two[1]["out"] == two[1]["err"] == ""

@@ -124,7 +124,8 @@ def test_int8_onnx_is_quantized_timed_and_within_two_points(digits_run, tmp_path
     latency = entry["latency_ms_per_image"]
     for who in ("fkd", "exported", "teacher"):
         assert latency[who]["batch_1"] > 0 and latency[who]["batch_64"] > 0
-    assert latency["teacher"]["arch"] == "small_cnn"
+    assert latency["teacher"]["arch"] == "small_cnn" and latency["threads"] == 1  # timed with one thread by default
+    assert "busy" in latency and latency["cores"] >= 1
     evaluated = invoke("evaluate", out, "--config", config, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.output.splitlines()[-1])

@@ -1,4 +1,6 @@
-"""README stays true: its library example runs, and the commands it names exist."""
+"""README and docs/ stay true: the library and extending examples run, the commands and configs they name
+exist, the two set-up commands come first, every docs page is in the site's navigation, and every
+registered loss term is on the terms page."""
 
 from __future__ import annotations
 
@@ -10,7 +12,33 @@ from click.testing import CliRunner
 
 from fkd import cli
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXTENDING = (ROOT / "docs" / "extending.md").read_text()
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    assert len(README.splitlines()) <= 250
+    first_block = re.search(r"```\w*\n(.*?)```", README, flags=re.S).group(1)
+    assert first_block.split("\n")[:2] == ["make demo", "make test"] and first_block.count("\n") == 2
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\ndemo:" in makefile and "\ntest:" in makefile and "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f": {page.name}" in nav, page.name
+    for link in re.findall(r"\]\((docs/[\w-]+\.md)", README):
+        assert (ROOT / link).is_file(), link
+
+
+def test_every_registered_term_is_on_the_terms_page():
+    from fkd.terms import TERMS
+
+    page = (ROOT / "docs" / "terms.md").read_text()
+    for name in TERMS.names():
+        assert f"| `{name}` |" in page, name
 
 
 def test_library_example_runs():
@@ -28,9 +56,8 @@ def test_commands_named_in_readme_exist():
 
 
 def test_configs_named_in_readme_exist():
-    root = Path(__file__).resolve().parents[1]
     for path in set(re.findall(r"(configs/[\w/]+\.toml)", README)):
-        assert (root / path).is_file(), path
+        assert (ROOT / path).is_file(), path
 
 
 def test_extending_example_registers_a_working_term():
@@ -38,11 +65,11 @@ def test_extending_example_registers_a_working_term():
     from fkd.objective import build
     from fkd.terms import TermInputs
 
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", EXTENDING, flags=re.S)
     example = next(b for b in blocks if "@register_term" in b)
     name = re.search(r'@register_term\("(\w+)"\)', example).group(1)
     if name not in terms.TERMS:
-        exec(compile(example, "README.md", "exec"), {})  # noqa: S102 -- our own README
+        exec(compile(example, "docs/extending.md", "exec"), {})  # noqa: S102 -- our own docs
     obj = build({"ce": {"weight": 0.3}, name: {"weight": 0.7}})
     assert obj.needs_teacher_logits
     s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fkd import cli
 from fkd.checkpoint import load_checkpoint
 from fkd.errors import ConfigError
 from fkd.sweep.plan import in_chunks, parse_grid, parse_seeds, plan_sweep
-from fkd.sweep.stats import describe, t_quantile_975
+from fkd.sweep.stats import NO_INTERVAL_WHY, describe, format_table, summarize, t_quantile_975
 from tests.conftest import wrap_distill_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +84,55 @@ def test_statistics_over_seeds():
     assert d["mean"] == pytest.approx(0.92) and d["std"] == pytest.approx(0.02)
     assert d["ci95"] == pytest.approx(4.303 * 0.02 / 3 ** 0.5)
     assert t_quantile_975(100) == 1.96 and describe([0.5])["n"] == 1
+    assert (d["ci95_low"], d["ci95_high"]) == pytest.approx((0.92 - d["ci95"], 0.92 + d["ci95"]))
+
+
+def test_intervals_are_clipped_to_what_an_accuracy_can_be():
+    d = describe([0.2, 0.9, 0.99])  # a wide interval: the t bounds fall outside [0, 1]
+    assert d["mean"] - d["ci95"] < 0 and d["mean"] + d["ci95"] > 1
+    assert (d["ci95_low"], d["ci95_high"]) == (0.0, 1.0)
+    table = format_table(summarize([{"point": "base", "seed": s, "test_acc": v, "diverged": False}
+                                    for s, v in enumerate([0.2, 0.9, 0.99])], None), None)
+    assert "0.00..100.00" in table and "-" not in table.splitlines()[2].split()[4]
+
+
+def test_fewer_than_three_seeds_give_no_interval_but_the_values_and_why():
+    two = describe([0.3, 0.9])
+    assert two["ci95"] is None and two["ci95_low"] is None and two["values"] == [0.3, 0.9]
+    rows = summarize([{"point": "base", "seed": s, "test_acc": v, "diverged": False} for s, v in enumerate([0.3, 0.9])],
+                     None)
+    table = format_table(rows, None)
+    row = table.splitlines()[2]
+    assert row.endswith("30.00, 90.00") and ".." not in row and NO_INTERVAL_WHY in table
+
+
+def test_plots_have_titles_and_labelled_axes():
+    from fkd.config import Config
+    from fkd.rundir import curves_figure
+    from fkd.sweep.plot import sweep_figure
+    from fkd.titles import run_title, sweep_title
+
+    cfg = Config()
+    title = run_title(cfg, Path("runs/x"))
+    assert title.startswith(f"runs/x (config {cfg.name}, {cfg.data.name}): student {cfg.student.arch} ← teacher "
+                            f"{cfg.teacher.arch}, method {cfg.distill.preset}")
+    records = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "test_acc": 0.6} for e in (1, 2)]
+    fig = curves_figure(records, title)
+    assert fig._suptitle.get_text() == title
+    assert [ax.get_ylabel() for ax in fig.axes] == ["training loss (mean over the epoch's batches)", "accuracy (%)"]
+    assert all(ax.get_xlabel() == "epoch" for ax in fig.axes)
+    rows = summarize([{"point": f"distill.alpha={a}", "seed": s, "test_acc": 0.5 + 0.1 * s, "diverged": False}
+                      for a in (0, 0.5) for s in (0, 1)], None)
+    stitle = sweep_title(cfg, Path("runs/x-sweep"), (0, 1), interval=False)
+    assert "2 seeds per point (0, 1)" in stitle and "no interval" in stitle
+    sfig = sweep_figure((("distill.alpha", (0, 0.5)),), rows, stitle)
+    ax = sfig.axes[0]
+    assert ax.get_title() == stitle and ax.get_ylabel() == "test accuracy (%)"
+    assert ax.get_xlabel() == "distill.alpha (swept value)"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(sfig)
 
 
 # --- against distill --------------------------------------------------------------------------------
@@ -150,8 +200,10 @@ def test_outputs_and_baseline(tiny_config, tmp_path):
     assert {"student", "point", "seed", "epoch", "train_loss", "train_acc", "test_acc", "diverged"} <= set(records[0])
     summary = json.loads((out / "sweep_summary.json").read_text())
     assert summary["baseline"] == "distill.alpha=0" and len(summary["points"]) == 2
-    for row in summary["points"]:
-        assert row["n"] == 2 and row["min"] <= row["mean"] <= row["max"] and row["ci95"] > 0
+    for row in summary["points"]:  # two seeds: no interval, the values instead, and a line that says why
+        assert row["n"] == 2 and row["min"] <= row["mean"] <= row["max"] and row["ci95"] is None
+        assert sorted(row["values"]) == [row["min"], row["max"]]
+    assert NO_INTERVAL_WHY in result.output and "values" in result.output
     assert (out / "sweep.png").is_file() and len(list((out / "students").glob("*.pt"))) == 1
     again = invoke("sweep", "--config", tiny_config("logit"), "--out", out, "--quiet", "--seeds", "2")
     assert again.exit_code == 2 and "--resume" in again.output

@@ -14,26 +14,29 @@ from pathlib import Path
 import attrs
 import torch
 
+from fkd import latency
 from fkd.config import apply_overrides, from_dict, read_toml
 from fkd.data import load_data
 from fkd.errors import ConfigError, DataError
 from fkd.export.exported_file import FORMATS, format_of, load_exported
 from fkd.export.input_spec import InputSpec
-from fkd.export.latency import latency_ms_per_image
+from fkd.evaluate import latency_entries
+from fkd.export.latency import exported_latency
 from fkd.export.verify import split_accuracy
 
 LATENCY_REPEATS = 20
 
 
-def evaluate_exported(path: str | Path, *, config_path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Accuracy, per-class accuracy, size and batch-1 CPU latency of the exported file at ``path``.
+def evaluate_exported(path: str | Path, *, config_path: str | Path | None = None, overrides: list[str] = (),
+                      threads: int = latency.DEFAULT_THREADS) -> dict:
+    """Accuracy, per-class accuracy, size and batch-1 CPU latency (``threads`` threads) of the exported file
+    at ``path``.
 
     Returns the keys of :func:`fkd.evaluate.evaluate_path` (``checkpoint`` is the file) plus ``format``
     and ``quantization``.
     """
     path = Path(path)
-    threads = torch.get_num_threads()
-    run, metadata = load_exported(path, threads)
+    run, metadata = load_exported(path, torch.get_num_threads())  # the accuracy pass uses every core
     if config_path is not None:
         raw = read_toml(config_path)
     elif "config" in metadata:
@@ -67,5 +70,6 @@ def evaluate_exported(path: str | Path, *, config_path: str | Path | None = None
         "test_images": result["count"],
         "params": metadata.get("params"),
         "size_bytes": path.stat().st_size,
-        "cpu_latency_ms": latency_ms_per_image(run, InputSpec.for_data(cfg.data), 1, repeats=LATENCY_REPEATS),
+        **latency_entries(exported_latency(path, run, InputSpec.for_data(cfg.data), 1, threads=threads,
+                                           repeats=LATENCY_REPEATS)),
     }

@@ -23,13 +23,14 @@ from typing import Callable
 import attrs
 import torch
 
+from fkd import latency
 from fkd.atomic import atomic_write
 from fkd.data import load_data
 from fkd.errors import ConfigError
 from fkd.export import onnx_format
 from fkd.export.exported_file import format_module, load_exported
 from fkd.export.input_spec import InputSpec
-from fkd.export.latency import latency_table
+from fkd.export.latency import latency_table, timed_runner
 from fkd.export.module import ExportableClassifier
 from fkd.export.quantize import CALIBRATION_IMAGES, SCHEMES, quantize_onnx_int8
 from fkd.export.report import file_metadata, read_entries, write_entry
@@ -58,7 +59,7 @@ def check_request(fmt: str, quantize: str | None, out: Path | None) -> None:
         raise ConfigError(f"--quantize {quantize} is not supported; use {' or '.join(SCHEMES)}.")
     if quantize is not None and fmt != "onnx":
         raise ConfigError("--quantize int8 is done by onnxruntime and needs --format onnx (a .pt2 file stays "
-                          "fp32; README, 'Deploying the student', says why).")
+                          "fp32; docs/export.md says why).")
     if out is not None and out.suffix.lower() != module.SUFFIX:
         raise ConfigError(f"--out '{out}' must end in {module.SUFFIX} for --format {fmt}.")
     if fmt == "onnx":
@@ -77,14 +78,16 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out: str | Path | None = None,
-                 teacher: bool = False, latency_repeats: int = 50, overwrite: bool = False,
+                 teacher: bool = False, latency_repeats: int = 50, latency_threads: int = latency.DEFAULT_THREADS,
+                 overwrite: bool = False,
                  echo: Callable[[str], None] = lambda message: None) -> dict:
     """Export the model at ``path`` to ``out`` (default :func:`default_output`); returns its export.json entry
     (with ``"file"`` and ``"report"`` paths added).
 
     ``fmt``: ``"pt2"`` or ``"onnx"``; ``quantize``: None or ``"int8"`` (ONNX only); ``teacher``: export the
     teacher instead of a student (for comparison); ``latency_repeats``: timed calls per latency figure
-    (0: not measured); ``overwrite``: replace an existing file at ``out`` (else refused). Runs on the CPU.
+    (0: not measured); ``latency_threads``: the CPU threads they are timed with; ``overwrite``: replace an
+    existing file at ``out`` (else refused). Runs on the CPU.
     The file and its ``export.json`` entry are written together: when the entry cannot be written, the
     file at ``out`` is put back as it was.
 
@@ -134,10 +137,12 @@ def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out
                                       num_classes=data.num_classes)
         echo(f"  test accuracy {accuracy['accuracy']:.2%} (fkd's model: {fkd_accuracy['accuracy']:.2%}) over "
              f"{accuracy['count']} images")
-        latency = None
+        timing = None
         if latency_repeats > 0:
-            echo(f"  timing on the CPU ({threads} threads, median of {latency_repeats} calls)")
-            latency = _latencies(saved, module, run, spec, data.num_classes, latency_repeats, threads)
+            echo(f"  timing on the CPU ({latency_threads} thread{'s' if latency_threads != 1 else ''}, "
+                 f"median of {latency_repeats} calls)")
+            timing = _latencies(saved, module, timed_runner(final_file, run, latency_threads), spec,
+                                data.num_classes, latency_repeats, latency_threads)
         entry = {  # measured on final_file: the bytes that go to out
             "format": fmt,
             "quantization": quantization,
@@ -156,7 +161,7 @@ def export_model(path: str | Path, *, fmt: str, quantize: str | None = None, out
             "test_acc": accuracy["accuracy"],
             "fkd_test_acc": fkd_accuracy["accuracy"],
             "test_images": accuracy["count"],
-            "latency_ms_per_image": latency,
+            "latency_ms_per_image": timing,
             "versions": _versions(fmt),
         }
         report = _write_with_entry(out, final_file, entry, Path(tmp), echo)
@@ -202,19 +207,25 @@ def _latencies(saved: SavedModel, module: ExportableClassifier, run, spec: Input
     table = {
         "threads": threads,
         "repeats": repeats,
-        "fkd": latency_table(module, spec, repeats=repeats),
-        "exported": latency_table(run, spec, repeats=repeats),
+        "fkd": latency_table(module, spec, repeats=repeats, threads=threads),
+        "exported": latency_table(run, spec, repeats=repeats, threads=threads),
     }
     if saved.role == "teacher":
         table["teacher"] = {"arch": saved.model.arch, "note": "this file is the teacher: as fkd", **table["fkd"]}
-        return table
+        return _with_load(table)
     # Latency depends on the architecture, not the weights: the teacher's is measured on its architecture
     # freshly built, so it is known even where the teacher checkpoint is not at hand.
     model, params, buffers = build_teacher(saved.config, num_classes)
     teacher = ExportableClassifier(model, params, buffers, spec)
     table["teacher"] = {"arch": model.arch, "note": "fkd's model, eager (the architecture of teacher.arch)",
-                        **latency_table(teacher, spec, repeats=repeats)}
-    return table
+                        **latency_table(teacher, spec, repeats=repeats, threads=threads)}
+    return _with_load(table)
+
+
+def _with_load(table: dict) -> dict:
+    """``table`` with the machine's load when the timing ended, and ``busy`` when it exceeded the cores."""
+    load_1min, cores = latency.machine_load()
+    return {**table, "load_1min": load_1min, "cores": cores, "busy": load_1min is not None and load_1min > cores}
 
 
 def _copy_into(source: Path, f) -> None:

@@ -10,7 +10,7 @@ https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html.
 
 PyTorch's own path on this torch version (PT2E: ``prepare_pt2e`` / ``convert_pt2e`` with the
 ``X86InductorQuantizer``) lives in the separate ``torchao`` package and yields a program that runs int8
-only under ``torch.compile``; fkd does not ship it (README, "Deploying the student").
+only under ``torch.compile``; fkd does not ship it (docs/export.md, "Deploying the student").
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from fkd.runlock import RunLock
 from fkd.run_start import check_one_batch, check_same_structure
 from fkd.step import init_train_state, maybe_compile
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
-from fkd.sweep.stats import format_table, summarize
+from fkd.sweep.stats import MIN_SEEDS_FOR_INTERVAL, format_table, summarize
 
 __all__ = ["STRATEGIES", "SAVE_CHOICES", "auto_chunk", "choose_strategy", "run_sweep", "student_state"]
 
@@ -264,7 +264,8 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
             write_text_atomic(run.path / "grid.json", sweep_text)
         echo(f"sweep: {plan.describe()}, strategy {strategy} "
              f"({'vmapped step' if strategy == 'vmap' else 'one step per student, in a loop'}) on {device}"
-             + (f", students spread over {world.size} processes" if world.parallel else ""))
+             + (f", students spread over {world.size} processes" if world.parallel else "")
+             + f"; directory {run.path}")
         finished = saved["finished"] if saved else []
         records = saved["records"] if saved else []
         with StopRequest() as stop:
@@ -410,7 +411,10 @@ def _write_outputs(plan: SweepPlan, run: RunDir, finished: list[dict], strategy:
                "baseline": baseline, "points": rows, "students_final": finished}
     write_text_atomic(run.path / "sweep_summary.json", json.dumps(summary, indent=2) + "\n")
     from fkd.sweep.plot import plot_sweep
+    from fkd.titles import sweep_title
 
-    plot_sweep(plan, rows, run.path / "sweep.png")
+    interval = all(r["n"] >= MIN_SEEDS_FOR_INTERVAL for r in rows if r["n"])
+    plot_sweep(plan, rows, run.path / "sweep.png",
+               sweep_title(plan.groups[0].base.config, run.path, plan.seeds, interval=interval))
     echo(format_table(rows, baseline))
     return summary
