@@ -91,6 +91,22 @@ def table(source):
             accs[t] = torch.load(p, map_location="cpu", weights_only=False).get("test_acc")
     if accs:
         click.echo("\nteachers' test accuracy: " + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accs.items()))
+    if len(accs) == len(TEACHERS):
+        click.echo(f"their weighted ensemble (T = 1): {100 * _ensemble_accuracy():.2f}%")
+
+
+def _ensemble_accuracy() -> float:
+    """configs/paradigms/ensemble.toml's teachers, mixed with their weights at T = 1, on the test split."""
+    from fkd.build import load
+    from fkd.data import load_data
+    from fkd.distill import ensemble_accuracy
+    from fkd.distill_setup import load_teacher_for
+
+    resolved = load(ROOT / C / "paradigms" / "ensemble.toml", device="cpu")
+    cfg, obj = resolved.config, resolved.objective
+    data = load_data(cfg.data, device="cpu")
+    teacher = load_teacher_for(cfg, data, obj, "cpu", quiet=True, echo=lambda *_: None)
+    return ensemble_accuracy(teacher, obj, data, cfg)
 
 
 if __name__ == "__main__":
