@@ -38,7 +38,8 @@ def test_every_registered_term_is_on_the_terms_page():
 
     page = (ROOT / "docs" / "terms.md").read_text()
     for name in TERMS.names():
-        assert f"| `{name}` |" in page, name
+        if TERMS.get(name).__module__.startswith("fkd.terms."):  # other tests register terms of their own
+            assert f"| `{name}` |" in page, name
 
 
 def test_library_example_runs():
