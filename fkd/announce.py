@@ -31,7 +31,13 @@ def distill_start(cfg: Config, weights: dict[str, float], *, num_images: int, ru
     """``distill: student seed_cnn, method feature (ce 0.7, feature 0.3), 8 epochs on digits (1,437 images);
     device cpu; run directory runs/feature``. ``weights``: the objective's term weights."""
     terms = ", ".join(f"{name} {w:g}" for name, w in weights.items())
-    return (f"distill: student {cfg.student.arch}, method {cfg.distill.preset} ({terms}), "
+    names = cfg.cohort.names
+    if names:  # a cohort: its members' architectures
+        archs = [(cfg.cohort.members.get(n) or cfg.student).arch for n in names]
+        student = f"a cohort of {len(names)} students ({', '.join(dict.fromkeys(archs))})"
+    else:
+        student = f"student {cfg.student.arch}"
+    return (f"distill: {student}, method {cfg.distill.preset} ({terms}), "
             f"{_progress(done_epochs, cfg.train.epochs)} on {cfg.data.name} ({num_images:,} images); "
             f"{_where(run_path, device)}")
 
