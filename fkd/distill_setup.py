@@ -185,22 +185,23 @@ def load_teacher_for(cfg: Config, data, objective: Objective, device, *, echo: C
         return Teacher(model, None, None, None)
     if cfg.teachers:
         wanted = split_features(objective.teacher_feature_names)
-        members = {}
-        for name, c in member_configs(cfg).items():
-            present = distributed.world().from_main(teacher_checkpoint_path(c).is_file)
-            path = ensure_teacher(c, data, device, echo=echo, quiet=quiet)
-            model, variables, accuracy = load_teacher(path, c, data.num_classes, wanted.get(name, ()), device)
-            if present:  # a teacher fitted here has just said its accuracy
-                echo(announce.teacher_loaded(f"{name} ({c.teacher.arch})", path, accuracy))
-            members[name] = Teacher(model, variables, path, accuracy)
+        members = {name: _load_one(c, data, wanted.get(name, ()), device, echo=echo, quiet=quiet,
+                                   label=f"{name} ({c.teacher.arch})")
+                   for name, c in member_configs(cfg).items()}
         ensemble = TeacherEnsemble(tuple(members), tuple(t.model for t in members.values()))
         variables = {part: {n: t.variables[part] for n, t in members.items()} for part in ("params", "buffers")}
         return Teacher(ensemble, variables, None, None, members)
+    return _load_one(cfg, data, objective.teacher_feature_names, device, echo=echo, quiet=quiet,
+                     label=cfg.teacher.arch)
+
+
+def _load_one(cfg: Config, data, feature_names, device, *, echo: Callable, quiet: bool, label: str) -> Teacher:
+    """``cfg``'s one teacher, fitted first when missing and allowed, then loaded; says so as ``label``."""
     present = distributed.world().from_main(teacher_checkpoint_path(cfg).is_file)
     path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
-    model, variables, accuracy = load_teacher(path, cfg, data.num_classes, objective.teacher_feature_names, device)
+    model, variables, accuracy = load_teacher(path, cfg, data.num_classes, feature_names, device)
     if present:  # a teacher fitted here has just said its accuracy
-        echo(announce.teacher_loaded(cfg.teacher.arch, path, accuracy))
+        echo(announce.teacher_loaded(label, path, accuracy))
     return Teacher(model, variables, path, accuracy)
 
 

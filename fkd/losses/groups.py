@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fkd.losses.logits import _kl_rows
+
 Scalar = float | Tensor
 
 
@@ -109,8 +111,7 @@ def mutual_learning_member(student_logits: Tensor, cohort_logits: Tensor, temper
         raise ValueError(f"mutual learning needs a cohort of at least 2 members, got {k}")
     log_q = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
     log_p = F.log_softmax(cohort_logits.detach() / temperature, dim=-1)  # (K, B, C)
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)  # (K, B)
+    kl = _kl_rows(log_p, log_q)  # (K, B)
     return temperature**2 * kl.sum(dim=0).mean() / (k - 1)
 
 
