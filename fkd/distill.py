@@ -24,7 +24,7 @@ from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.checkpoint import save_checkpoint
-from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
+from fkd.distill_setup import ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache, teacher_paths
 from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
@@ -114,10 +114,7 @@ def save_members(cfg: Config, run: RunDir, cohort: Cohort, state: dict, accuraci
     out = {}
     for name in cohort.names:
         path = run.path / "members" / f"{name}.pt"
-        weights = {"params": {"model": state["params"]["model"][name]}, "frozen": {}, "buffers": state["buffers"][name]}
-        save_checkpoint(path, {"state": tree_map(lambda t: t.detach().cpu(), weights),
-                               "model": dict(cohort.member(name).spec), "config": dumps(member_config(cfg, name)),
-                               "epoch": cfg.train.epochs, "batch": 0}, "student_run")
+        save_checkpoint(path, member_checkpoint(cfg, cohort, state, name), "student_run")
         out[name] = {"arch": cohort.member(name).arch, "test_acc": accuracies[name], "checkpoint": str(path)}
     return out
 

@@ -15,13 +15,14 @@ import torch
 from fkd import announce, distributed
 from fkd import objective as objective_lib
 from fkd.cache import build_cache, cache_key
-from fkd.config import CohortConfig, Config
+from fkd.config import CohortConfig, Config, dumps
 from fkd.errors import CheckpointError, ConfigError
 from fkd.models.cohort import Cohort
 from fkd.models.ensemble import SEP, TeacherEnsemble, split_features
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
 from fkd.objective import Objective
+from fkd.pytree import tree_map
 from fkd.rundir import RunDir
 from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
 from fkd.terms import Shapes
@@ -125,6 +126,16 @@ def member_config(cfg: Config, name: str) -> Config:
     names = cfg.cohort.names
     model = cfg.cohort.members.get(name, cfg.student)
     return attrs.evolve(cfg, student=model, seed=member_seed(cfg.seed, names.index(name)), cohort=CohortConfig())
+
+
+def member_checkpoint(cfg: Config, cohort: Cohort, state: dict, name: str) -> dict:
+    """Cohort member ``name`` of a trained cohort state as a one-student checkpoint payload (``student_run``),
+    which ``fkd evaluate`` and ``fkd export`` read like any student's: its weights, architecture and
+    :func:`member_config`. Tensors are detached copies on the CPU."""
+    weights = {"params": {"model": state["params"]["model"][name]}, "frozen": {}, "buffers": state["buffers"][name]}
+    return {"state": tree_map(lambda t: t.detach().cpu(), weights),
+            "model": dict(cohort.member(name).spec), "config": dumps(member_config(cfg, name)),
+            "epoch": cfg.train.epochs, "batch": 0}
 
 
 def build_students(cfg: Config, num_classes: int, feature_names=(), *, device="cpu"):

@@ -214,10 +214,15 @@ def test_paradigms_sweep_over_seeds(tiny_config, tmp_path, changes):
     extra = DML if "cohort" in changes else ""
     cfg = tiny_config("terms" if extra else "logit", extra, train={"epochs": 1}, **changes)
     out = tmp_path / "sweep"
-    result = invoke("sweep", "--config", cfg, "--seeds", "2", "--out", out, "--quiet")
+    result = invoke("sweep", "--config", cfg, "--seeds", "2", "--out", out, "--quiet", "--save", "all")
     assert result.exit_code == 0, result.output
     final = json.loads((out / "sweep_summary.json").read_text())["students_final"]
     assert len(final) == 2 and all(0 <= s["test_acc"] <= 1 and not s["diverged"] for s in final)
+    # every saved student -- for a cohort, every member of every seed -- is one evaluate reads
+    saved = sorted((out / "students").glob("*/*.pt" if extra else "*.pt"))
+    assert len(saved) == (4 if extra else 2)
+    ev = invoke("evaluate", saved[-1], "--json")
+    assert ev.exit_code == 0, ev.output
 
 
 def test_cohort_run_resumes_bit_exactly_and_a_member_exports(tiny_config, tmp_path, monkeypatch):

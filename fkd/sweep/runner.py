@@ -38,12 +38,13 @@ from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import build_students, ema_decay, load_teacher_for, preflight, teacher_cache, teacher_paths
+from fkd.distill_setup import build_students, ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache, teacher_paths
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
+from fkd.models.cohort import Cohort
 from fkd.models.from_config import build_student
 from fkd.optim import optimizer_from_config
 from fkd.population import STRATEGIES, Population, choose_strategy, freeze_diverged
@@ -359,8 +360,18 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
             k = [r["student"] for r in results].index(best["student"])
             _save_student(run, setup, students[k], states_now[k])
             if before is not None:
-                (run.path / "students" / f"{before['student']}.pt").unlink(missing_ok=True)
+                _remove_student(run, before["student"])
     return results
+
+
+def _remove_student(run: RunDir, label: str) -> None:
+    """Remove what :func:`_save_student` wrote for ``label`` (a file, or a cohort's folder of members)."""
+    (run.path / "students" / f"{label}.pt").unlink(missing_ok=True)
+    folder = run.path / "students" / label
+    if folder.is_dir():
+        for member in folder.glob("*.pt"):
+            member.unlink()
+        folder.rmdir()
 
 
 def _point_label(s: Student) -> str:
@@ -368,7 +379,13 @@ def _point_label(s: Student) -> str:
 
 
 def _save_student(run: RunDir, setup: GroupSetup, s: Student, state: dict) -> Path:
-    """One student's weights as a run checkpoint that ``fkd evaluate`` reads."""
+    """One student's weights as a run checkpoint that ``fkd evaluate`` reads; a cohort's members each as
+    their own, ``students/<label>/<member>.pt`` (:func:`fkd.distill_setup.member_checkpoint`)."""
+    if isinstance(setup.student, Cohort):
+        folder = run.path / "students" / s.label
+        for name in setup.student.names:
+            save_checkpoint(folder / f"{name}.pt", member_checkpoint(s.config, setup.student, state, name), "student_run")
+        return folder
     path = run.path / "students" / f"{s.label}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu = tree_map(lambda t: t.detach().cpu(), {k: state[k] for k in ("params", "frozen", "buffers")})
