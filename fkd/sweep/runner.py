@@ -333,7 +333,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                     quiet=quiet, title=f"group {gi + 1}/{n_groups}",
                     detail=f"{len(setup.group.students)} students"
                            + (f" over {world.size} processes" if world.parallel else ""),
-                    on_non_finite="freeze")
+                    on_non_finite="freeze", precision=cfg.train.precision)
     states = run_epochs(step, states, setup.data.train, spec, population=population,
                         batches=group_batches(setup, strategy), teacher_vars=setup.teacher_vars,
                         evaluate=lambda st: [_evaluate(setup, m, device) for m in population.members(st)],
