@@ -13,21 +13,22 @@ measures the steady-state training rate in images/s of each variant:
 ======================  ============================================================================
 ``imperative``          the authors' style (``bench/imperative.py``): ``nn.Module``, forward hooks for
                         features, ``loss.backward()``, ``torch.optim`` (foreach), teacher under no_grad
-``eager``               fkd's pure step (:func:`fkd.step.make_train_step`), not compiled
-``compiled``            the same step under ``torch.compile`` (mode ``default``)
-``cudagraphs``          compiled with ``mode="reduce-overhead"``: the step replayed as CUDA graphs
-``tf32``                ``cudagraphs`` with ``train.precision = "tf32"`` (TF32 tensor cores)
-``bf16_channels_last``  ``cudagraphs`` with bf16 autocast and the channels_last layout
-``cached``              ``cudagraphs`` (compiled on a CPU) with the teacher's outputs read from a cache on
-                        the device -- which fkd uses only for a deterministic view: with the protocol's
-                        random crop and flip the teacher must see each augmented image and runs live
+``cudagraphs``          fkd's pure step compiled with ``mode="reduce-overhead"``: replayed as CUDA graphs
 ``population``          ``--members`` K students in one step, as ``fkd sweep --seeds K`` trains them
                         (:class:`fkd.population.Population`: vmapped on CUDA, a loop on a CPU; shared
                         batches and one teacher pass when the view is random), compiled with CUDA graphs
                         on CUDA, eager on a CPU
+``eager``               fkd's pure step (:func:`fkd.step.make_train_step`), not compiled
+``compiled``            the same step under ``torch.compile`` (mode ``default``)
+``tf32``                ``cudagraphs`` with ``train.precision = "tf32"`` (TF32 tensor cores)
+``bf16_channels_last``  ``cudagraphs`` with bf16 autocast and the channels_last layout
+``cached``              ``cudagraphs`` (on a CPU: compiled, no graphs) with the teacher's outputs read from a cache on
+                        the device -- which fkd uses only for a deterministic view: with the protocol's
+                        random crop and flip the teacher must see each augmented image and runs live
 ======================  ============================================================================
 
-Every variant takes its batches the way a run does, from the training set held on the device: the
+They run in this order (most telling first, so a time limit cuts the least) or in ``--variants``'
+order. Every variant takes its batches the way a run does, from the training set held on the device: the
 epoch's order, crop-with-padding and flip drawn on the device, the cache lookup where there is one --
 the imperative loop too, so it is spared its usual DataLoader and the comparison favours it. The
 teacher has random weights (the cost of a step does not depend on their values).
@@ -105,19 +106,19 @@ class Variant:
     cuda_only: str = ""  # the reason it is skipped elsewhere
 
 
-VARIANTS = {
+VARIANTS = {  # most telling first, so that a time limit cuts the least
     "imperative": Variant("imperative", imperative=True),
-    "eager": Variant("eager"),
-    "compiled": Variant("compiled", compile=True),
     "cudagraphs": Variant("cudagraphs", compile=True, mode="reduce-overhead",
                           cuda_only="CUDA graphs need a CUDA device"),
+    "population": Variant("population", compile=True, mode="reduce-overhead", population=True),
+    "eager": Variant("eager"),
+    "compiled": Variant("compiled", compile=True),
     "tf32": Variant("tf32", compile=True, mode="reduce-overhead", precision="tf32",
                     cuda_only="TF32 tensor cores are a CUDA feature"),
     "bf16_channels_last": Variant("bf16_channels_last", compile=True, mode="reduce-overhead", precision="bf16",
                                   channels_last=True,
                                   cuda_only="fkd applies bf16 autocast and channels_last for speed on CUDA only"),
     "cached": Variant("cached", compile=True, mode="reduce-overhead", cached=True),
-    "population": Variant("population", compile=True, mode="reduce-overhead", population=True),
 }
 
 
@@ -398,6 +399,11 @@ def run_protocol(cfg, device: torch.device, *, members: int = 8, variants=None, 
     if unknown or not names:
         raise ConfigError(f"unknown variant '{unknown[0] if unknown else ''}'; valid variants: "
                           f"{', '.join(VARIANTS)} (comma-separated).")
+    # Eight variants compile the same step function with different settings; dynamo's default of 8
+    # compilations per function would send the last ones back to eager.
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     baseline = load_clone_module("bench/imperative.py", "the imperative baseline")
     b = setup(cfg, device, images, test_images)
     if "imperative" in names and baseline.unsupported_terms(b.objective):
@@ -407,7 +413,12 @@ def run_protocol(cfg, device: torch.device, *, members: int = 8, variants=None, 
     echo(f"protocol: evaluation rate over {len(b.test):,} test images")
     eval_rate = evaluation_rate(b)
     t_rate = teacher_rate(b, cfg.train.precision)
-    rows = [measure(b, VARIANTS[n], members, warmup=warmup, steps=steps, windows=windows, echo=echo) for n in names]
+    rows = []
+    for name in names:
+        rows.append(measure(b, VARIANTS[name], members, warmup=warmup, steps=steps, windows=windows, echo=echo))
+        got = rows[-1]
+        echo(f"protocol: {name}: " + (f"skipped ({got['skipped']})" if "skipped" in got else
+                                      f"{got['images_per_s']:.0f} images/s ({got['precision']})"))
     base = next((r["images_per_s"] for r in rows if r["variant"] == "imperative" and "images_per_s" in r), None)
     for r in rows:
         if "images_per_s" in r:
