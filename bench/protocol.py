@@ -70,7 +70,7 @@ import attrs  # noqa: E402 -- after the clone is on the path
 import torch  # noqa: E402
 
 from fkd.build import load  # noqa: E402
-from fkd.cache import TeacherCache, compute_outputs  # noqa: E402
+from fkd.cache import TeacherCache, compute_outputs, teacher_batch_outputs  # noqa: E402
 from fkd.clone_files import load_clone_module  # noqa: E402
 from fkd.data.batches import InMemorySource  # noqa: E402
 from fkd.data.transforms import BatchTransform, augments  # noqa: E402
@@ -263,12 +263,19 @@ def fkd_iteration(b: Bench, variant: Variant, members: int) -> Callable[[], None
     seeds = [b.cfg.seed] if shared else [b.cfg.seed + k for k in range(members)]
     streams = [endless_batches(b.train, b.batch_size, seed=s, augment=augment) for s in seeds]
     holder = {"states": states}
+    # as fkd.sweep.runner.group_batches: students in a loop sharing a batch get the teacher's outputs from one
+    # pass in the batch (vmapped, the step runs the teacher once itself: it is not batched over members)
+    teacher_once = shared and population.strategy == "loop" and live_teacher is not None
 
     def population_iteration() -> None:
         parts = []
         for stream in streams:
             x, y, idx = next(stream)
-            parts.append({"x": x, "y": y, "idx": idx, **(lookup(idx) if lookup is not None else {})})
+            batch = {"x": x, "y": y, "idx": idx, **(lookup(idx) if lookup is not None else {})}
+            if teacher_once:
+                logits, feats = teacher_batch_outputs(b.teacher, teacher_vars, x, variant.precision)
+                batch.update(teacher_logits=logits, teacher_features=feats)
+            parts.append(batch)
         holder["states"], _ = step(holder["states"], parts[0] if shared else parts, teacher_vars)
 
     return population_iteration
