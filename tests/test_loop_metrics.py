@@ -205,3 +205,26 @@ def test_a_teacher_cache_read_from_disk_moves_onto_the_device_when_it_fits(monke
     assert moved.where == "cache.pt" and moved.logits.dtype == torch.float16
     monkeypatch.setattr(fkd.cache, "MEMORY_LIMIT_BYTES", 100)  # 120 bytes no longer fit
     assert on_device_if_fits(host) is host
+
+
+def test_distill_takes_tf32_and_refuses_an_unknown_precision(tiny_config, tmp_path):
+    """``train.precision = "tf32"`` runs end to end (on a CPU the math mode is a no-op) and its metrics say
+    the same as fp32's; an unknown precision is one ``error:`` line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fkd import cli
+
+    cfg = tiny_config("logit")
+    lines = {}
+    for precision in ("fp32", "tf32"):
+        out = tmp_path / precision
+        result = CliRunner().invoke(cli.main, ["distill", "--config", str(cfg), "--out", str(out), "--quiet",
+                                               "--set", "train.epochs=1", "--set", f"train.precision={precision}"])
+        assert result.exit_code == 0, result.output
+        lines[precision] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert lines["tf32"]["train_loss"] == lines["fp32"]["train_loss"]
+    result = CliRunner().invoke(cli.main, ["distill", "--config", str(cfg), "--out", str(tmp_path / "x"),
+                                           "--set", "train.precision=fp8"])
+    assert result.exit_code == 2 and "error:" in result.output and "tf32" in result.output
