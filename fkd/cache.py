@@ -11,8 +11,12 @@ Where the outputs live (``teacher.cache``):
 * ``memory`` -- float32 tensors on the training device;
 * ``disk``   -- float16 under ``teacher.cache_dir/teacher-<key>.pt``, memory-mapped, reused by later runs;
 * ``auto``   -- a disk cache with the same key when one exists, else memory when the outputs take at
-  most ``MEMORY_LIMIT_BYTES``, else disk;
+  most ``MEMORY_LIMIT_BYTES`` (and, on CUDA, half the free device memory), else disk;
 * ``off``    -- never cache.
+
+A disk cache whose float16 outputs fit the device the same way (:func:`fkd.device.fits_on_device`) is
+read onto it whole: each step's lookup is then an index into device tensors, with no host gather, copy
+or synchronisation; one that does not fit stays memory-mapped and its rows are copied per batch.
 
 The cache covers the whole training split, a transfer set's unlabeled images included. When the
 teacher's features would not fit -- ``teacher.cache_max_gb``, and for a disk cache the free space under
@@ -38,6 +42,7 @@ import torch
 
 from fkd import distributed
 from fkd.checkpoint import load_checkpoint, save_checkpoint
+from fkd.device import fits_on_device
 from fkd.data.order import batch_count
 from fkd.errors import CheckpointError
 
@@ -95,9 +100,9 @@ def cache_key(teacher_checkpoint: str | Path, data_fingerprint: str, feature_nam
 
 def teacher_batch_outputs(teacher, variables: dict, x: torch.Tensor, precision: str) -> tuple:
     """The teacher in eval mode on one batch -> fp32 ``(logits (B, K), {name: feature})``, no gradients."""
-    from fkd.step import precision_autocast  # the step's policy, so cached == live outputs
+    from fkd.step import float32_math, precision_autocast  # the step's policy, so cached == live outputs
 
-    with torch.no_grad(), precision_autocast(x.device.type, precision):
+    with torch.no_grad(), precision_autocast(x.device.type, precision), float32_math(precision, x.device):
         out, f, _ = teacher.apply(variables["params"], variables["buffers"], x, train=False)
     return out.float(), {n: v.float() for n, v in f.items()}
 
@@ -192,7 +197,7 @@ def build_cache(
     logits, feats = compute_outputs(teacher, variables, source, batch_size=batch_size, precision=precision,
                                     device=device, features=not logits_only)
     nbytes = logits.numel() * 4 + sum(v.numel() * 4 for v in feats.values())
-    if mode == "memory" or (mode == "auto" and nbytes <= MEMORY_LIMIT_BYTES):
+    if mode == "memory" or (mode == "auto" and fits_on_device(nbytes, device, limit=MEMORY_LIMIT_BYTES)):
         return TeacherCache(logits, feats, "memory", device, logits_only)
     if world.is_main:  # the others read it back (cache_dir must then be on a shared file system)
         save_checkpoint(path, {
@@ -209,4 +214,17 @@ def _load(path: Path, device: torch.device, n: int, logits_only: bool = False) -
     data = load_checkpoint(path, "teacher_cache", mmap=True)  # rows are read as batches ask for them
     if data["logits"].shape[0] != n:
         raise CheckpointError(f"teacher cache {path} has {data['logits'].shape[0]} rows, expected {n}")
-    return TeacherCache(data["logits"], data["features"], str(path), device, logits_only)
+    return on_device_if_fits(TeacherCache(data["logits"], data["features"], str(path), device, logits_only))
+
+
+def on_device_if_fits(cache: TeacherCache) -> TeacherCache:
+    """``cache`` with its outputs moved onto its training device (kept float16; a lookup returns float32)
+    when they fit there (:func:`fkd.device.fits_on_device` within ``MEMORY_LIMIT_BYTES``), else as it is."""
+    tensors = [cache.logits, *cache.features.values()]
+    if all(t.device == cache.device for t in tensors):
+        return cache
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    if not fits_on_device(nbytes, cache.device, limit=MEMORY_LIMIT_BYTES):
+        return cache
+    return attrs.evolve(cache, logits=cache.logits.to(cache.device),
+                        features={k: v.to(cache.device) for k, v in cache.features.items()})

@@ -157,7 +157,9 @@ class TrainConfig:
         "default", one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         help="torch.compile mode",
     )
-    precision: str = field("fp32", one_of("fp32", "bf16"), help="bf16 autocast on CUDA")
+    precision: str = field("fp32", one_of("fp32", "tf32", "bf16"),
+                           help="fp32; tf32: float32 with TF32 tensor-core matmuls and convolutions on CUDA; "
+                                "bf16: bfloat16 autocast on CUDA")
     channels_last: bool = field(False, help="channels_last memory format on CUDA")
     log_every: int = field(50, at_least(1), help="steps between host syncs for the progress line")
     checkpoint_every: int = field(0, at_least(0), help="steps between mid-epoch checkpoints (0: per epoch)")

@@ -20,3 +20,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N.")
     return device
+
+
+DEVICE_SHARE = 0.5
+"""The largest share of a CUDA device's free memory that data held for a whole run (the training set's
+views, the teacher cache) may take, leaving the rest to the step's activations and the allocator."""
+
+
+def fits_on_device(nbytes: int, device: torch.device | str, *, limit: int, share: float = DEVICE_SHARE) -> bool:
+    """Whether ``nbytes`` of run-long data (views, cached teacher outputs) are held on ``device``.
+
+    At most ``limit`` bytes (the host-memory bound every device shares: the data pass through host memory
+    first), and on CUDA at most ``share`` of the memory ``torch.cuda.mem_get_info`` reports free now. Held
+    there, a batch is an index into a device tensor: no host-to-device copy and no host sync per step.
+    """
+    if nbytes > limit:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= share * free
+    return True

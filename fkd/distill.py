@@ -88,7 +88,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             if teacher.variables is not None:
                 teacher_vars = training.layout(teacher.variables)
         evaluate = make_evaluator(student, data.test, lambda st: (st["params"]["model"], st["buffers"]),
-                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device,
+                                  compile=cfg.train.compile)
 
         if teacher is not None:
             echo(f"teacher cache: {cache_note}")

@@ -26,16 +26,23 @@ from fkd.errors import CheckpointError, DataError
 from fkd.models.cohort import Cohort
 from fkd.models import build_model, head_prefix, param_count, size_bytes
 from fkd.rundir import ensure_writable, write_text_atomic
-from fkd.step import make_eval_step
+from fkd.step import float32_math, make_eval_step, should_compile
 
 
 def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: int, num_classes: int,
-                   device: torch.device, precision: str = "fp32", shard: bool = True) -> dict:
+                   device: torch.device, precision: str = "fp32", shard: bool = True, compile: bool | str = "off",
+                   eval_step=None) -> dict:
     """Accuracy over a whole split: ``{"accuracy", "per_class", "correct", "count"}``.
 
     ``per_class`` is a list of per-class accuracies (None for classes with no test images). For a
     :class:`~fkd.models.cohort.Cohort` each member is evaluated alone: ``members`` holds their accuracies
     and the other figures are the members' means (counts: sums).
+
+    The confusion matrix is summed on the device (``index_add_``, no host sync per batch) and read once.
+    ``compile`` (``train.compile``: "auto" compiles on CUDA) runs the eval step under ``torch.compile``; every
+    batch then has ``batch_size`` rows -- the last one is padded with label -1, which counts nowhere -- so
+    one compiled shape serves the whole split. ``eval_step``: a step from :func:`make_eval_step` to reuse
+    (:func:`make_evaluator` builds one per run).
 
     Under torchrun each rank evaluates a contiguous block of the batches and the confusion counts are
     summed over ranks, so every rank returns the single-process result (``shard=False``: this rank
@@ -43,27 +50,31 @@ def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: in
     """
     if isinstance(model, Cohort):  # each member on its own; the cohort's figures are their means
         results = {n: evaluate_model(model.member(n), params[n], buffers[n], source, batch_size=batch_size,
-                                     num_classes=num_classes, device=device, precision=precision, shard=shard)
+                                     num_classes=num_classes, device=device, precision=precision, shard=shard,
+                                     compile=compile)
                    for n in model.names}
         per_class = [[r["per_class"][c] for r in results.values()] for c in range(num_classes)]
         return {"accuracy": sum(r["accuracy"] for r in results.values()) / len(results),
                 "per_class": [None if None in v else sum(v) / len(v) for v in per_class],
                 "correct": sum(r["correct"] for r in results.values()), "count": sum(r["count"] for r in results.values()),
                 "members": {n: r["accuracy"] for n, r in results.items()}}
-    eval_step = make_eval_step(model, precision=precision, device=device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    if eval_step is None:
+        eval_step = make_eval_step(model, precision=precision, device=device, compile=compile)
+    pad = should_compile(compile, torch.device(device).type)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     world = distributed.world() if shard else distributed.World()
     batches = source.batches(batch_size, shuffle=False)
     if world.parallel:
         first, last = world.part(batch_count(len(source), batch_size))
         batches = itertools.islice(source.batches(batch_size, shuffle=False, start=first), last - first)
-    for x, y, _ in batches:
-        logits = eval_step(params, buffers, x, y)["logits"]
-        pred = logits.argmax(dim=-1)
-        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
-            num_classes, num_classes
-        )
-    confusion = world.sum(confusion).cpu().numpy()
+    with float32_math(precision, device):
+        for x, y, _ in batches:
+            if pad and x.shape[0] < batch_size:
+                x, y = padded_batch(x, y, batch_size)
+            pred = eval_step(params, buffers, x, y)["logits"].argmax(dim=-1)
+            labeled = y >= 0
+            confusion.index_add_(0, y.clamp(min=0) * num_classes + pred, labeled.to(torch.int64))
+    confusion = world.sum(confusion.view(num_classes, num_classes)).cpu().numpy()
     per_class_total = confusion.sum(axis=1)
     correct = int(np.trace(confusion))
     count = int(confusion.sum())
@@ -73,19 +84,31 @@ def evaluate_model(model, params: dict, buffers: dict, source, *, batch_size: in
     return {"accuracy": correct / max(count, 1), "per_class": per_class, "correct": correct, "count": count}
 
 
-def make_evaluator(model, source, weights_of, *, batch_size: int, num_classes: int, device: torch.device):
+def padded_batch(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, ...) and ``y`` (B,) grown to ``rows`` rows: zero images labelled -1 (counted nowhere)."""
+    extra = rows - x.shape[0]
+    x = torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
+    return x, torch.cat([y, y.new_full((extra,), -1)])
+
+
+def make_evaluator(model, source, weights_of, *, batch_size: int, num_classes: int, device: torch.device,
+                   compile: bool | str = "off", precision: str = "fp32"):
     """``evaluate(state) -> evaluate_model(...)`` result for the weights ``weights_of(state) -> (params, buffers)``.
 
-    The last result is remembered for the state object it was computed for, so the end-of-run summary
-    reuses the final epoch's evaluation instead of running the test set again.
+    The eval step is built (and, with ``compile``, compiled) once for the run. The last result is
+    remembered for the state object it was computed for, so the end-of-run summary reuses the final
+    epoch's evaluation instead of running the test set again.
     """
     last: dict = {}
+    step = None if isinstance(model, Cohort) else make_eval_step(model, precision=precision, device=device,
+                                                                  compile=compile)
 
     def evaluate(state: dict) -> dict:
         if last.get("state") is not state:
             params, buffers = weights_of(state)
             result = evaluate_model(model, params, buffers, source, batch_size=batch_size,
-                                    num_classes=num_classes, device=device)
+                                    num_classes=num_classes, device=device, compile=compile, precision=precision,
+                                    eval_step=step)
             last.update(state=state, result=result)
         return last["result"]
 

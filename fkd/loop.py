@@ -1,8 +1,10 @@
 """The one epoch loop: ``fkd teacher``, ``fkd distill`` and each group of ``fkd sweep`` train through it.
 
 It drives a pure ``step(state, batch, teacher_vars) -> (state, metrics)`` over a data source and owns
-everything impure around it: progress, host syncs (only every ``log_every`` steps and at epoch ends),
-the non-finite check, checkpoints, and Ctrl-C / SIGTERM.
+everything impure around it: progress, host syncs, the non-finite check, checkpoints, and Ctrl-C /
+SIGTERM. Within an epoch the metrics (loss terms, accuracy tallies, the non-finite guard's ``bad_step``)
+are summed on the device (:func:`accumulate`); every ``log_every`` steps and at the epoch's end they
+come to the host in one transfer (:func:`to_host`) -- one synchronisation per log interval, none per step.
 
 Under torchrun (see :mod:`fkd.distributed`) each rank takes its slice of every global batch, only rank 0
 shows progress, and a signal is acted on at the next sync point, where the ranks agree on it (one small
@@ -28,6 +30,7 @@ from fkd.data.order import batch_count
 from fkd.errors import TrainingError
 from fkd.population import Population
 from fkd.progress import Progress
+from fkd.step import float32_math
 
 
 class Interrupted(Exception):
@@ -79,7 +82,8 @@ class LoopSpec:
     of the progress line and ``detail`` is added after the epoch, in brackets (a sweep: "group 1/2",
     "8 students"). ``on_non_finite`` is ``"stop"`` (a plain run: stop with a message) or ``"freeze"``
     (a population: the step's :func:`fkd.population.freeze_diverged` keeps a diverged member as it was,
-    and its records say ``diverged``).
+    and its records say ``diverged``). ``precision``: ``train.precision``; ``"tf32"`` turns on the TF32
+    math mode for the whole run on CUDA (:func:`fkd.step.float32_math`).
     """
 
     label: str  # "teacher" or "student", for messages
@@ -93,6 +97,7 @@ class LoopSpec:
     title: str = ""
     detail: str = ""
     on_non_finite: str = "stop"
+    precision: str = "fp32"
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -174,54 +179,70 @@ def run_epochs(
         batches = single_order_batches(source, spec, batch_extras)
     members = population.size if population is not None else 1
     bad_steps = population.bad_steps if population is not None else (lambda st: st["bad_step"].reshape(1))
-    check = ((lambda st, sums: None) if spec.on_non_finite == "freeze"
-             else (lambda st, sums: _check_finite(bad_steps(st), spec, nb, sums)))
+    checks = spec.on_non_finite != "freeze"
     run_start = time.perf_counter()
     world = distributed.world()
     detail = spec.detail or (f"{world.size} processes" if world.parallel else "")
-    with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
+    with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop, \
+            float32_math(spec.precision, getattr(source, "device", "cpu")):
         for epoch in range(start_epoch, spec.epochs):
             first = start_batch if epoch == start_epoch else 0
             progress = None if spec.quiet or not world.is_main else Progress(
                 nb, f"{spec.title or spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({detail})" if detail else ""))
             sums: dict[str, torch.Tensor] = {}
+            seen: EpochFigures | None = None  # the host copy of the sums, taken at the last sync point
             done, images, t0, stopping = first, 0, time.perf_counter(), False
+
+            def figures() -> EpochFigures:
+                """The sums on the host, one transfer since the last step (a sync point's only sync)."""
+                nonlocal seen
+                if seen is None:
+                    seen = to_host(bad_steps(state), sums, done - first)
+                return seen
+
+            def check() -> None:
+                if checks:
+                    _check_finite(figures(), spec, nb, sums)
+
             for batch in batches(epoch, first):
                 state, metrics = step(state, batch, teacher_vars)
-                sums = _accumulate(sums, metrics)
+                sums = accumulate(sums, metrics)
+                seen = None
                 done += 1
                 images += spec.batch_size * members
                 sync = done % spec.log_every == 0 or done == nb
                 if sync:
-                    check(state, sums)
+                    check()
                     if progress is not None:
-                        progress.update(done, loss=_mean(sums, "loss"), **{"img/s": images / (time.perf_counter() - t0)})
+                        progress.update(done, loss=figures().mean("loss"),
+                                        **{"img/s": images / (time.perf_counter() - t0)})
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
-                    check(state, sums)
+                    check()
                     save(state, epoch, done)
                 stopping = should_stop(stop, world, sync)
                 if stopping and done < nb:
-                    check(state, sums)
+                    check()
                     if save:
                         save(state, epoch, done)
                     raise Interrupted(stop.signum or signal.SIGTERM, epoch, done)
                 # at the epoch's last step: its record and checkpoint first, then the stop (below)
             if progress is not None:
                 progress.close()
-            check(state, sums)
+            check()
+            host = figures()
             seconds = time.perf_counter() - t0
             shared = {"images_per_s": images / seconds if seconds > 0 else None, "epoch_seconds": seconds,
                       "wall_seconds": time.perf_counter() - run_start}
             tests = _per_member(evaluate(state) if evaluate else None, members)
             rates = _per_member(learning_rate(state) if learning_rate else None, members)
-            diverged = bad_steps(state).tolist() if spec.on_non_finite == "freeze" else None
+            diverged = host.bad_steps if spec.on_non_finite == "freeze" else None
             records = []
             for k in range(members):
                 record = {
                     "epoch": epoch + 1,
-                    "train_loss": _mean(sums, "loss", k),
-                    **{f"train_{name}": _mean(sums, name, k) for name in sums if name not in _NOT_LOSSES},
-                    "train_acc": _member(sums["correct"], k) / max(_member(sums["count"], k), 1.0),
+                    "train_loss": host.mean("loss", k),
+                    **{f"train_{name}": host.mean(name, k) for name in sums if name not in _NOT_LOSSES},
+                    "train_acc": host.member("correct", k) / max(host.member("count", k), 1.0),
                     "test_acc": tests[k],
                     "images_per_s": shared["images_per_s"],
                     "lr": rates[k],
@@ -247,17 +268,49 @@ def run_epochs(
 _NOT_LOSSES = ("loss", "correct", "count", "finite", "grad_norm", "steps")
 
 
-def _accumulate(sums: dict, metrics: dict) -> dict:
+def accumulate(sums: dict, metrics: dict) -> dict:
+    """The epoch's running sums of a step's metrics, on the device (no host sync): 0-d tensors, or ``(K,)``
+    for a population. The first step's metrics are copied, never aliased: a step compiled with CUDA graphs
+    (``compile_mode = "reduce-overhead"``) writes its next outputs into the same memory."""
     add = {k: v.detach() for k, v in metrics.items() if k != "finite"}
-    add["steps"] = torch.ones((), dtype=torch.int64)
     if not sums:
-        return add
+        return {k: v.clone() for k, v in add.items()}
     return {k: sums[k] + v for k, v in add.items()}
 
 
-def _member(value: torch.Tensor, k: int) -> float:
-    """Member ``k``'s entry of a summed metric: 0-d for one model, ``(K,)`` for a population."""
-    return float(value.reshape(-1)[k]) if value.ndim else float(value)
+@attrs.frozen
+class EpochFigures:
+    """The epoch's summed metrics on the host, per member: ``values[name][k]`` (Python floats), ``steps``
+    summed and each member's first non-finite step (``bad_steps``, -1 while well)."""
+
+    values: dict
+    steps: int
+    bad_steps: list
+
+    def member(self, key: str, k: int = 0) -> float:
+        """Member ``k``'s sum of ``key``."""
+        return self.values[key][k]
+
+    def mean(self, key: str, k: int = 0) -> float:
+        """Member ``k``'s mean of ``key`` per step (NaN when the step returned no such metric)."""
+        return self.values[key][k] / max(self.steps, 1) if key in self.values else float("nan")
+
+
+def to_host(bad_steps: torch.Tensor, sums: dict, steps: int) -> EpochFigures:
+    """``bad_steps`` and every running sum brought to the host in one transfer -- the loop's one host
+    synchronisation per log interval.
+
+    All values travel as one float64 vector: exact for the float32 sums and for the int64 counts and step
+    indices (below ``2**53``), so the figures equal ``float()`` of each tensor read on its own.
+    """
+    names = list(sums)
+    parts = [bad_steps.reshape(-1), *(sums[n].reshape(-1) for n in names)]
+    flat = torch.cat([p.to(torch.float64) for p in parts]).tolist()
+    values, at = {}, parts[0].numel()
+    for name, part in zip(names, parts[1:]):
+        values[name] = flat[at:at + part.numel()]
+        at += part.numel()
+    return EpochFigures(values, steps, [int(v) for v in flat[:parts[0].numel()]])
 
 
 def _per_member(value: Any, members: int) -> list:
@@ -265,12 +318,8 @@ def _per_member(value: Any, members: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * members
 
 
-def _mean(sums: dict, key: str, k: int = 0) -> float:
-    return _member(sums[key], k) / max(int(sums["steps"]), 1) if key in sums else float("nan")
-
-
-def _check_finite(bad_steps: torch.Tensor, spec: LoopSpec, steps_per_epoch_: int, sums: dict) -> None:
-    bad = int(bad_steps.max())  # the one host sync, at logging intervals only
+def _check_finite(figures: EpochFigures, spec: LoopSpec, steps_per_epoch_: int, sums: dict) -> None:
+    bad = max(figures.bad_steps)
     if bad >= 0:
         epoch, step = divmod(bad, steps_per_epoch_)
         raise TrainingError(

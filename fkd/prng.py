@@ -45,10 +45,28 @@ def key_from_seed(seed: int, device: torch.device | str = "cpu") -> Tensor:
 def fold_in(key: Tensor, data: Tensor | int) -> Tensor:
     """A new key from ``key`` and ``data`` (e.g. the step count): ``fmix32(fmix32(key) * golden ^ data)``.
 
-    ``data`` may be an int or an integer tensor broadcastable with ``key``.
+    ``data`` may be an int or an integer tensor broadcastable with ``key``. An int enters the arithmetic
+    as a scalar operand, never as a new tensor, so folding it into a key on a GPU copies nothing from
+    the host (no host-device transfer, no synchronisation).
     """
-    data = torch.as_tensor(data, dtype=torch.int64, device=key.device) & _MASK
+    if isinstance(data, int):
+        data = data & _MASK
+    else:
+        data = torch.as_tensor(data, dtype=torch.int64, device=key.device) & _MASK
     return _fmix32(((_fmix32(key) * _GOLDEN) & _MASK) ^ data)
+
+
+def key_from_int(value: int, device: torch.device | str = "cpu") -> Tensor:
+    """A key for a non-negative integer of up to 64 bits (e.g. :func:`fkd.data.order.augmentation_seed`),
+    made on ``device`` without a host-to-device copy: a zero key (a fill kernel) with the value's low and
+    high 32-bit halves folded in (:func:`fold_in` with ints, scalar operands only).
+
+    Not equal to :func:`key_from_seed` of the same value: the two are separate families of keys.
+    """
+    if value < 0:
+        raise ValueError(f"key_from_int: value must be >= 0 (got {value})")
+    key = torch.zeros((), dtype=torch.int64, device=device)
+    return fold_in(fold_in(key, value & _MASK), (value >> 32) & _MASK)
 
 
 def _bits(key: Tensor, shape: Sequence[int]) -> Tensor:

@@ -140,5 +140,6 @@ def build_training(
                            compile_mode=train.compile_mode, channels_last=channels_last, device=device,
                            steps_per_epoch=max(steps_per_epoch, 1), data_parallel=data_parallel, mix=mix,
                            ema_decay=ema_decay)
-    spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet)
+    spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet,
+                    precision=train.precision)
     return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

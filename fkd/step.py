@@ -104,11 +104,40 @@ def to_channels_last(tree: Any) -> Any:
     return tree_map(convert, tree)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+"""``train.precision``: ``fp32`` (IEEE float32 everywhere), ``tf32`` (float32 tensors, but matmuls and
+convolutions on CUDA's TF32 tensor cores: 10-bit mantissa products, float32 accumulation), ``bf16``
+(autocast to bfloat16 around the forward passes)."""
+
+
 def precision_autocast(device_type: str, precision: str):
-    """bf16 autocast when ``precision == "bf16"``, else a no-op context: the step's precision policy."""
+    """bf16 autocast when ``precision == "bf16"``, else a no-op context: the step's precision policy.
+
+    ``tf32`` needs no autocast (tensors stay float32); it is a process-wide math mode that the loop sets
+    around training (:func:`float32_math`)."""
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def float32_math(precision: str, device: torch.device | str = "cpu"):
+    """TF32 tensor cores for float32 matmuls and convolutions while inside, when ``precision == "tf32"``
+    and ``device`` is CUDA; the previous settings are restored on exit. Elsewhere a no-op.
+
+    Sets ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` (PyTorch's
+    "TensorFloat-32 (TF32) on Ampere (and later) devices" notes), which the eager kernels read at each call
+    and ``torch.compile`` reads when it compiles -- so enter it before the first compiled step runs.
+    """
+    if precision != "tf32" or torch.device(device).type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def teacher_outputs_fn(
@@ -297,7 +326,8 @@ def make_train_step(
         teacher: the teacher's template; required when the objective uses it and the batch carries no
             cached teacher outputs.
         train_mode: run the student in train mode (BatchNorm batch statistics); a linear probe uses False.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast around the forward passes).
+        precision: ``"fp32"``, ``"tf32"`` (float32 tensors; the TF32 math mode is the loop's,
+            :func:`float32_math`) or ``"bf16"`` (autocast around the forward passes).
         compile: ``"auto"`` wraps the whole step in ``torch.compile`` on CUDA and stays eager elsewhere;
             ``True``/``"on"`` forces it, ``False``/``"off"`` never compiles.
         compile_mode: ``torch.compile``'s ``mode``.
@@ -402,7 +432,23 @@ def should_compile(compile: bool | str, device_type: str) -> bool:
 
 
 def maybe_compile(fn: Callable, compile: bool | str, device_type: str, mode: str = "default") -> Callable:
-    """``torch.compile(fn)`` when :func:`should_compile` says so, else ``fn``."""
+    """``torch.compile(fn)`` when :func:`should_compile` says so, else ``fn``.
+
+    ``mode="reduce-overhead"`` on CUDA records the compiled step as CUDA graphs (one launch replays the
+    whole step: the win for small models at 32 px, whose kernels are shorter than their launches). A graph
+    writes each replay's outputs into the same memory, so the returned function marks every call as a new
+    step (``torch.compiler.cudagraph_mark_step_begin``): the state it returned last time may then be passed
+    back in, as the loop does, and anything kept across steps must be copied
+    (:func:`fkd.loop.accumulate` copies the first metrics it sums).
+    """
     if not should_compile(compile, device_type):
         return fn
-    return torch.compile(fn, mode=None if mode == "default" else mode)
+    compiled = torch.compile(fn, mode=None if mode == "default" else mode)
+    if mode != "reduce-overhead" or device_type != "cuda":
+        return compiled
+
+    def graphed(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return graphed

@@ -118,7 +118,8 @@ def fit_teacher(
             return {**st["frozen"], **st["params"]["model"]}
 
         evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
-                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
+                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device,
+                                  compile=t.train.compile)
 
         state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate,

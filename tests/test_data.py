@@ -530,3 +530,71 @@ def test_imagefolder_fingerprint_changes_when_an_image_is_replaced(tmp_path):
     Image.new("RGB", (12, 12), (255, 0, 0)).save(target)
     os.utime(target, ns=(1, 1))  # a different modification time, whatever the clock
     assert load_data(cfg).fingerprint != before
+
+
+# --- augmentation drawn on the device, and the data order it leaves alone ----------------------------
+
+
+def reference_crop_flip(views: torch.Tensor, top, left, flip, size: int, pad: int) -> torch.Tensor:
+    """The per-example reference: pad one image, slice its crop, mirror it -- a plain loop over examples."""
+    out = []
+    for i in range(views.shape[0]):
+        padded = torch.nn.functional.pad(views[i], (pad, pad, pad, pad))
+        t, l = int(top[i]), int(left[i])
+        crop = padded[:, t:t + size, l:l + size]
+        out.append(crop.flip(-1) if bool(flip[i]) else crop)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("view, size, pad", [(16, 16, 4), (20, 16, 0), (32, 32, 4)])
+def test_device_augmentation_equals_a_per_example_crop_and_flip(view, size, pad):
+    from fkd.data.order import augmentation_seed
+    from fkd.data.transforms import BatchTransform
+
+    views = torch.randint(0, 256, (64, 3, view, view), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    transform = BatchTransform(size, "random", pad, True, "none")
+    seed = augmentation_seed(7, 3, 11)
+    top, left, flip = transform.draw(64, view, seed)
+    expected = reference_crop_flip(views, top, left, flip, size, pad)
+    assert torch.equal(as_uint8(transform(views, seed=seed)), expected)
+    # the same key draws the same crops; another batch's key others
+    assert all(torch.equal(a, b) for a, b in zip((top, left, flip), transform.draw(64, view, seed)))
+    other = transform.draw(64, view, augmentation_seed(7, 3, 12))
+    assert not torch.equal(torch.stack([top, left]), torch.stack(other[:2]))
+    slack = view + 2 * pad - size
+    assert int(top.min()) >= 0 and int(top.max()) <= slack and int(left.max()) <= slack
+    assert 0 < int(flip.sum()) < 64
+
+
+def test_augmentation_draws_use_no_cpu_generator(monkeypatch):
+    """The crops and flips come from a prng key on the batch's device, never from a torch.Generator."""
+    from fkd.data import transforms
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a CPU generator was used for augmentation")
+
+    source = load_data(config(**AUGMENTED)).train
+    monkeypatch.setattr(transforms.torch, "Generator", refused)
+    x, _, _ = next(source.batches(8, shuffle=False, augment=True, seed=1))
+    assert x.shape == (8, 3, 16, 16)
+
+
+def test_augmentation_draws_are_uniform_enough():
+    from fkd.data.transforms import BatchTransform
+
+    top, left, flip = BatchTransform(32, "random", 4, True).draw(20000, 32, 12345)
+    counts = torch.bincount(torch.cat([top, left]), minlength=9).double()
+    assert counts.numel() == 9 and bool((counts / counts.mean() - 1).abs().max() < 0.05)
+    assert abs(flip.double().mean().item() - 0.5) < 0.02
+
+
+def test_data_order_is_unchanged():
+    """The shuffle is the one it always was (values recorded before augmentation moved onto the device),
+    and an augmented epoch visits exactly that order."""
+    assert epoch_order(20, shuffle=True, seed=0, epoch=0).tolist() == [
+        1, 7, 15, 12, 9, 18, 14, 6, 8, 10, 16, 17, 5, 2, 0, 11, 3, 19, 4, 13]
+    assert epoch_order(20, shuffle=True, seed=3, epoch=7).tolist() == [
+        16, 13, 11, 17, 2, 6, 15, 18, 1, 0, 7, 3, 10, 19, 12, 9, 4, 5, 14, 8]
+    source = load_data(config(**AUGMENTED)).train
+    seen = torch.cat([idx for _, _, idx in source.batches(8, shuffle=True, epoch=2, seed=5, augment=True)])
+    assert torch.equal(seen, epoch_order(len(source), shuffle=True, seed=5, epoch=2))

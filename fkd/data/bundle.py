@@ -13,6 +13,7 @@ from fkd.data.batches import InMemorySource, Source, StreamingSource, load_views
 from fkd.data.datasets import Split, TensorViews, read_splits
 from fkd.data.transfer import training_split
 from fkd.data.transforms import BatchTransform
+from fkd.device import fits_on_device
 
 # in_memory = "auto" holds a split on the device when its uint8 views fit in this many bytes.
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -44,13 +45,15 @@ def view_size(cfg: DataConfig) -> int:
     return cfg.resize or cfg.image_size
 
 
-def holds_in_memory(mode: str, n: int, view: int) -> bool:
-    """Whether a split of ``n`` views of side ``view`` is held on the device (``data.in_memory``)."""
+def holds_in_memory(mode: str, n: int, view: int, device: torch.device | str = "cpu") -> bool:
+    """Whether a split of ``n`` views of side ``view`` is held on the device (``data.in_memory``): ``auto``
+    when its uint8 views fit (:func:`fkd.device.fits_on_device`: at most :data:`IN_MEMORY_LIMIT_BYTES`, and
+    on CUDA at most half the free device memory)."""
     if mode == "always":
         return True
     if mode == "never":
         return False
-    return n * 3 * view * view <= IN_MEMORY_LIMIT_BYTES
+    return fits_on_device(n * 3 * view * view, device, limit=IN_MEMORY_LIMIT_BYTES)
 
 
 def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu") -> DataBundle:
@@ -78,7 +81,7 @@ def load_data(cfg: DataConfig, *, device: torch.device | str = "cpu") -> DataBun
 
 def _make_source(split: Split, transform: BatchTransform, cfg: DataConfig, device: torch.device,
                  labeled_share: float = 0.0) -> Source:
-    if not holds_in_memory(cfg.in_memory, len(split), view_size(cfg)):
+    if not holds_in_memory(cfg.in_memory, len(split), view_size(cfg), device):
         return StreamingSource(split.dataset, split.labels, transform, device, cfg.num_workers, labeled_share)
     if isinstance(split.dataset, TensorViews):
         views = split.dataset.views

@@ -4,10 +4,11 @@ Views arrive as uint8 (B, 3, R, R) already on the device; the output is the floa
 (B, 3, S, S) batch a model sees (``S = image_size``). Everything is batched tensor indexing, so
 it costs a few kernels per batch instead of per-image Python in DataLoader workers.
 
-Random choices (crop offsets, flips) are drawn on the CPU from a generator seeded by the
-batch's seed (:func:`fkd.data.order.augmentation_seed`), then copied to the device. The same
-seed therefore gives the same augmentation on any device, and a resumed run sees exactly the
-crops it would have seen.
+Random choices (crop offsets, flips) are drawn on the device itself from a counter-based key
+(:mod:`fkd.prng`) made from the batch's seed (:func:`fkd.data.order.augmentation_seed`) with
+scalar arithmetic only: no CPU generator, no host-to-device copy, no synchronisation per batch.
+The draws are integer hashing, so the same seed gives the same augmentation on any device, and a
+resumed run sees exactly the crops it would have seen.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from fkd import prng
 from fkd.config import DataConfig
 from fkd.data.views import center_offsets
 
@@ -82,28 +84,24 @@ class BatchTransform:
         """The random crop corners and flips for one batch: three (B,) int64 / bool tensors on ``device``.
 
         ``top`` and ``left`` index the zero-padded view (side ``R + 2 * pad``); without a random
-        crop they are the centred corner in those coordinates.
+        crop they are the centred corner in those coordinates. They are drawn on ``device`` from
+        ``prng.key_from_int(seed)``: corners ``randint(fold_in(key, 0), (2, B), slack + 1)`` with
+        ``slack = R + 2 * pad - size``, flips ``uniform(fold_in(key, 1), (B,)) < 1/2``.
         """
-        generator = torch.Generator().manual_seed(seed)
+        key = prng.key_from_int(seed, device)
         if self.crop == "random":
             slack = view_size + 2 * self.pad - self.size
-            corners = torch.randint(0, slack + 1, (2, batch), generator=generator)
+            corners = prng.randint(prng.fold_in(key, _CORNERS), (2, batch), slack + 1)
         else:
-            corners = torch.full((2, batch), (view_size - self.size) // 2, dtype=torch.int64)
+            corners = torch.full((2, batch), (view_size - self.size) // 2, dtype=torch.int64, device=device)
         if self.flip:
-            flips = torch.rand(batch, generator=generator) < 0.5
+            flips = prng.uniform(prng.fold_in(key, _FLIPS), (batch,)) < 0.5
         else:
-            flips = torch.zeros(batch, dtype=torch.bool)
-        params = torch.cat([corners, flips[None].long()])  # one (3, B) tensor: one copy to the device
-        params = _to_device(params, torch.device(device))
-        return params[0], params[1], params[2].bool()
+            flips = torch.zeros(batch, dtype=torch.bool, device=device)
+        return corners[0], corners[1], flips
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned + non_blocking: a pageable copy would wait for the queued kernels (a sync per batch).
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+_CORNERS, _FLIPS = 0, 1  # the two streams of a batch's key
 
 
 def center_crop(views: torch.Tensor, size: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
 from fkd.runlock import RunLock
 from fkd.run_start import check_one_batch, check_same_structure
-from fkd.step import init_train_state, maybe_compile
+from fkd.step import init_train_state, make_eval_step, maybe_compile
 from fkd.sweep.plan import Group, Student, SweepPlan, hyper_values
 from fkd.sweep.stats import MIN_SEEDS_FOR_INTERVAL, format_table, summarize
 
@@ -102,6 +102,7 @@ class GroupSetup:
     steps_per_epoch: int
     mixes: bool = False  # function matching: the step mixes images and runs the teacher on them itself
     part: tuple | None = None  # under torchrun: [lo, hi) of the group's students this rank trains
+    eval_step: Callable | None = None  # the test pass's step, built (and compiled) once for the group
 
     @property
     def members(self) -> tuple:
@@ -196,7 +197,8 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
         split_batches=False)  # under torchrun each rank trains students of its own
     teacher_vars = training.layout(teacher.variables) if teacher is not None and teacher.variables else None
     return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher.model if teacher else None, teacher_vars,
-                      lookup, training.step, training.layout, augment, nb, base.data.mixes)
+                      lookup, training.step, training.layout, augment, nb, base.data.mixes,
+                      eval_step=make_eval_step(pre.student, device=device, compile=base.train.compile))
 
 
 def group_batches(setup: GroupSetup, strategy: str) -> Callable:
@@ -228,7 +230,8 @@ def _evaluate(setup: GroupSetup, state: dict, device) -> float:
     cfg = setup.group.base.config
     result = evaluate_model(setup.student, state["params"]["model"], state["buffers"], setup.data.test,
                             batch_size=cfg.data.eval_batch_size, num_classes=setup.data.num_classes, device=device,
-                            shard=False)  # under torchrun each rank evaluates its own students
+                            shard=False,  # under torchrun each rank evaluates its own students
+                            compile=cfg.train.compile, eval_step=setup.eval_step)
     return result["accuracy"]
 
 
@@ -334,7 +337,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                     quiet=quiet, title=f"group {gi + 1}/{n_groups}",
                     detail=f"{len(setup.group.students)} students"
                            + (f" over {world.size} processes" if world.parallel else ""),
-                    on_non_finite="freeze")
+                    on_non_finite="freeze", precision=cfg.train.precision)
     states = run_epochs(step, states, setup.data.train, spec, population=population,
                         batches=group_batches(setup, strategy), teacher_vars=setup.teacher_vars,
                         evaluate=lambda st: [_evaluate(setup, m, device) for m in population.members(st)],
