@@ -14,6 +14,7 @@ from fkd.terms.base import (
     Shapes,
     Term,
     TermInputs,
+    apply_teacher_head,
     check_pair_kinds,
     config_fields,
     hyper,
@@ -22,7 +23,10 @@ from fkd.terms.base import (
     pair_key,
     positive,
     register_term,
+    teacher_head_params,
+    teacher_param,
 )
+from fkd.terms.weight_schedule import WeightSchedule
 from fkd.terms import ce, logit, feature, attention  # noqa: E402,F401,I001 -- registers the built-ins, in this order
 from fkd.terms import dkd, dist, lskd, sp, rkd, pkt, cc, nst, vid  # noqa: E402,F401,I001 -- issue 9 methods
 from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
@@ -31,4 +35,5 @@ from fkd.terms import mutual  # noqa: E402,F401,I001 -- deep mutual learning (co
 __all__ = [
     "INPUTS", "TERMS", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",
     "internal", "non_negative", "pair_key", "positive", "register_term",
+    "WeightSchedule", "apply_teacher_head", "teacher_head_params", "teacher_param",
 ]
