@@ -146,6 +146,11 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
             f"feature '{unknown[0]}' is not a node of {type(module).__name__}; valid names: {', '.join(nodes)}."
         )
     aliases = {n: node for n, node in preact_nodes(module).items() if n in feature_names}
+    for sub in module.modules():
+        # A returned feature must not be overwritten by a later in-place activation (torchvision's ResNets use
+        # ReLU(inplace=True), which would turn ``layer1.1.add`` -- ``layer1.preact`` -- into its ReLU).
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
     module.train(train)
     return_nodes = {aliases.get(n, n): aliases.get(n, n) for n in feature_names if n != EMBEDDING}
     return_nodes[_eval_nodes(module)[-1]] = LOGITS
