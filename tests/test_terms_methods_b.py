@@ -359,3 +359,34 @@ def test_method_config_trains_from_the_cli_on_digits(name, digits_root, one_thre
         assert torch.allclose(margin, losses.ofd_margin(teacher["layer1.1.bn2.weight"], teacher["layer1.1.bn2.bias"]))
     if name == "srrl":  # the fitted teacher's head, frozen
         assert torch.equal(state["objective"]["srrl"]["head"]["weight"], teacher["fc.weight"])
+
+
+def test_a_sweep_over_a_scheduled_connected_term_vmapped_equals_the_loop(digits_root, one_thread):
+    """AB's connectors (params), its `until` schedule and a grid of its weight in one sweep group: the vmapped
+    step (the sweep on a GPU) gives each student the numbers of its own step."""
+    runs = {}
+    for how in ("loop", "vmap"):
+        out = digits_root / f"sweep_{how}"
+        result = CliRunner().invoke(cli.main, [
+            "sweep", "--config", str(ROOT / "configs" / "methods" / "ab.toml"), "--out", str(out), "--quiet",
+            "--seeds", "1", "--strategy", how, "--grid", "distill.terms.ab.weight=0.003,0.03",
+            "--set", "data.train_limit=64", "--set", "data.batch_size=16", "--set", "data.eval_batch_size=400",
+            "--set", "train.epochs=2", "--set", "distill.terms.ab.weight_schedule.epochs=1.0",
+            "--set", f"teacher.checkpoint={digits_root.as_posix()}/teacher.pt", "--set", "teacher.train.epochs=1"])
+        assert result.exit_code == 0, result.output
+        assert "1 group of 2 students" in result.output
+        runs[how] = {(r["student"], r["epoch"]): r for r in map(json.loads, (out / "sweep.jsonl").read_text().splitlines())}
+    assert runs["loop"].keys() == runs["vmap"].keys() and len(runs["loop"]) == 4  # 2 students x 2 epochs
+    # AB's indicators are discontinuous: float32 rounding that differs between a batched and a plain conv can
+    # flip a few of them over eight steps, hence 5e-3 (a missing schedule or a shared weight is far off)
+    for where, a in runs["loop"].items():
+        b = runs["vmap"][where]
+        for key in ("train_loss", "train_ab", "test_acc"):
+            assert b[key] == pytest.approx(a[key], rel=5e-3, abs=1e-6), (where, key)
+    first = sorted((r for (_, epoch), r in runs["loop"].items() if epoch == 1), key=lambda r: r["student"])
+    assert first[0]["train_loss"] != pytest.approx(first[1]["train_loss"], rel=1e-3)  # the grid's weights counted
+    for (_, epoch), r in runs["loop"].items():  # the schedule: AB weighs in during epoch 1 only
+        if epoch == 2:
+            assert r["train_loss"] == pytest.approx(r["train_ce"], rel=1e-6) and r["train_ab"] > 0
+        else:
+            assert r["train_loss"] > r["train_ce"] * (1 + 1e-4)
