@@ -206,6 +206,7 @@ def test_ofd_matches_reference(t_size):
     s, t = randn(2, 4, 3, 3, seed=15), randn(2, 4, t_size, t_size, seed=16)
     margin = ofd_margin(randn(4, seed=17), randn(4, seed=18))
     assert ofd(s, t, margin).item() == pytest.approx(ref_ofd(s, t, margin.numpy()), rel=1e-10)
+    assert ofd(s, t, margin.view(1, 4, 1, 1)).item() == ofd(s, t, margin).item()  # the authors' margin shape
 
 
 @pytest.mark.parametrize("spatial", [True, False])

@@ -97,17 +97,18 @@ def ofd(student_preact: Tensor, teacher_preact: Tensor, margin: Tensor) -> Tenso
     Args:
         student_preact: ``(B, C, H, W)`` (through its connector), differentiable.
         teacher_preact: ``(B, C, H', W')``, the teacher's pre-ReLU map; detached.
-        margin: ``(C,)``; detached.
+        margin: ``(C,)`` (or the authors' ``(1, C, 1, 1)``); detached.
 
     Returns:
         0-d tensor.
     """
     _check_maps("ofd", student_preact, teacher_preact, same_size=False)
-    if margin.shape != (student_preact.shape[1],):
-        raise ValueError(f"ofd: margin {tuple(margin.shape)} must be ({student_preact.shape[1]},), one per channel")
+    if margin.numel() != student_preact.shape[1]:  # (C,), or the authors' (1, C, 1, 1)
+        raise ValueError(f"ofd: margin {tuple(margin.shape)} must hold one value per channel "
+                         f"({student_preact.shape[1]},)")
     s, t = student_preact, teacher_preact.detach()
     if t.shape[2:] != s.shape[2:]:
         t = F.adaptive_avg_pool2d(t, s.shape[2:])
-    t = torch.maximum(t, margin.detach().to(t.dtype).view(-1, 1, 1))
+    t = torch.maximum(t, margin.detach().to(t.dtype).reshape(-1, 1, 1))
     mask = ((s > t) | (t > 0)).to(s.dtype)
     return ((s - t).pow(2) * mask).sum() / s.shape[0]
