@@ -343,3 +343,16 @@ def test_shape_errors_name_the_shapes():
 def test_public_api_exports_the_issue_20_functions():
     for name in ("hcl", "fsp", "ab", "ofd_margin", "ofd", "srrl", "kdsvd"):
         assert name in losses.__all__ and callable(getattr(losses, name))
+
+
+def test_torch_compile_traces_every_function_without_graph_breaks():
+    """Dynamo captures each loss and its gradient as one graph (``fullgraph``), equal to eager."""
+    cases = list(CASES.values())
+    students = [s for _, s, _ in cases]
+
+    def total(students):
+        return torch.stack([fn(s, t) for (fn, _, t), s in zip(cases, students)]).sum()
+
+    compiled = torch.compile(grad(total), backend="eager", fullgraph=True)
+    for got, want in zip(compiled(students), grad(total)(students)):
+        torch.testing.assert_close(got, want)
