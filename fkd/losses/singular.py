@@ -62,8 +62,8 @@ def kdsvd(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], k: i
 
     The value depends on the signs the SVD backend picks for the teacher's singular vectors (the student's
     are aligned to them, but the RBF between two layers compares two independently signed teacher
-    vectors), so LAPACK, cuSOLVER and another library may give different losses on the same input. The
-    paper's ``tanh`` / gradient clipping of the TensorFlow code are not in mdistiller's port, nor here.
+    vectors), so LAPACK, cuSOLVER and another library may give different losses on the same input. fkd
+    follows mdistiller's port, not the TensorFlow code's other details.
 
     Args:
         student_feats: two or more ``(B, C_l, H_l, W_l)`` maps, shallow to deep; differentiable.
