@@ -202,6 +202,15 @@ def _term_rows() -> list[tuple[str, str, str]]:
     for name in TERMS.names():
         cls = TERMS.get(name)
         rows.append((f"distill.terms.{name}.weight", "1.0", f"weight of the '{name}' term: {cls.summary}"))
+        rows.append((f"distill.terms.{name}.weight_schedule", "{}",
+                     "the weight as a function of the fractional epoch: {kind = \"warmup\" | \"until\" | \"after\" | "
+                     "\"linear\" | \"cosine\", epochs = E, start, end} (linear / cosine: start and end factors); "
+                     "empty: constant"))
+        if "pairs" in attrs.fields_dict(cls):
+            for side in ("student", "teacher"):
+                rows.append((f"distill.terms.{name}.{side}_features", "[]",
+                             f"this term's own {side} features (paired by position), overriding "
+                             f"distill.{side}_features for it alone"))
         if {"teacher_logits", "teacher_features"} & cls.consumes:
             reads = ("the ensemble (at its temperature) unless it names one" if cls.ensemble_temperature
                      else "one teacher: with several it must name one (it cannot read an ensemble)")

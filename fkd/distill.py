@@ -24,7 +24,8 @@ from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.checkpoint import save_checkpoint
-from fkd.distill_setup import ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache, teacher_paths
+from fkd.distill_setup import (ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache,
+                               teacher_paths, with_teacher)
 from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
@@ -64,7 +65,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         teacher = None
         if obj.needs_teacher:
             teacher = load_teacher_for(cfg, data, obj, device, echo=echo, quiet=quiet)
-        objective_params, objective_state = obj.init(pre.shapes, seed=cfg.seed, device=device)
+        objective_params, objective_state = obj.init(with_teacher(pre.shapes, teacher), seed=cfg.seed, device=device)
         augment = augments(cfg.data)
         training = build_training(
             student, obj, cfg.train, params=pre.params, buffers=pre.buffers, objective_params=objective_params,

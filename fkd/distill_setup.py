@@ -21,6 +21,7 @@ from fkd.models.cohort import Cohort
 from fkd.models.ensemble import SEP, TeacherEnsemble, split_features
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
+from fkd.models.zoo import head_prefix
 from fkd.objective import Objective
 from fkd.pytree import tree_map
 from fkd.rundir import RunDir
@@ -106,13 +107,43 @@ def preflight(cfg: Config, num_classes: int, num_examples: int, device, objectiv
     s_shapes = t_shapes = {}
     if obj.needs_features:
         s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
+    t_params, t_head = {}, ""
     if obj.needs_teacher_features:
         teacher, t_params, t_buffers = build_teachers(cfg, num_classes, obj.teacher_feature_names)
         t_shapes = feature_shapes(teacher, t_params, t_buffers, cfg.data.image_size, "cpu")
-    shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples)
+        t_params, t_head = _flat_params(t_params), _head_of(teacher)
+    shapes = Shapes(s_shapes, t_shapes, num_classes=num_classes, num_examples=num_examples,
+                    teacher_params=t_params, teacher_head=t_head)
     obj.check(shapes)
     obj.probe(shapes, cfg.data.batch_size)  # each term's output checked once, before the first write
     return Preflight(obj, student, params, buffers, shapes)
+
+
+def _flat_params(params: dict) -> dict:
+    """A teacher's params as one flat dict; an ensemble's ``{name: params}`` as ``"<name>:<param>"``."""
+    if all(isinstance(v, dict) for v in params.values()) and params:
+        return {f"{name}{SEP}{k}": v for name, p in params.items() for k, v in p.items()}
+    return dict(params)
+
+
+def _head_of(model) -> str:
+    """The dotted name of a teacher's classifier head (its last ``nn.Linear``), or "" (an ensemble)."""
+    template = getattr(model, "eval_template", None)
+    if template is None:
+        return ""
+    try:
+        return head_prefix(template)
+    except ConfigError:
+        return ""
+
+
+def with_teacher(shapes: Shapes, teacher: "Teacher | None") -> Shapes:
+    """``shapes`` with the loaded teacher's parameters, from which terms derive their constants at ``init``
+    (OFD's margins, SRRL's copy of the head); unchanged without a teacher checkpoint (a mean teacher)."""
+    if teacher is None or teacher.variables is None or not shapes.teacher_params:
+        return shapes
+    return attrs.evolve(shapes, teacher_params=_flat_params(teacher.variables["params"]),
+                        teacher_head=_head_of(teacher.model))
 
 
 def member_seed(seed: int, k: int) -> int:

@@ -10,7 +10,11 @@ Where an objective comes from (:func:`from_config`): one ``[distill.terms.<name>
 with ``weight`` (default 1) and that term's own keys. The presets (``distill.method = "logit"``, ...)
 are expanded to such tables when the config is read (:mod:`fkd.presets`).
 
-Feature terms match ``distill.student_features[i]`` with ``distill.teacher_features[i]``.
+Feature terms match ``distill.student_features[i]`` with ``distill.teacher_features[i]``, unless a term's
+table gives its own lists (``student_features = [...]``, ``teacher_features = [...]``, paired by position):
+those override the shared ones for that term alone, and the models return the union of every term's
+features. A table's ``weight_schedule`` (:mod:`fkd.terms.weight_schedule`) makes the term's weight a
+function of the fractional epoch, applied here with the weights.
 """
 
 from __future__ import annotations
@@ -26,19 +30,26 @@ from fkd.models.ensemble import SEP as TEACHER_SEP  # "<teacher>:<feature>"
 from fkd.pytree import tree_to
 from fkd.schema import build_attrs
 from fkd.terms import TERMS, Shapes, Term, TermInputs, config_fields
+from fkd.terms import weight_schedule as weight_schedules
 
 
 
 
 @attrs.frozen
 class WeightedTerm:
-    """One term of an objective: its name (the metric and the key of its params/state), weight, unit, and
-    with several teachers the one it reads (``teacher``; ``""``: their ensemble)."""
+    """One term of an objective: its name (the metric and the key of its params/state), weight, unit, with
+    several teachers the one it reads (``teacher``; ``""``: their ensemble), and the schedule its weight
+    follows over the epochs (None: constant)."""
 
     name: str
     weight: float
     term: Term
     teacher: str = ""
+    schedule: weight_schedules.WeightSchedule | None = None
+
+    def weight_at(self, weight, epoch):
+        """``weight`` (the configured float or a sweep's 0-d tensor) times the schedule's factor at ``epoch``."""
+        return weight if self.schedule is None else weight * self.schedule(epoch)
 
 
 @attrs.frozen
@@ -160,7 +171,7 @@ class Objective:
             if self.teachers and t.term.consumes & {"teacher_logits"}:
                 term_inputs = term_inputs._replace(teacher_logits=self._teacher_logits(t, term_inputs))
             values[t.name], term_state = t.term.apply(params.get(t.name, {}), state.get(t.name, {}), term_inputs)
-            weights[t.name] = mine.get("weight", t.weight)
+            weights[t.name] = t.weight_at(mine.get("weight", t.weight), inputs.epoch)
             if term_state or t.name in state:  # the same structure as ``state`` (stateless terms may be absent)
                 new_state[t.name] = term_state
         loss, metrics = losses.weighted_sum(values, weights)
@@ -191,7 +202,8 @@ class Objective:
         sweep step can serve (the same terms, pairs and non-sweepable settings)."""
         with attrs.validators.disabled():  # a placeholder value, not a setting: no field's range applies
             return attrs.evolve(self, terms=tuple(
-                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}), t.teacher)
+                WeightedTerm(t.name, 0.0, attrs.evolve(t.term, **{f: 1.0 for f in t.term.sweepable}), t.teacher,
+                             t.schedule)
                 for t in self.terms))
 
 
@@ -284,6 +296,9 @@ def _described(out) -> str:
 def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
     """A term whose input is missing fails with its name, not deep inside its formula (Python checks only)."""
     for t in objective.terms:
+        if t.schedule is not None and inputs.epoch is None:
+            raise ValueError(f"the '{t.name}' term's weight follows a schedule over the epochs, but no epoch was "
+                             "given (make_train_step passes it when built with steps_per_epoch)")
         for what in ("teacher_logits", "idx", "epoch"):
             if what in t.term.consumes and getattr(inputs, what) is None:
                 raise ValueError(f"the '{t.name}' term consumes {what}, but none was given (the step passes "
@@ -318,6 +333,9 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
             raise ConfigError(f"{where}.{name} must be a table ([{where}.{name}] with weight and the term's keys).")
         keys = dict(table)
         weight = keys.pop("weight", 1.0)
+        schedule_table = keys.pop("weight_schedule", None)
+        paired = "pairs" in attrs.fields_dict(cls)
+        own = {side: keys.pop(side) for side in ("student_features", "teacher_features") if paired and side in keys}
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"{where}.{name}.weight must be a number >= 0 and finite (got {weight!r}).")
         reads_teacher = bool({"teacher_logits", "teacher_features"} & cls.consumes)
@@ -325,16 +343,46 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
         valid = [f.name for f in config_fields(cls)]
         for key in keys:
             if key not in valid:
-                raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: "
-                                  f"{', '.join(['weight', *(['teacher'] if reads_teacher else []), *valid])}.")
+                fixed = ["weight", "weight_schedule", *(["teacher"] if reads_teacher else []),
+                         *(["student_features", "teacher_features"] if paired else [])]
+                raise ConfigError(f"unknown key '{key}' in {where}.{name}; valid keys: {', '.join([*fixed, *valid])}.")
         term = build_attrs(cls, keys, f"{where}.{name}.")
-        if "pairs" in attrs.fields_dict(cls):
-            term = attrs.evolve(term, pairs=tuple((s, f"{teacher}{TEACHER_SEP}{t}" if teacher else t) for s, t in pairs))
+        if paired:
+            mine = _own_pairs(own, f"{where}.{name}") if own else pairs
+            term = attrs.evolve(term, pairs=tuple((s, f"{teacher}{TEACHER_SEP}{t}" if teacher else t) for s, t in mine))
+        schedule = _schedule(term, schedule_table, f"{where}.{name}")
         if weight != 0:
-            terms.append(WeightedTerm(name, float(weight), term, teacher))
+            terms.append(WeightedTerm(name, float(weight), term, teacher, schedule))
     if not terms:
         raise ConfigError(f"every term in {where} has weight 0; give at least one term a positive weight.")
     return Objective(tuple(terms), tuple(teachers), tuple(float(w) for w in teachers.values()), ensemble)
+
+
+def _own_pairs(own: dict, where: str) -> tuple[tuple[str, str], ...]:
+    """A term table's own ``student_features`` / ``teacher_features``, checked and paired by position."""
+    if len(own) != 2:
+        given, missing = next(iter(own)), ({"student_features", "teacher_features"} - set(own)).pop()
+        raise ConfigError(f"{where}.{given} is given without {where}.{missing}; give both lists (paired by position).")
+    for side, names in own.items():
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+            raise ConfigError(f"{where}.{side} must be a non-empty list of feature names, e.g. ['block2', 'block3'] "
+                              f"(got {names!r}).")
+    s, t = own["student_features"], own["teacher_features"]
+    if len(s) != len(t):
+        raise ConfigError(f"{where}.student_features has {len(s)} names but {where}.teacher_features has {len(t)}; "
+                          "they are paired by position, so give the same number.")
+    return tuple(zip(s, t))
+
+
+def _schedule(term: Term, table, where: str) -> weight_schedules.WeightSchedule | None:
+    """The term's weight schedule: its table's ``weight_schedule``, or the one its own keys imply (DKD's
+    ``warmup_epochs``); both at once is refused."""
+    implied = term.weight_schedule()
+    if table is not None and implied is not None:
+        raise ConfigError(f"{where} gives weight_schedule and a key that implies one ({implied}); keep one of them.")
+    if table is None and implied is None:
+        return None
+    return weight_schedules.parse(table if table is not None else implied, f"{where}.weight_schedule")
 
 
 def _term_teacher(cls: type, teacher, teachers: dict, where: str) -> str:
@@ -397,11 +445,12 @@ def from_config(distill, teachers: dict | None = None) -> Objective:
     where = "distill.weights" if distill.preset == "combined" else "distill.terms"
     objective = build(term_tables(distill), pairs=pairs, where=where,
                       teachers={name: t.weight for name, t in (teachers or {}).items()}, ensemble=distill.ensemble)
-    paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term))]
-    if paired and not pairs:
+    paired = [t.name for t in objective.terms if "pairs" in attrs.fields_dict(type(t.term)) and not t.term.pairs]
+    if paired:
         raise ConfigError(
             f"the {', '.join(paired)} term{'s' if len(paired) > 1 else ''} of distill.method = "
             f"'{distill.preset}' match{'' if len(paired) > 1 else 'es'} features: set distill.student_features "
-            "and distill.teacher_features (e.g. ['block2'] and ['layer1'])."
+            "and distill.teacher_features (e.g. ['block2'] and ['layer1']), or the term's own student_features and "
+            "teacher_features."
         )
     return objective

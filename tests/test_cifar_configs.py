@@ -28,7 +28,8 @@ from tests.test_data import write_cifar
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "configs" / "cifar100"
 PAIRS = {"resnet32x4": "resnet8x4", "wrn_40_2": "wrn_16_2"}
-METHODS = ("baseline", "kd", "fitnets", "at", "sp", "rkd", "pkt", "crd", "dkd", "dist")
+METHODS = ("baseline", "kd", "fitnets", "at", "sp", "rkd", "pkt", "crd", "dkd", "dist",
+           "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd")  # issue 20: the feature methods
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in FOLDER.rglob("[!_]*.toml"))  # not the _base.toml files
 TEACHERS = [c for c in CONFIGS if Path(c).name.startswith("teacher_")]
 STUDENTS = [c for c in CONFIGS if c not in TEACHERS]

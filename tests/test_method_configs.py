@@ -13,6 +13,7 @@ from fkd.build import load_config
 from fkd.config_files import read_config_file
 from fkd.models.from_config import build_student, build_teacher
 from fkd.models.functional import feature_shapes
+from fkd.models.zoo import head_prefix
 from fkd.terms import Shapes, TermInputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def test_method_config_gives_a_finite_loss_and_gradient(path, monkeypatch):
     x, y = torch.randn(batch, 3, side, side, generator=gen), torch.randint(0, k, (batch,), generator=gen)
     student, sp, sb = build_student(cfg, k, obj.student_feature_names)
     teacher, tp, tb = build_teacher(cfg, k, obj.teacher_feature_names, seed=1)
-    shapes = Shapes(feature_shapes(student, sp, sb, side, "cpu"), feature_shapes(teacher, tp, tb, side, "cpu"), k, 50)
+    shapes = Shapes(feature_shapes(student, sp, sb, side, "cpu"), feature_shapes(teacher, tp, tb, side, "cpu"), k, 50,
+                    teacher_params=tp, teacher_head=head_prefix(teacher.eval_template))
     params, state = obj.init(shapes, seed=0)
     with torch.no_grad():
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)

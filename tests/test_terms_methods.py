@@ -114,8 +114,10 @@ def test_dkd_warmup_scales_by_the_epoch_and_leaves_out_unlabeled_examples():
     labels = torch.tensor([0, -1, 2, 3, -1, 1])
     full = losses.dkd(*(lambda i: (i.student_logits, i.teacher_logits))(make_inputs(labels=labels)), labels)
     for epoch, scale in [(0.0, 0.0), (1.0, 0.25), (3.0, 0.75), (4.0, 1.0), (9.5, 1.0)]:
-        _, metrics, _ = objective({}, {}, make_inputs(labels=labels, epoch=epoch))
-        assert metrics["dkd"].item() == pytest.approx(scale * full.item(), rel=1e-6, abs=1e-9)
+        # the warm-up scales the term's weight (0.5) in the loss; the metric is the unweighted DKD
+        loss, metrics, _ = objective({}, {}, make_inputs(labels=labels, epoch=epoch))
+        assert loss.item() == pytest.approx(0.5 * scale * full.item(), rel=1e-6, abs=1e-9)
+        assert metrics["dkd"].item() == pytest.approx(full.item(), rel=1e-6)
     keep = labels >= 0
     i = make_inputs(labels=labels)
     assert full.item() == pytest.approx(
@@ -123,8 +125,8 @@ def test_dkd_warmup_scales_by_the_epoch_and_leaves_out_unlabeled_examples():
 
 
 def test_dkd_needs_the_epoch():
-    objective, _ = one_term("dkd")
-    with pytest.raises(ValueError, match="'dkd' term consumes epoch"):
+    objective, _ = one_term("dkd", warmup_epochs=2.0)  # its warm-up is a weight schedule over the epochs
+    with pytest.raises(ValueError, match="'dkd' term's weight follows a schedule"):
         objective({}, {}, make_inputs()._replace(epoch=None))
 
 

@@ -32,6 +32,12 @@ and, re-exported from their own modules (which import only torch and einops):
 :mod:`fkd.losses.contrastive` ``crd`` (with its memory banks: ``init_memory``, ``momentum_update``)
 :mod:`fkd.losses.groups`     ``ensemble_distribution``, ``confidence_weights``, ``ensemble_logits``,
                              ``mutual_learning`` (with ``mutual_learning_member``)
+:mod:`fkd.losses.review`     ``hcl`` (ReviewKD)
+:mod:`fkd.losses.flow`       ``fsp`` (with ``fsp_matrix``)
+:mod:`fkd.losses.boundaries` ``ab``, ``ofd_margin``, ``ofd``
+:mod:`fkd.losses.regression` ``srrl``
+:mod:`fkd.losses.singular`   ``kdsvd`` (with ``singular_vectors``)
+:mod:`fkd.losses.connectors` the learnable parts of those terms: ``init_conv_bn``/``conv_bn``, ``init_abf``/``abf``
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ from fkd.losses.groups import (confidence_weights, ensemble_distribution, ensemb
 from fkd.losses.logits import dist, dkd, dkd_per_example, logit_standardized_kd
 from fkd.losses.maps import init_vid_params, nst, pool_to_common_size, vid_nll, vid_regressor
 from fkd.losses.relations import correlation_congruence, pkt, rkd, similarity_preserving
+from fkd.losses.boundaries import ab, ofd, ofd_margin  # noqa: I001 -- issue 20
+from fkd.losses.connectors import abf, conv_bn, init_abf, init_conv_bn
+from fkd.losses.flow import fsp, fsp_matrix
+from fkd.losses.regression import srrl
+from fkd.losses.review import hcl
+from fkd.losses.singular import kdsvd, singular_vectors
 
 __all__ = [
     "attention_map",
@@ -80,6 +92,9 @@ __all__ = [
     "vid_nll",
     "vid_regressor",
     "weighted_sum",
+    # issue 20
+    "ab", "abf", "conv_bn", "fsp", "fsp_matrix", "hcl", "init_abf", "init_conv_bn", "kdsvd", "ofd", "ofd_margin",
+    "singular_vectors", "srrl",
 ]
 
 Scalar = float | Tensor  # a Python number or a 0-d tensor

@@ -23,8 +23,11 @@ Named features (``forward`` returns them all; ``Model.apply`` keeps the requeste
 * ``stem``: (B, C0, H, W), the stem's output (RepDistiller's ``feat[0]``);
 * ``stage1``, ``stage2``, ``stage3``: (B, Ci, H/2^(i-1), W/2^(i-1)), each stage's output (``feat[1..3]``);
   FitNets' hint layer 2 is ``stage2``, attention transfer uses all three;
-* ResNets only: ``stage1_preact`` ... ``stage3_preact``, the same outputs before their last ReLU (the
-  ``preact=True`` features of RepDistiller; a WRN's stage outputs are pre-activation already);
+* ``stage1_preact`` ... ``stage3_preact``, the features just before a ReLU (the ``preact=True`` features of
+  RepDistiller and OFD's authors' code): for a ResNet each stage's output before its last ReLU; for a WRN,
+  whose stage outputs are pre-activation already, the next BatchNorm's output on them (the first block of the
+  next stage's ``bn1``, the final ``bn1`` after stage 3), which the ReLU then reads -- the BatchNorm whose
+  gamma and beta give OFD's margin;
 * ``embedding``: (B, D), the pooled vector the final linear classifier reads (``feat[-1]``; CRD, RKD and
   PKT use it).
 """
@@ -162,6 +165,15 @@ class WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
 
+def _bn_value(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """What ``bn(x)`` returns, without touching its running statistics (the block applies ``bn`` itself and
+    updates them once): batch statistics in training mode, the running ones in eval mode."""
+    if bn.training:
+        return torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    return torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False,
+                                          eps=bn.eps)
+
+
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen``: a 3x3 stem (16 channels), three stages of ``(depth - 4) / 6`` pre-activation
     blocks with ``16k, 32k, 64k`` channels, then BatchNorm + ReLU, global average pooling and a linear
@@ -174,7 +186,8 @@ class WideResNet(nn.Module):
     "stage2": (B, 32k, H/2, W/2), "stage3": (B, 64k, H/4, W/4), "embedding": (B, 64k)})``
     """
 
-    feature_names = ("stem", "stage1", "stage2", "stage3", "embedding")
+    feature_names = ("stem", "stage1", "stage2", "stage3", "stage1_preact", "stage2_preact", "stage3_preact",
+                     "embedding")
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
         super().__init__()
@@ -199,9 +212,11 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.conv1(x)
         feats = {"stem": x}
-        for i, stage in enumerate((self.block1, self.block2, self.block3), start=1):
+        next_bns = (self.block2[0].bn1, self.block3[0].bn1, self.bn1)
+        for i, (stage, bn) in enumerate(zip((self.block1, self.block2, self.block3), next_bns), start=1):
             x = stage(x)
             feats[f"stage{i}"] = x
+            feats[f"stage{i}_preact"] = _bn_value(bn, x)
         embedding = self.relu(self.bn1(x)).mean(dim=(2, 3))
         feats["embedding"] = embedding
         return self.fc(embedding), feats

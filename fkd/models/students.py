@@ -44,10 +44,14 @@ class SeedCNN(nn.Module):
     same network works at 32 px and at 224 px.
 
     ``forward(x: (B, 3, H, W)) -> (logits (B, classes), {"block1": (B, 32, H/2, W/2), ..., "block4": (B, 256, H/16, W/16),
-    "embedding": (B, 256)})``; ``embedding`` is what ``fc2`` reads, ``relu(fc1(flatten(block4)))``.
+    "embedding": (B, 256), "block1_preact": ..., "block4_preact": ...})``; ``embedding`` is what ``fc2`` reads,
+    ``relu(fc1(flatten(block4)))``; ``blockN_preact`` is block N's output before its last ReLU,
+    ``maxpool(conv(...))``, so that ``blockN == relu(blockN_preact)`` exactly (max-pooling and ReLU commute):
+    the pre-activation feature OFD and AB distil.
     """
 
-    feature_names = ("block1", "block2", "block3", "block4", "embedding")
+    feature_names = ("block1", "block2", "block3", "block4", "embedding",
+                     "block1_preact", "block2_preact", "block3_preact", "block4_preact")
 
     def __init__(self, num_classes: int = 10, image_size: int = 224):
         super().__init__()
@@ -63,12 +67,15 @@ class SeedCNN(nn.Module):
         self.fc2 = nn.Linear(256, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        f1 = self.block1(x)
-        f2 = self.block2(f1)
-        f3 = self.block3(f2)
-        f4 = self.block4(f3)
-        embedding = self.relu(self.fc1(torch.flatten(f4, 1)))
-        return self.fc2(embedding), {"block1": f1, "block2": f2, "block3": f3, "block4": f4, "embedding": embedding}
+        feats = {}
+        for i, block in enumerate((self.block1, self.block2, self.block3, self.block4), start=1):
+            # [..., conv, ReLU, MaxPool]: pool before the last ReLU, which equals pooling after it
+            preact = block[-1](block[:-2](x))
+            x = block[-2](preact)
+            feats[f"block{i}"], feats[f"block{i}_preact"] = x, preact
+        embedding = self.relu(self.fc1(torch.flatten(x, 1)))
+        feats["embedding"] = embedding
+        return self.fc2(embedding), feats
 
 
 class SmallCNN(nn.Module):

@@ -8,7 +8,8 @@ import torch
 import torch.fx
 import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import (NodePathTracer, _set_default_tracer_kwargs,
+                                                   create_feature_extractor, get_graph_node_names)
 
 from fkd.errors import CheckpointError, ConfigError
 
@@ -73,11 +74,51 @@ def _eval_nodes(module: nn.Module) -> list[str]:
 #: The feature every model has: the vector its classifier head (the last ``nn.Linear``) reads, (B, D).
 EMBEDDING = "embedding"
 
+#: ``<module>.preact``: that module's output before its final ReLU (see :func:`preact_nodes`).
+PREACT = "preact"
+
+_RELUS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+
+
+def _is_relu(node: torch.fx.Node, module: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(module.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELUS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def preact_nodes(module: nn.Module) -> dict[str, str]:
+    """``{"<module>.preact": FX node name}``: for every submodule whose last node (eval-mode graph) is a ReLU,
+    the node that ReLU reads -- the submodule's output before its final activation (``layer3.preact`` is
+    ``layer3.1.add`` in a torchvision ResNet-18: the residual sum before the block's last ReLU). OFD and AB
+    distil these pre-activation features; any other FX node name works as a feature too."""
+    was_training = module.training
+    tracer = NodePathTracer(**_set_default_tracer_kwargs(None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        graph = tracer.trace(module.eval())
+    module.train(was_training)
+    last: dict[str, torch.fx.Node] = {}
+    for node in graph.nodes:
+        name = tracer.node_to_qualname.get(node)
+        if name is None or node.op in ("placeholder", "output"):
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts)):  # proper prefixes only: a ReLU node is not its own module's preact
+            last[".".join(parts[:i])] = node
+    aliases = {}
+    for prefix, node in last.items():
+        source = node.args[0] if node.args else None
+        if _is_relu(node, module) and isinstance(source, torch.fx.Node) and source in tracer.node_to_qualname:
+            aliases[f"{prefix}.{PREACT}"] = tracer.node_to_qualname[source]
+    return aliases
+
 
 def feature_node_names(module: nn.Module) -> list[str]:
     """Names usable as features: submodule names (``layer1``: that block's output) and FX node names
-    (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph), then
-    :data:`EMBEDDING`."""
+    (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph), then the
+    pre-activation aliases (``layer1.preact``, :func:`preact_nodes`), then :data:`EMBEDDING`."""
     nodes = _eval_nodes(module)
     names: list[str] = []
     for node in nodes:
@@ -86,7 +127,7 @@ def feature_node_names(module: nn.Module) -> list[str]:
             prefix = ".".join(parts[:i])
             if prefix not in names:
                 names.append(prefix)
-    return [*names, EMBEDDING]
+    return [*names, *preact_nodes(module), EMBEDDING]
 
 
 def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool) -> nn.Module:
@@ -104,14 +145,25 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
         raise ConfigError(
             f"feature '{unknown[0]}' is not a node of {type(module).__name__}; valid names: {', '.join(nodes)}."
         )
+    aliases = {n: node for n, node in preact_nodes(module).items() if n in feature_names}
+    for sub in module.modules():
+        # A returned feature must not be overwritten by a later in-place activation (torchvision's ResNets use
+        # ReLU(inplace=True), which would turn ``layer1.1.add`` -- ``layer1.preact`` -- into its ReLU).
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
     module.train(train)
-    return_nodes = {n: n for n in feature_names if n != EMBEDDING}
+    return_nodes = {aliases.get(n, n): aliases.get(n, n) for n in feature_names if n != EMBEDDING}
     return_nodes[_eval_nodes(module)[-1]] = LOGITS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
         extractor = create_feature_extractor(module, return_nodes=return_nodes)
     if EMBEDDING in feature_names:
         _return_head_input(extractor, head_prefix(module))
+    if aliases:
+        output = next(n for n in extractor.graph.nodes if n.op == "output")
+        returned = dict(output.args[0])
+        output.args = ({**returned, **{alias: returned[node] for alias, node in aliases.items()}},)
+        extractor.recompile()
     return extractor.train(train)
 
 

@@ -38,7 +38,8 @@ from fkd.config import dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
-from fkd.distill_setup import build_students, ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache, teacher_paths
+from fkd.distill_setup import (build_students, ema_decay, load_teacher_for, member_checkpoint, preflight,
+                               teacher_cache, teacher_paths, with_teacher)
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
@@ -196,9 +197,9 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
         mix=make_mixer(base.data.mixup, base.data.cutmix), ema_decay=ema_decay(base) if obj.needs_teacher else None,
         split_batches=False)  # under torchrun each rank trains students of its own
     teacher_vars = training.layout(teacher.variables) if teacher is not None and teacher.variables else None
-    return GroupSetup(group, data, obj, pre.student, pre.shapes, teacher.model if teacher else None, teacher_vars,
-                      lookup, training.step, training.layout, augment, nb, base.data.mixes,
-                      eval_step=make_eval_step(pre.student, device=device, compile=base.train.compile))
+    return GroupSetup(group, data, obj, pre.student, with_teacher(pre.shapes, teacher),
+                      teacher.model if teacher else None, teacher_vars, lookup, training.step, training.layout, augment,
+                      nb, base.data.mixes, eval_step=make_eval_step(pre.student, device=device, compile=base.train.compile))
 
 
 def group_batches(setup: GroupSetup, strategy: str) -> Callable:

@@ -1,5 +1,6 @@
 """Loss terms, one registered unit per module: ``ce``, ``logit``, ``feature``, ``attention``, and ``dkd``,
-``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``.
+``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``, ``crd``, ``mutual``, and ``reviewkd``, ``fsp``,
+``ab``, ``ofd``, ``srrl``, ``kdsvd``.
 
 A term declares its hyper-parameters (an attrs class), what it consumes, ``init`` for its own
 parameters and state, and a pure ``apply`` built on :mod:`fkd.losses` (see :mod:`fkd.terms.base`).
@@ -14,6 +15,7 @@ from fkd.terms.base import (
     Shapes,
     Term,
     TermInputs,
+    apply_teacher_head,
     check_pair_kinds,
     config_fields,
     hyper,
@@ -22,13 +24,18 @@ from fkd.terms.base import (
     pair_key,
     positive,
     register_term,
+    teacher_head_params,
+    teacher_param,
 )
+from fkd.terms.weight_schedule import WeightSchedule
 from fkd.terms import ce, logit, feature, attention  # noqa: E402,F401,I001 -- registers the built-ins, in this order
 from fkd.terms import dkd, dist, lskd, sp, rkd, pkt, cc, nst, vid  # noqa: E402,F401,I001 -- issue 9 methods
 from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
 from fkd.terms import mutual  # noqa: E402,F401,I001 -- deep mutual learning (cohorts)
+from fkd.terms import reviewkd, fsp, ab, ofd, srrl, kdsvd  # noqa: E402,F401,I001 -- issue 20 feature methods
 
 __all__ = [
     "INPUTS", "TERMS", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",
     "internal", "non_negative", "pair_key", "positive", "register_term",
+    "WeightSchedule", "apply_teacher_head", "teacher_head_params", "teacher_param",
 ]

@@ -67,6 +67,12 @@ class Shapes:
     teacher_features: dict = attrs.field(factory=dict)
     num_classes: int = 0
     num_examples: int = 0  # training-set size, for per-example memories indexed by ``inputs.idx``
+    #: the teacher's parameters ``{dotted name: tensor}``, read-only: what a term derives constants from at
+    #: ``init`` (OFD's margins from a BatchNorm's gamma and beta, SRRL's copy of the classifier head). The
+    #: trained teacher's when a run initialises its terms; a randomly initialised one's in the preflight.
+    teacher_params: dict = attrs.field(factory=dict, eq=False, repr=False)
+    #: the dotted name of the teacher's classifier head (its last ``nn.Linear``, e.g. ``fc``), "" if unknown
+    teacher_head: str = ""
 
 
 # --- hyper-parameter fields ----------------------------------------------------------------------
@@ -136,6 +142,11 @@ class Term:
         """``(loss, new_state)``: the term's 0-d loss on this batch and its state after it."""
         raise NotImplementedError
 
+    def weight_schedule(self) -> dict | None:
+        """The ``weight_schedule`` table this term's own keys imply (None: none). The objective applies it
+        like one given in the config (:mod:`fkd.terms.weight_schedule`); DKD's ``warmup_epochs`` uses it."""
+        return None
+
 
 def register_term(name: str):
     """Class decorator: register a :class:`Term` subclass under ``name`` (the config's table name).
@@ -157,6 +168,40 @@ def register_term(name: str):
         return TERMS.register(name)(cls)
 
     return add
+
+
+# --- the teacher's constants and head -------------------------------------------------------------------
+
+
+def teacher_param(shapes: Shapes, name: str, term: str, *, what: str = "parameter") -> Tensor:
+    """``shapes.teacher_params[name]``, detached; a :class:`ConfigError` listing close names when missing."""
+    if name not in shapes.teacher_params:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(shapes.teacher_params), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "check the teacher's layer names."
+        raise ConfigError(f"the {term} term reads the teacher's {what} '{name}', which the teacher does not have; {hint}")
+    return shapes.teacher_params[name].detach()
+
+
+def teacher_head_params(shapes: Shapes, term: str) -> dict[str, Tensor]:
+    """The teacher's classifier head as frozen constants, ``{"weight": (K, D), "bias": (K,)}`` (copies), for a
+    term's non-learnable state: applied with :func:`apply_teacher_head` it is the teacher's head as a pure
+    function of features -- the same result as ``functional_call`` of the head module -- that needs no
+    teacher forward, so it works with cached teacher outputs too."""
+    if not shapes.teacher_head:
+        raise ConfigError(f"the {term} term applies the teacher's classifier head, but the teacher's head is not "
+                          "known here; use a teacher whose classifier is an nn.Linear.")
+    prefix = shapes.teacher_head
+    weight = teacher_param(shapes, f"{prefix}.weight", term).clone()
+    bias = shapes.teacher_params.get(f"{prefix}.bias")
+    return {"weight": weight, "bias": bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])}
+
+
+def apply_teacher_head(head: dict[str, Tensor], features: Tensor) -> Tensor:
+    """The teacher's classifier on ``features`` ``(B, D)``: ``features @ W^T + b``, ``(B, K)``; gradients flow
+    into ``features`` only (the head is a constant)."""
+    return torch.nn.functional.linear(features, head["weight"].detach(), head["bias"].detach())
 
 
 # --- feature pairs, shared by the feature terms -------------------------------------------------------
