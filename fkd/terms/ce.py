@@ -1,5 +1,4 @@
-"""``ce``: cross-entropy with the labels, the hard-label term of every objective; ``ce_strong``: the same on
-the strong view (MLKD)."""
+"""``ce``: cross-entropy with the labels, the hard-label term of every objective."""
 
 from __future__ import annotations
 
@@ -21,16 +20,3 @@ class CrossEntropy(Term):
 
     def apply(self, params, state, inputs):
         return losses.cross_entropy(inputs.student_logits, inputs.labels), state
-
-
-@register_term("ce_strong")
-@attrs.frozen
-class CrossEntropyStrong(Term):
-    """:func:`fkd.losses.cross_entropy` of the student's logits on the strong view of the batch
-    (:mod:`fkd.data.strong`): MLKD's second cross-entropy (the authors' ``CE(weak) + CE(strong)``)."""
-
-    summary = "cross-entropy with the labels on the strong (RandAugment) view of the batch"
-    consumes = frozenset({"student_logits_strong", "labels"})
-
-    def apply(self, params, state, inputs):
-        return losses.cross_entropy(inputs.student_logits_strong, inputs.labels), state

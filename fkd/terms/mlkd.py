@@ -1,4 +1,5 @@
-"""``mlkd``: multi-level logit distillation on a weak and a strong view (Jin et al., CVPR 2023)."""
+"""``mlkd``: multi-level logit distillation on a weak and a strong view (Jin et al., CVPR 2023), and ``ce_strong``,
+its second cross-entropy (on the strong view)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,16 @@ class MultiLevelKD(Term):
     def apply(self, params, state, inputs):
         return losses.mlkd(inputs.student_logits, inputs.teacher_logits, inputs.student_logits_strong,
                            inputs.teacher_logits_strong, self.hp(inputs, "temperature")), state
+
+
+@register_term("ce_strong")
+@attrs.frozen
+class CrossEntropyStrong(Term):
+    """:func:`fkd.losses.cross_entropy` of the student's logits on the strong view of the batch
+    (:mod:`fkd.data.strong`): MLKD's second cross-entropy (the authors' ``CE(weak) + CE(strong)``)."""
+
+    summary = "cross-entropy with the labels on the strong (RandAugment) view of the batch"
+    consumes = frozenset({"student_logits_strong", "labels"})
+
+    def apply(self, params, state, inputs):
+        return losses.cross_entropy(inputs.student_logits_strong, inputs.labels), state
