@@ -238,6 +238,14 @@ def test_pad_l2_matches_reference(shape):
         assert pad_l2(s, t, lv, eps).item() == pytest.approx(ref_pad(s.numpy(), t.numpy(), lv.numpy(), eps), rel=1e-9)
 
 
+def test_pad_l2_reads_a_log_variance_of_the_features_shape_or_per_dimension():
+    s, t = randn(3, 2, 2, 2, seed=41), randn(3, 2, 2, 2, seed=42)
+    lv = randn(3, 2, 2, 2, seed=43, scale=0.5)
+    assert pad_l2(s, t, lv).item() == pytest.approx(pad_l2(s, t, lv.flatten(1)).item(), rel=1e-12)
+    per_dim = randn(8, seed=44, scale=0.5)
+    assert pad_l2(s, t, per_dim).item() == pytest.approx(pad_l2(s, t, per_dim.expand(3, 8)).item(), rel=1e-12)
+
+
 def test_variance_branch_is_linear_then_batchnorm_in_train_mode():
     g = torch.Generator().manual_seed(0)
     e = torch.randn(5, 4, generator=g)

@@ -24,14 +24,16 @@ def pad_l2(student_feat: Tensor, teacher_feat: Tensor, log_variance: Tensor, eps
     Args:
         student_feat: ``(B, ...)`` (after the term's connector), flattened to ``(B, D)``.
         teacher_feat: ``(B, ...)`` with the same ``D``.
-        log_variance: ``(B, D)`` (or broadcastable to it): the variance branch's output.
+        log_variance: ``(B, D)``, the features' own shape (flattened like them), or broadcastable to
+            ``(B, D)``: the variance branch's output.
         eps: added to the variance.
     """
     s, t = student_feat.flatten(1), teacher_feat.detach().flatten(1)
     if s.shape != t.shape:
         raise ValueError(f"pad_l2: student feature of shape {tuple(student_feat.shape)} and teacher feature of shape "
                          f"{tuple(teacher_feat.shape)} flatten to different sizes; map the student's with a connector")
-    return ((t - s).pow(2) / (eps + torch.exp(log_variance)) + log_variance).mean(dim=1).mean()
+    lv = log_variance.flatten(1) if log_variance.ndim > 2 else log_variance  # (B, C, H, W) like the features
+    return ((t - s).pow(2) / (eps + torch.exp(lv)) + lv).mean(dim=1).mean()
 
 
 def variance_branch(embedding: Tensor, params: dict[str, Tensor], eps: float = 1e-5) -> Tensor:
