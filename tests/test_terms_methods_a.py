@@ -225,6 +225,39 @@ def test_strong_view_operations():
     assert len({float((out[i] - x[i]).abs().sum()) for i in range(4)}) == 4
 
 
+def test_the_step_runs_student_and_teacher_on_the_strong_view():
+    """One step of ce + mlkd + ce_strong: the weak view's teacher logits from a cache give the same step as the
+    teacher live (the strong view's teacher always runs live), and the step refuses to be built without a
+    strong view."""
+    from fkd import optim
+    from fkd.models import build_model
+    from fkd.step import init_train_state, make_train_step
+
+    student, sp, sb = build_model("small_cnn", 10, 16, (), widths=(4, 8))
+    teacher, tp, tb = build_model("small_cnn", 10, 16, (), widths=(8, 16), seed=1)
+    objective = build({"ce": {}, "mlkd": {"weight": 0.5}, "ce_strong": {}})
+    opt = optim.sgd(0.1)
+    with pytest.raises(ValueError, match="strong_view"):
+        make_train_step(student, objective, opt, teacher=teacher, compile="off")
+    strong = make_strong_view("none")
+    step = make_train_step(student, objective, opt, teacher=teacher, compile="off", strong_view=strong)
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.rand(4, 3, 16, 16, generator=g), "y": torch.randint(0, 10, (4,), generator=g)}
+    tvars = {"params": tp, "buffers": tb}
+    state = init_train_state(sp, sb, opt, seed=3)
+    live_state, live = step(state, batch, tvars)
+    with torch.no_grad():
+        cached_logits = teacher.apply(tp, tb, batch["x"], train=False)[0]
+    cached_state, cached = step(state, {**batch, "teacher_logits": cached_logits}, tvars)
+    for k in ("loss", "ce", "mlkd", "ce_strong"):
+        torch.testing.assert_close(cached[k], live[k])
+    assert bool(live["finite"]) and live["ce_strong"] != live["ce"]  # two different views
+    # BatchNorm statistics saw both views: two updates of the running mean
+    assert int(live_state["buffers"][next(k for k in sb if k.endswith("num_batches_tracked"))]) == 2
+    with pytest.raises(ValueError, match="teacher live"):
+        step(state, {**batch, "teacher_logits": cached_logits})
+
+
 # --- end to end from the CLI on digits -------------------------------------------------------------------
 
 
@@ -271,7 +304,8 @@ def test_term_trains_from_the_cli_on_digits(name, digits_root, one_thread):
     values = [r[f"train_{name}"] for r in records if f"train_{name}" in r]
     assert values and all(math.isfinite(v) for v in values) and any(v != 0 for v in values)
     state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")["state"]
-    if name == "mlkd":
+    if name == "mlkd":  # the weak view's teacher outputs cached, the strong view's computed live in the step
+        assert "teacher cache: memory" in result.output
         assert all(math.isfinite(r["train_ce_strong"]) for r in records if "train_ce_strong" in r)
     if name == "ctkd":  # the raw temperature trained (with the reversed gradient) and was checkpointed
         assert state["params"]["objective"]["ctkd"]["raw_temperature"].item() != 1.0
