@@ -371,10 +371,16 @@ def test_a_resumed_ft_run_skips_the_pre_phase(digits_root, one_thread, monkeypat
     assert all(torch.equal(a[p][m]["weight"], b[p][m]["weight"]) for p in a for m in a[p])
 
 
-def test_mlkd_sweep_vmapped_equals_the_loop(digits_root, one_thread):
-    """The strong view and its teacher run inside a vmapped population step exactly as one step per student."""
+def test_mlkd_sweep_vmapped_equals_the_loop(digits_root, one_thread, monkeypatch):
+    """The strong view and its teacher run inside a vmapped population step exactly as one step per student, and
+    a sweep runs FT's pre-phase for each student as distill does."""
+    import fkd.sweep.runner as runner
+
+    pre_phases = []
+    real = runner.pretrain_terms
+    monkeypatch.setattr(runner, "pretrain_terms", lambda *a, **k: pre_phases.append(1) or real(*a, **k))
     cfg = digits_root / "mlkd_sweep.toml"
-    cfg.write_text(digits_config(digits_root, CLI_TABLES["mlkd"] + CLI_TABLES["skd"]))
+    cfg.write_text(digits_config(digits_root, CLI_TABLES["mlkd"] + CLI_TABLES["skd"] + CLI_TABLES["ft"]))
     runs = {}
     for how in ("loop", "vmap"):
         out = digits_root / f"sweep_mlkd_{how}"
@@ -384,5 +390,6 @@ def test_mlkd_sweep_vmapped_equals_the_loop(digits_root, one_thread):
         runs[how] = {r["student"]: r for r in map(json.loads, (out / "sweep.jsonl").read_text().splitlines())}
     assert runs["loop"].keys() == runs["vmap"].keys() and len(runs["loop"]) == 2
     for student, a in runs["loop"].items():
-        for name in ("loss", "mlkd", "ce_strong", "skd"):
+        for name in ("loss", "mlkd", "ce_strong", "skd", "ft"):
             assert runs["vmap"][student][f"train_{name}"] == pytest.approx(a[f"train_{name}"], rel=1e-4, abs=1e-6)
+    assert len(pre_phases) == 4  # two students, two strategies
