@@ -24,6 +24,7 @@ import torch
 from torch.func import grad_and_value
 
 from fkd import prng
+from fkd.errors import ConfigError
 from fkd.objective import Objective
 from fkd.optim import apply_updates, sgd
 from fkd.terms import TermInputs
@@ -53,8 +54,9 @@ def pretrain_terms(objective: Objective, state: dict, *, teacher, teacher_vars: 
     if not terms:
         return state
     if teacher is None or teacher_vars is None:
-        raise ValueError(f"the {terms[0].name} term's pre-phase needs the teacher's weights (not a cache or a "
-                         "moving-average teacher)")
+        raise ConfigError(f"the {terms[0].name} term fits part of itself on a fixed teacher's features before the "
+                          "student trains, which a moving-average teacher (teacher.source = 'ema') does not have; "
+                          "use a fitted teacher, or drop the term.")
     features_fn = teacher.features_fn()
     objective_state = dict(state["objective"])
     key = prng.key_from_seed(seed)

@@ -393,3 +393,45 @@ def test_mlkd_sweep_vmapped_equals_the_loop(digits_root, one_thread, monkeypatch
         for name in ("loss", "mlkd", "ce_strong", "skd", "ft"):
             assert runs["vmap"][student][f"train_{name}"] == pytest.approx(a[f"train_{name}"], rel=1e-4, abs=1e-6)
     assert len(pre_phases) == 4  # two students, two strategies
+
+
+class _Source:
+    """A stand-in training source: the same 3 batches of random images every epoch (``batches`` as fkd's)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(5)
+        self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g), torch.arange(4))
+                     for _ in range(3)]
+
+    def batches(self, batch_size, *, shuffle, epoch=0, seed=0, augment=False, **kwargs):
+        return iter(self.data)
+
+
+def test_pretrain_terms_fits_only_the_declared_part_of_the_state():
+    from fkd import optim
+    from fkd.models import build_model
+    from fkd.pretrain import pretrain_terms, pretraining_terms
+    from fkd.step import init_train_state
+
+    student, sp, sb = build_model("small_cnn", 10, 16, ("block2",), widths=(4, 8))
+    teacher, tp, tb = build_model("small_cnn", 10, 16, ("block2",), widths=(8, 16), seed=1)
+    objective = build({"ce": {}, "ft": {"pretrain_epochs": 4, "pretrain_learning_rate": 0.05}},
+                      pairs=(("block2", "block2"),))
+    assert [t.name for t in pretraining_terms(objective)] == ["ft"]
+    assert not pretraining_terms(build({"ft": {"pretrain_epochs": 0}}, pairs=(("block2", "block2"),)))
+    shapes = Shapes({"block2": (8, 4, 4)}, {"block2": (16, 4, 4)}, num_classes=10)
+    o_params, o_state = objective.init(shapes)
+    state = init_train_state(sp, sb, optim.sgd(0.1), objective_params=o_params, objective_state=o_state)
+    lines = []
+    new = pretrain_terms(objective, state, teacher=teacher, teacher_vars={"params": tp, "buffers": tb},
+                         source=_Source(), batch_size=4, seed=0, augment=False, echo=lines.append)
+    assert len(lines) == 4
+    first, last = (float(line.rsplit(" ", 1)[1]) for line in (lines[0], lines[-1]))
+    assert last < first  # the reconstruction improved
+    before, after = state["objective"]["ft"]["paraphraser"], new["objective"]["ft"]["paraphraser"]
+    assert all(not torch.equal(before[p][m]["weight"], after[p][m]["weight"]) for p in before for m in before[p])
+    assert new["params"] is state["params"] and new["opt_state"] is state["opt_state"]  # the rest untouched
+    assert state["objective"]["ft"]["paraphraser"] is before  # the input state is not modified
+    with pytest.raises(ConfigError, match="moving-average teacher"):
+        pretrain_terms(objective, state, teacher=teacher, teacher_vars=None, source=_Source(), batch_size=4, seed=0,
+                       augment=False)
