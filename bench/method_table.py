@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from fkd.config_files import read_config_file  # noqa: E402 -- after the clone is on the path
 
 METHODS = ("baseline", "kd", "fitnets", "at", "nst", "vid", "sp", "rkd", "pkt", "cc", "crd", "dkd", "dist", "lskd",
-           "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd")  # issue 20, feature methods
+           "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd",  # issue 20, feature methods
+           "skd", "mlkd", "ctkd", "tf_kd", "pad", "ickd", "ft")
 SCALES = (0.1, 1.0, 10.0)
 
 

@@ -22,6 +22,7 @@ from fkd import announce, distributed, latency, titles
 from fkd.config import Config, dumps
 from fkd.data import load_data
 from fkd.data.transfer import describe as describe_transfer
+from fkd.data.strong import strong_view_for
 from fkd.data.transforms import augments
 from fkd.checkpoint import save_checkpoint
 from fkd.distill_setup import (ema_decay, load_teacher_for, member_checkpoint, preflight, teacher_cache,
@@ -34,6 +35,7 @@ from fkd.mixup import make_mixer
 from fkd.losses import ensemble_distribution
 from fkd.models import param_count, size_bytes
 from fkd.models.cohort import Cohort
+from fkd.pretrain import pretrain_terms, pretraining_terms
 from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
@@ -72,7 +74,8 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             objective_state=objective_state, teacher=teacher.model if teacher else None,
             steps_per_epoch=steps_per_epoch(len(data.train), cfg.data.batch_size), batch_size=cfg.data.batch_size,
             seed=cfg.seed, augment=augment, device=device, quiet=quiet,
-            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None)
+            mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None,
+            strong_view=strong_view_for(cfg.data, obj))
         start.check_state(training.state)
         if world.is_main:
             start.begin(echo=echo)
@@ -94,7 +97,12 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
 
         if teacher is not None:
             echo(f"teacher cache: {cache_note}")
-        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+        initial = training.state
+        if start.saved is None and pretraining_terms(obj):  # fresh: fit the terms' pre-phase parts first
+            initial = pretrain_terms(obj, initial, teacher=teacher.model, teacher_vars=teacher_vars, source=data.train,
+                                     batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augment,
+                                     echo=None if quiet else echo)
+        state = fit(start, spec=training.spec, step=training.step, state=initial, source=data.train,
                     device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
                     batch_extras=batch_extras, learning_rate=training.learning_rate,
                     extra_payload=lambda st: {"model": dict(student.spec)})

@@ -80,8 +80,14 @@ class Objective:
         return self._consumed("teacher_features")
 
     @property
+    def needs_strong_view(self) -> bool:
+        """Whether a term reads the second, strongly augmented view (:mod:`fkd.data.strong`): the step then
+        runs the student, and the teacher live, on it too."""
+        return self._consumed("student_logits_strong") or self._consumed("teacher_logits_strong")
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.needs_teacher_logits or self.needs_teacher_features
+        return self.needs_teacher_logits or self.needs_teacher_features or self._consumed("teacher_logits_strong")
 
     @property
     def needs_features(self) -> bool:
@@ -123,7 +129,8 @@ class Objective:
             labels=torch.randint(k, (b,), generator=g), teacher_logits=rand((k,)),
             teacher_features={n: rand(s) for n, s in shapes.teacher_features.items()},
             idx=torch.arange(b) % max(shapes.num_examples, 1), key=prng.key_from_seed(0), epoch=torch.zeros(()),
-            cohort_logits=torch.randn((2, b, k), generator=g))
+            cohort_logits=torch.randn((2, b, k), generator=g), student_logits_strong=rand((k,)),
+            teacher_logits_strong=rand((k,)))
         params, state = self.init(shapes)
         for t in self.terms:
             try:
@@ -257,8 +264,10 @@ class CohortObjective:
         total, metrics, new_state = 0.0, {}, {}
         for k, name in enumerate(self.names):
             prefix = name + TEACHER_SEP
+            strong = inputs.student_logits_strong
             mine = inputs._replace(
                 student_logits=inputs.student_logits[k], cohort_logits=cohort, key=prng.fold_in(inputs.key, k),
+                student_logits_strong=strong[k] if strong is not None else None,
                 student_features={f[len(prefix):]: v for f, v in inputs.student_features.items() if f.startswith(prefix)})
             loss, member_metrics, new_state[name] = self.base(params.get(name, {}), state.get(name, {}), mine, hyper)
             total = total + loss
@@ -299,7 +308,7 @@ def _check_inputs(objective: Objective, inputs: TermInputs) -> None:
         if t.schedule is not None and inputs.epoch is None:
             raise ValueError(f"the '{t.name}' term's weight follows a schedule over the epochs, but no epoch was "
                              "given (make_train_step passes it when built with steps_per_epoch)")
-        for what in ("teacher_logits", "idx", "epoch"):
+        for what in ("teacher_logits", "idx", "epoch", "student_logits_strong", "teacher_logits_strong"):
             if what in t.term.consumes and getattr(inputs, what) is None:
                 raise ValueError(f"the '{t.name}' term consumes {what}, but none was given (the step passes "
                                  "batch['idx'], the epoch and the teacher's outputs when a term consumes them)")
@@ -338,6 +347,9 @@ def build(tables: dict[str, dict], *, pairs: tuple = (), where: str = "distill.t
         own = {side: keys.pop(side) for side in ("student_features", "teacher_features") if paired and side in keys}
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ConfigError(f"{where}.{name}.weight must be a number >= 0 and finite (got {weight!r}).")
+        if teachers and "teacher_logits_strong" in cls.consumes:
+            raise ConfigError(f"the {name} term reads the teacher on a second, strongly augmented view, which fkd "
+                              "runs for one teacher only; use a single [teacher] table, or drop the term.")
         reads_teacher = bool({"teacher_logits", "teacher_features"} & cls.consumes)
         teacher = _term_teacher(cls, keys.pop("teacher", "") if reads_teacher else "", teachers, f"{where}.{name}")
         valid = [f.name for f in config_fields(cls)]

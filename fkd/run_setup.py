@@ -103,6 +103,7 @@ def build_training(
     mix: Callable | None = None,
     split_batches: bool = True,
     ema_decay: float | None = None,
+    strong_view: Callable | None = None,
 ) -> TrainingSetup:
     """Optimizer and schedule (from ``train.optimizer``), initial state, step and loop spec of one run.
 
@@ -121,6 +122,7 @@ def build_training(
         mix: the step's image mixing for function matching (:func:`fkd.mixup.make_mixer`), or None.
         ema_decay: a mean teacher's decay (``teacher.source = "ema"``): the state keeps the moving average
             of the weights and the step reads its teacher from it (:func:`fkd.step.make_train_step`).
+        strong_view: the step's second view for terms that read one (:func:`fkd.data.strong.strong_view_for`).
         split_batches: under torchrun, split each batch over the ranks (:func:`for_this_world`); False
             when every rank trains models of its own (a sweep's students).
     """
@@ -139,7 +141,7 @@ def build_training(
                            precision=train.precision, compile=train.compile if compile is None else compile,
                            compile_mode=train.compile_mode, channels_last=channels_last, device=device,
                            steps_per_epoch=max(steps_per_epoch, 1), data_parallel=data_parallel, mix=mix,
-                           ema_decay=ema_decay)
+                           ema_decay=ema_decay, strong_view=strong_view)
     spec = LoopSpec(label, train.epochs, batch_size, seed, augment, train.log_every, train.checkpoint_every, quiet,
                     precision=train.precision)
     return TrainingSetup(optimizer, schedule, state, step, spec, layout, channels_last)

@@ -50,6 +50,7 @@ State = dict[str, Any]
 Metrics = dict[str, torch.Tensor]
 
 MIX_STREAM = 0x6D6978  # folded into the step's key for the image mixing ("mix")
+STRONG_STREAM = 0x737472  # folded into the step's key for the strong view ("str")
 
 
 def init_train_state(
@@ -227,7 +228,7 @@ def gradients_fn(
     (weights, temperature) come from ``state["hyper"]["terms"]`` when the state carries them.
     """
 
-    def gradients(state: State, x: torch.Tensor, inputs: TermInputs) -> Gradients:
+    def gradients(state: State, x: torch.Tensor, inputs: TermInputs, x_strong: torch.Tensor | None = None) -> Gradients:
         hyper = state.get("hyper", {}).get("terms")
 
         def loss_fn(trainable):
@@ -235,9 +236,14 @@ def gradients_fn(
             weights = {**layout(state["frozen"]), **trainable["model"]}
             with precision_autocast(device_type, precision):
                 logits, features, new_buffers = student.apply(weights, state["buffers"], x, train=train_mode)
+                strong = None
+                if x_strong is not None:  # a second forward pass, after the first (BatchNorm sees each view)
+                    strong, _, new_buffers = student.apply(weights, new_buffers, x_strong, train=train_mode)
+                    strong = strong.float()
             logits = logits.float()
             features = {k: v.float() for k, v in features.items()}
-            term_inputs = inputs._replace(student_logits=logits, student_features=features)
+            term_inputs = inputs._replace(student_logits=logits, student_features=features,
+                                          student_logits_strong=strong)
             loss, metrics, objective_state = objective(trainable["objective"], state["objective"], term_inputs, hyper)
             return loss, (metrics, new_buffers, logits, objective_state)
 
@@ -269,8 +275,8 @@ def summed_over_ranks(gradients: Callable[..., Gradients], data_parallel: DataPa
     share-weighted gradients, loss and term metrics and the correct / count tallies, so every rank gets the
     single-process gradient of the global batch."""
 
-    def reduced(state: State, x: torch.Tensor, inputs: TermInputs) -> Gradients:
-        g = gradients(state, x, inputs)
+    def reduced(state: State, x: torch.Tensor, inputs: TermInputs, x_strong: torch.Tensor | None = None) -> Gradients:
+        g = gradients(state, x, inputs, x_strong)
         grads, loss, metrics, correct, count = data_parallel.reduce(g.grads, g.loss, g.metrics, g.correct, g.count)
         return g._replace(grads=grads, loss=loss, metrics=metrics, correct=correct, count=count)
 
@@ -309,6 +315,7 @@ def make_train_step(
     mix: Callable | None = None,
     data_parallel: DataParallel | None = None,
     ema_decay: float | None = None,
+    strong_view: Callable | None = None,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Build ``step(state, batch, teacher_vars=None) -> (state, metrics)`` for one model.
 
@@ -353,6 +360,10 @@ def make_train_step(
             the update the average moves on, ``ema <- d * ema + (1 - d) * (new weights, new buffers)``
             (:func:`fkd.optim.ema_update`; Tarvainen & Valpola 2017). The state must come from
             ``init_train_state(..., ema=True)``.
+        strong_view: ``strong(x, key) -> x``, the second view of the batch (:func:`fkd.data.strong.make_strong_view`)
+            for objectives whose terms read one (MLKD): drawn from this step's key after any mixing; the
+            student runs on it after the first view, the teacher live on it (its outputs on the first view may
+            still come from the cache). Required exactly when ``objective.needs_strong_view``.
 
     Metrics (0-d tensors): ``loss``, one entry per loss term, ``correct`` (int64), ``count``,
     ``grad_norm``, ``finite`` (bool). ``correct`` and ``count`` cover the labeled examples only
@@ -368,6 +379,18 @@ def make_train_step(
     if data_parallel is not None:
         gradients = summed_over_ranks(gradients, data_parallel)
     mix_images = mix if mix is not None else (lambda x, key: x)
+    if objective.needs_strong_view and strong_view is None:
+        raise ValueError("a term reads the strong view (student_logits_strong / teacher_logits_strong): pass "
+                         "strong_view= (fkd.data.strong.strong_view_for(cfg.data, objective))")
+    strong_teacher = teacher if objective.needs_strong_view and objective.needs_teacher else None
+
+    def strong_teacher_logits(x_strong: torch.Tensor, teacher_vars: dict | None) -> torch.Tensor:
+        if teacher_vars is None:
+            raise ValueError("the strong view needs the teacher live: pass teacher_vars (a cache holds the first view only)")
+        with torch.no_grad(), precision_autocast(device_type, precision):
+            logits, _, _ = strong_teacher.apply(layout(teacher_vars["params"]), teacher_vars["buffers"], x_strong,
+                                                train=False)
+        return logits.float()
 
     def step(state: State, batch: dict, teacher_vars: dict | None = None) -> tuple[State, Metrics]:
         key = prng.fold_in(state["key"], state["step"])
@@ -378,7 +401,12 @@ def make_train_step(
         t_logits, t_features = teacher_outputs(batch, x, teacher_vars)
         epoch = state["step"].to(torch.float32) / steps_per_epoch if steps_per_epoch else None
         inputs = TermInputs(None, {}, batch["y"], t_logits, t_features, batch.get("idx"), key, epoch)
-        g = gradients(state, x, inputs)
+        x_strong = None
+        if strong_view is not None and objective.needs_strong_view:
+            x_strong = strong_view(x, prng.fold_in(key, STRONG_STREAM))
+            if strong_teacher is not None:
+                inputs = inputs._replace(teacher_logits_strong=strong_teacher_logits(x_strong, teacher_vars))
+        g = gradients(state, x, inputs, x_strong)
         updates, opt_state = optimizer.update(g.grads, state["opt_state"], state["params"])
         grad_norm = global_norm(g.grads)
         finite = torch.isfinite(g.loss) & torch.isfinite(grad_norm)

@@ -1,4 +1,4 @@
-"""configs/cifar100/: the CIFAR-100 benchmark grid (two teacher -> student pairs x ten methods, two teachers).
+"""configs/cifar100/: the CIFAR-100 benchmark grid (two teacher -> student pairs x 17 methods, two teachers).
 
 The real runs need the CIFAR-100 download and a GPU. Here every config loads, keeps the benchmark protocol,
 preflights against the real architectures, and takes one training step on a stand-in CIFAR-100 folder
@@ -16,6 +16,7 @@ import torchvision.datasets
 from fkd.build import load_config
 from fkd.config_files import read_config_file
 from fkd.data import load_data
+from fkd.data.strong import strong_view_for
 from fkd.data.transforms import augments, normalize
 from fkd.distill_setup import preflight
 from fkd.loop import steps_per_epoch
@@ -29,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "configs" / "cifar100"
 PAIRS = {"resnet32x4": "resnet8x4", "wrn_40_2": "wrn_16_2"}
 METHODS = ("baseline", "kd", "fitnets", "at", "sp", "rkd", "pkt", "crd", "dkd", "dist",
-           "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd")  # issue 20: the feature methods
+           "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd",  # issue 20: the feature methods
+           "skd", "mlkd", "ctkd", "tf_kd", "pad", "ickd", "ft")
+TEACHER_FREE = ("baseline", "tf_kd")  # no teacher network: tf_kd's virtual teacher is built from the label
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in FOLDER.rglob("[!_]*.toml"))  # not the _base.toml files
 TEACHERS = [c for c in CONFIGS if Path(c).name.startswith("teacher_")]
 STUDENTS = [c for c in CONFIGS if c not in TEACHERS]
@@ -104,6 +107,17 @@ def test_the_published_weights():
         assert terms(pair, "pkt")["pkt"]["weight"] == 30000.0
         assert terms(pair, "crd")["crd"]["weight"] == 0.8
         assert terms(pair, "dist")["dist"] == {"weight": 2.0, "beta": 1.0, "gamma": 1.0, "temperature": 4.0}
+        assert terms(pair, "mlkd") == {"ce": {"weight": 0.1}, "mlkd": {"weight": 0.9, "temperature": 4.0},
+                                       "ce_strong": {"weight": 0.1}}
+        assert terms(pair, "ctkd")["ctkd"]["weight"] == 0.9 and terms(pair, "ctkd")["ce"]["weight"] == 0.1
+        assert terms(pair, "tf_kd") == {"ce": {"weight": 0.9}, "tf_kd": {"weight": 10.0, "temperature": 20.0,
+                                                                           "correct_prob": 0.99}}
+        assert terms(pair, "pad")["pad"]["weight"] == 1.0
+        assert terms(pair, "ickd")["ickd"]["weight"] == 2.5
+        assert terms(pair, "ft")["ft"] == {"weight": 500.0, "rate": 0.5, "pretrain_epochs": 6}
+    # SKD's authors: ce 0.5 / kd 0.5 for resnet32x4 -> resnet8x4, their defaults 0.1 / 0.9 otherwise
+    assert terms("resnet32x4_resnet8x4", "skd")["skd"]["weight"] == 0.5
+    assert terms("wrn_40_2_wrn_16_2", "skd")["skd"]["weight"] == 0.9
     # mdistiller: BETA 8 by default, 6 in its wrn40_2 -> wrn_16_2 config
     assert terms("resnet32x4_resnet8x4", "dkd")["dkd"]["beta"] == 8.0
     assert terms("wrn_40_2_wrn_16_2", "dkd")["dkd"]["beta"] == 6.0
@@ -122,7 +136,8 @@ def test_cifar100_normalisation_uses_its_channel_statistics():
 def one_step(model, objective, train_cfg, cfg, data, params, buffers, teacher_vars=None, **kwargs):
     training = build_training(model, objective, train_cfg, params=params, buffers=buffers,
                               steps_per_epoch=steps_per_epoch(len(data.train), BATCH), batch_size=BATCH,
-                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device("cpu"), **kwargs)
+                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device("cpu"),
+                              strong_view=strong_view_for(cfg.data, objective), **kwargs)
     x, y, idx = next(data.train.batches(BATCH, shuffle=True, seed=cfg.seed, augment=True))
     assert x.shape == (BATCH, 3, 32, 32)
     state, metrics = training.step(training.state, {"x": x, "y": y, "idx": idx},
@@ -156,7 +171,7 @@ def test_student_config_preflights_and_takes_a_step_on_standin_data(name, standi
         teacher, t_params, t_buffers = build_teacher(cfg, data.num_classes, obj.teacher_feature_names,
                                                      seed=cfg.seed + 1)
         teacher_vars = {"params": t_params, "buffers": t_buffers}
-    assert obj.needs_teacher == (Path(name).stem != "baseline")
+    assert obj.needs_teacher == (Path(name).stem not in TEACHER_FREE)
     metrics = one_step(pre.student, obj, cfg.train, cfg, data, pre.params, pre.buffers, teacher=teacher,
                        objective_params=objective_params, objective_state=objective_state, teacher_vars=teacher_vars)
     assert set(obj.weights) == set(cfg.distill.terms) and set(obj.weights) <= set(metrics)
@@ -177,7 +192,8 @@ def first_step_metrics(name: str, root: Path, device: str, compile: str) -> dict
     training = build_training(pre.student, obj, cfg.train, params=pre.params, buffers=pre.buffers,
                               objective_params=objective_params, objective_state=objective_state, teacher=teacher,
                               steps_per_epoch=steps_per_epoch(len(data.train), BATCH), batch_size=BATCH,
-                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device(device), compile=compile)
+                              seed=cfg.seed, augment=augments(cfg.data), device=torch.device(device), compile=compile,
+                              strong_view=strong_view_for(cfg.data, obj))
     x, y, idx = next(data.train.batches(BATCH, shuffle=True, seed=cfg.seed, augment=True))
     _, metrics = training.step(training.state, {"x": x, "y": y, "idx": idx}, {"params": t_params, "buffers": t_buffers})
     return {k: v.float().cpu() for k, v in metrics.items()}

@@ -34,7 +34,8 @@ def test_the_table_covers_every_method_config_and_every_term():
 
     built_in = {n for n in TERMS.names() if TERMS.get(n).__module__.startswith("fkd.terms.")}
     cohort_only = {n for n in built_in if "cohort_logits" in TERMS.get(n).consumes}  # mutual: docs/paradigms.md
-    assert terms == built_in - {"ce"} - cohort_only  # every built-in method, once (other tests register their own)
+    # every built-in method, once (other tests register their own); ce_strong is MLKD's second cross-entropy
+    assert terms == built_in - {"ce", "ce_strong"} - cohort_only
 
 
 def test_method_configs_differ_only_in_distill_and_name():
@@ -64,13 +65,17 @@ def test_method_config_gives_a_finite_loss_and_gradient(path, monkeypatch):
     shapes = Shapes(feature_shapes(student, sp, sb, side, "cpu"), feature_shapes(teacher, tp, tb, side, "cpu"), k, 50,
                     teacher_params=tp, teacher_head=head_prefix(teacher.eval_template))
     params, state = obj.init(shapes, seed=0)
+    x_strong = x.flip(-1)  # a stand-in second view for terms that read one (mlkd)
     with torch.no_grad():
         t_logits, t_feats, _ = teacher.apply(tp, tb, x, train=False)
+        t_strong = teacher.apply(tp, tb, x_strong, train=False)[0] if obj.needs_strong_view else None
 
     def loss(sp):
         s_logits, s_feats, _ = student.apply(sp, sb, x, train=True)
+        s_strong = student.apply(sp, sb, x_strong, train=True)[0] if obj.needs_strong_view else None
         inputs = TermInputs(s_logits, s_feats, y, t_logits, t_feats, torch.arange(batch),
-                            torch.zeros((), dtype=torch.int64), torch.tensor(1.0))
+                            torch.zeros((), dtype=torch.int64), torch.tensor(1.0), student_logits_strong=s_strong,
+                            teacher_logits_strong=t_strong)
         return obj(params, state, inputs)[0]
 
     grads = torch.func.grad(loss)(sp)

@@ -38,6 +38,13 @@ and, re-exported from their own modules (which import only torch and einops):
 :mod:`fkd.losses.regression` ``srrl``
 :mod:`fkd.losses.singular`   ``kdsvd`` (with ``singular_vectors``)
 :mod:`fkd.losses.connectors` the learnable parts of those terms: ``init_conv_bn``/``conv_bn``, ``init_abf``/``abf``
+:mod:`fkd.losses.streamlined` ``skd_instance``, ``skd_direction``                 (SKD, CVPR 2026)
+:mod:`fkd.losses.multilevel`  ``mlkd`` (with ``median_share``)                   (Jin et al. 2023)
+:mod:`fkd.losses.curriculum`  ``gradient_reversal``, ``ctkd_lambda``, ``ctkd_temperature`` (Li et al. 2023)
+:mod:`fkd.losses.virtual_teacher` ``tf_kd_regularization``                        (Yuan et al. 2020)
+:mod:`fkd.losses.uncertainty` ``pad_l2`` (with ``variance_branch``)              (Zhang et al. 2020)
+:mod:`fkd.losses.channels`    ``ickd`` (with ``conv_bn_embed``)                  (Liu et al. 2021)
+:mod:`fkd.losses.factors`     ``factor_transfer`` (with the paraphraser and translator) (Kim et al. 2018)
 """
 
 from __future__ import annotations
@@ -61,6 +68,14 @@ from fkd.losses.flow import fsp, fsp_matrix
 from fkd.losses.regression import srrl
 from fkd.losses.review import hcl
 from fkd.losses.singular import kdsvd, singular_vectors
+from fkd.losses.channels import conv_bn_embed, ickd
+from fkd.losses.curriculum import ctkd_lambda, ctkd_temperature, gradient_reversal
+from fkd.losses.factors import (factor_transfer, init_paraphraser, init_translator, paraphraser_encode,
+                                paraphraser_reconstruct, translate)
+from fkd.losses.multilevel import median_share, mlkd
+from fkd.losses.streamlined import skd_direction, skd_instance
+from fkd.losses.uncertainty import pad_l2, variance_branch
+from fkd.losses.virtual_teacher import tf_kd_regularization
 
 __all__ = [
     "attention_map",
@@ -95,6 +110,25 @@ __all__ = [
     # issue 20
     "ab", "abf", "conv_bn", "fsp", "fsp_matrix", "hcl", "init_abf", "init_conv_bn", "kdsvd", "ofd", "ofd_margin",
     "singular_vectors", "srrl",
+    # issue 20 (first half)
+    "conv_bn_embed",
+    "ctkd_lambda",
+    "ctkd_temperature",
+    "factor_transfer",
+    "gradient_reversal",
+    "ickd",
+    "init_paraphraser",
+    "init_translator",
+    "median_share",
+    "mlkd",
+    "pad_l2",
+    "paraphraser_encode",
+    "paraphraser_reconstruct",
+    "skd_direction",
+    "skd_instance",
+    "tf_kd_regularization",
+    "translate",
+    "variance_branch",
 ]
 
 Scalar = float | Tensor  # a Python number or a 0-d tensor

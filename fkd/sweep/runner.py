@@ -36,6 +36,7 @@ from fkd.cache import teacher_batch_outputs
 from fkd.checkpoint import load_checkpoint, save_checkpoint
 from fkd.config import dumps
 from fkd.data import load_data
+from fkd.data.strong import strong_view_for
 from fkd.data.transfer import describe as describe_transfer
 from fkd.data.transforms import augments
 from fkd.distill_setup import (build_students, ema_decay, load_teacher_for, member_checkpoint, preflight,
@@ -49,6 +50,7 @@ from fkd.models.cohort import Cohort
 from fkd.models.from_config import build_student
 from fkd.optim import optimizer_from_config
 from fkd.population import STRATEGIES, Population, choose_strategy, freeze_diverged
+from fkd.pretrain import pretrain_terms, pretraining_terms
 from fkd.pytree import tree_map, tree_to
 from fkd.rundir import RunDir, write_text_atomic
 from fkd.run_setup import build_training
@@ -195,7 +197,7 @@ def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: C
         teacher=teacher.model if teacher else None, steps_per_epoch=nb, batch_size=base.data.batch_size,
         seed=base.seed, augment=augment, device=device, compile="off", quiet=True,
         mix=make_mixer(base.data.mixup, base.data.cutmix), ema_decay=ema_decay(base) if obj.needs_teacher else None,
-        split_batches=False)  # under torchrun each rank trains students of its own
+        strong_view=strong_view_for(base.data, obj), split_batches=False)  # under torchrun each rank trains students of its own
     teacher_vars = training.layout(teacher.variables) if teacher is not None and teacher.variables else None
     return GroupSetup(group, data, obj, pre.student, with_teacher(pre.shapes, teacher),
                       teacher.model if teacher else None, teacher_vars, lookup, training.step, training.layout, augment,
@@ -311,7 +313,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         states = population.gather([tree_to(st, device) for st in where["states"][lo:hi]])
         start_epoch, start_batch = where["epoch"], where["batch"]
     else:
-        states = population.gather([setup.init_state(s, device) for s in students])
+        states = population.gather([_pretrained(setup, setup.init_state(s, device), s) for s in students])
         start_epoch, start_batch = 0, 0
     echo(f"group {gi + 1}/{n_groups}: {len(setup.group.students)} students, "
          f"{'shared order: seeds vary initialisation only' if setup.shared_order else 'independent orders'}"
@@ -376,6 +378,15 @@ def _remove_student(run: RunDir, label: str) -> None:
         for member in folder.glob("*.pt"):
             member.unlink()
         folder.rmdir()
+
+
+def _pretrained(setup: GroupSetup, state: dict, s: Student) -> dict:
+    """A fresh student's state with its terms' pre-phase run (:mod:`fkd.pretrain`), as ``distill`` does."""
+    if not pretraining_terms(setup.objective):
+        return state
+    cfg = s.config
+    return pretrain_terms(setup.objective, state, teacher=setup.teacher, teacher_vars=setup.teacher_vars,
+                          source=setup.data.train, batch_size=cfg.data.batch_size, seed=cfg.seed, augment=setup.augment)
 
 
 def _point_label(s: Student) -> str:

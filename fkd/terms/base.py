@@ -32,7 +32,7 @@ from fkd.registry import Registry
 
 #: Everything a term may read in a step; a term lists the ones it uses in ``consumes``.
 INPUTS = ("labels", "student_logits", "student_features", "teacher_logits", "teacher_features", "idx", "key",
-          "epoch", "cohort_logits")
+          "epoch", "cohort_logits", "student_logits_strong", "teacher_logits_strong")
 
 #: The registered terms: ``[distill.terms.<name>]`` tables in a config name them.
 TERMS = Registry("loss term", "distill.terms", load=("fkd.terms",))
@@ -54,6 +54,9 @@ class TermInputs(NamedTuple):
     epoch: Tensor | None = None  # 0-d float32: epochs completed before this step (step / steps per epoch)
     hyper: dict = {}  # {field: 0-d tensor}: this term's swept hyper-parameters (see Term.hp), else empty
     cohort_logits: Tensor | None = None  # (K, B, C): every cohort member's logits, detached (see fkd.models.cohort)
+    # the second, strongly augmented view of the same batch (fkd.data.strong), when a term consumes it:
+    student_logits_strong: Tensor | None = None  # (B, K), differentiable
+    teacher_logits_strong: Tensor | None = None  # (B, K), the teacher live on the strong view
 
 
 @attrs.frozen
@@ -73,6 +76,16 @@ class Shapes:
     teacher_params: dict = attrs.field(factory=dict, eq=False, repr=False)
     #: the dotted name of the teacher's classifier head (its last ``nn.Linear``, e.g. ``fc``), "" if unknown
     teacher_head: str = ""
+
+
+@attrs.frozen
+class PretrainSettings:
+    """A term's pre-phase (:mod:`fkd.pretrain`): ``epochs`` over the training set, SGD with these numbers."""
+
+    epochs: int = 0
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
 
 
 # --- hyper-parameter fields ----------------------------------------------------------------------
@@ -130,6 +143,19 @@ class Term:
         ``sweepable`` to let a sweep vary it without splitting the students into separate groups.
         """
         return inputs.hyper.get(name, getattr(self, name))
+
+    #: the key of this term's *state* that a pre-phase fits on the teacher's features before the student's
+    #: first step, then keeps fixed (FT's paraphraser); "" for none. See :mod:`fkd.pretrain`.
+    pretrain_part: ClassVar[str] = ""
+
+    def pretrain_settings(self) -> "PretrainSettings":
+        """How long and with what SGD the pre-phase fits :attr:`pretrain_part` (0 epochs: no pre-phase)."""
+        return PretrainSettings()
+
+    def pretrain_loss(self, part: dict, inputs: "TermInputs") -> Tensor:
+        """The pre-phase's 0-d loss of ``part`` (the state's :attr:`pretrain_part`) on one batch; ``inputs``
+        carries the teacher's features (and the labels) only."""
+        raise NotImplementedError
 
     def check(self, shapes: Shapes) -> None:
         """Raise :class:`ConfigError` when this term cannot work with these shapes (before training)."""
