@@ -50,7 +50,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     lock, so a refused command leaves the run directory as it was.
     """
     data = load_data(cfg.data, device=device)
-    pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
+    pre = preflight(cfg, data.num_classes, len(data.train), device, objective, echo=echo)
     obj, student = pre.objective, pre.student
     if obj.needs_teacher and ema_decay(cfg) is None:
         teacher_paths(cfg, run)  # each checkpoint there (or to be fitted, outside this run's directory)

@@ -34,6 +34,7 @@ from fkd.evaluate import make_evaluator
 from fkd.fit import fit
 from fkd.loop import steps_per_epoch
 from fkd.models import Model, head_prefix, param_count, size_bytes
+from fkd.models.weight_files import is_weight_file
 from fkd.models.from_config import build_teacher
 from fkd.objective import from_weights
 from fkd.rundir import RunDir, ensure_writable, plot_curves
@@ -42,10 +43,23 @@ from fkd.run_start import RunStart, config_key, decide_start
 from fkd.runlock import RunLock
 
 
+def weights_as_teacher(cfg: Config) -> Path | None:
+    """``teacher.weights``' file when it is the teacher itself (``teacher.checkpoint`` empty, ``teacher.weights`` a
+    ``.pth`` / ``.pt`` / ``.safetensors`` state dict, a distillation run): used as it is, with no fit."""
+    t = cfg.teacher
+    return Path(t.weights) if not t.checkpoint and is_weight_file(t.weights) else None
+
+
 def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
-    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt``; never a folder."""
+    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt`` (a fit), else the
+    weight file of :func:`weights_as_teacher`; never a folder."""
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
+    elif run is None and (file := weights_as_teacher(cfg)) is not None:
+        if not file.is_file():
+            raise CheckpointError(f"teacher.weights = '{file}' is not a file; give the path of the teacher's state "
+                                  "dict (relative to the working directory).")
+        return file
     elif run is None:
         raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
     else:
@@ -86,7 +100,7 @@ def fit_teacher(
         echo(f"teacher fit: the {len(data.train)} labeled training images only (data.transfer ignored)")
     ckpt_path = teacher_checkpoint_path(cfg, run)
     model, params, buffers = build_teacher(
-        cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
+        cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device, echo=echo
     )
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
 
@@ -208,8 +222,14 @@ def load_teacher(path: Path, cfg: Config, num_classes: int, feature_names=(), de
     """Load a teacher checkpoint for ``cfg`` -> ``(model, {"params", "buffers"}, test_acc)``.
 
     The checkpoint must match ``teacher.arch`` and the data set's class count; otherwise a
-    :class:`CheckpointError` says which and how to fix it.
+    :class:`CheckpointError` says which and how to fix it. ``teacher.weights``' file as the teacher
+    (:func:`weights_as_teacher`) is read as a state dict for ``teacher.arch``, its head included (its test
+    accuracy is then unknown: NaN).
     """
+    if weights_as_teacher(cfg) == path:
+        model, params, buffers = build_teacher(cfg, num_classes, feature_names, weights=str(path), new_head=None)
+        return model, {"params": {k: v.to(device) for k, v in params.items()},
+                       "buffers": {k: v.to(device) for k, v in buffers.items()}}, float("nan")
     data = load_checkpoint(path, "teacher")
     spec = data["model"]
     if spec["arch"] != cfg.teacher.arch:

@@ -175,7 +175,7 @@ def check_teachers(groups, data_cache: dict, device: torch.device, *, echo: Call
 def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
     base = group.base.config
     data = _data_of(group, device, data_cache)
-    pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
+    pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective, echo=echo)
     obj = pre.objective
     augment = augments(base.data)
     if (note := describe_transfer(base.data, data.train.labels)) is not None:
