@@ -289,6 +289,21 @@ class DistillConfig:
 
 
 @attrs.frozen
+class LogConfig:
+    """Where a run's metrics go besides ``metrics.jsonl`` and the progress line (:mod:`fkd.log_sinks`). Each
+    is optional: fkd imports tensorboard or wandb only when asked to here."""
+
+    tensorboard: bool = field(
+        False, help="write TensorBoard event files to <run>/tensorboard: loss terms, grad norm and lr every "
+                    "train.log_every steps, accuracies per epoch, the config; a sweep: one run per student and its "
+                    "hyper-parameters with final metrics (HParams). Needs pip install 'fkd[tensorboard]'")
+    wandb: str = field("off", one_of("off", "offline", "online"),
+                       help="log the same to Weights & Biases (files under <run>/wandb; 'offline' syncs nothing). "
+                            "Needs pip install 'fkd[wandb]'")
+    wandb_project: str = field("fkd", help="the W&B project runs are logged to")
+
+
+@attrs.frozen
 class Config:
     """A whole run."""
 
@@ -304,6 +319,7 @@ class Config:
     train: TrainConfig = field(TrainConfig(), help="student training")
     cohort: CohortConfig = field(CohortConfig(), help="students trained together")
     distill: DistillConfig = field(DistillConfig(), help="distillation loss")
+    log: LogConfig = field(LogConfig(), help="logging to TensorBoard / W&B")
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from fkd.checkpoint import save_checkpoint
 from fkd.distill_setup import ema_decay, load_teacher_for, member_config, preflight, teacher_cache, teacher_paths
 from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
+from fkd.log_sinks import open_run_log
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
@@ -73,6 +74,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             seed=cfg.seed, augment=augment, device=device, quiet=quiet,
             mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None)
         start.check_state(training.state)
+        run_log = open_run_log(cfg.log, run.path, config_text=dumps(cfg), name=cfg.name) if world.is_main else None
         if world.is_main:
             start.begin(echo=echo)
             run.write_config(cfg)
@@ -92,10 +94,15 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
 
         if teacher is not None:
             echo(f"teacher cache: {cache_note}")
-        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
-                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
-                    batch_extras=batch_extras, learning_rate=training.learning_rate,
-                    extra_payload=lambda st: {"model": dict(student.spec)})
+        try:
+            state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+                        device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
+                        batch_extras=batch_extras, learning_rate=training.learning_rate,
+                        extra_payload=lambda st: {"model": dict(student.spec)},
+                        sink=run_log.sink() if run_log else None)
+        finally:
+            if run_log is not None:
+                run_log.close()
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
         if world.is_main and isinstance(student, Cohort):
             summary["members"] = save_members(cfg, run, student, state, evaluate(state)["members"])

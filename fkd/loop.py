@@ -139,6 +139,7 @@ def run_epochs(
     start_epoch: int = 0,
     start_batch: int = 0,
     stop: StopRequest | None = None,
+    sink=None,
 ) -> Any:
     """Train from ``(start_epoch, start_batch)`` to the end; returns the final state.
 
@@ -159,6 +160,9 @@ def run_epochs(
         on_epoch: receives each epoch's metrics record (for metrics.jsonl), or the list of member records.
         stop: a :class:`StopRequest` shared with the caller (a sweep's groups); by default the loop
             installs its own.
+        sink: a :class:`fkd.log_sinks.MetricSink` (TensorBoard, W&B) that receives, at each log interval,
+            the interval's mean loss terms, grad norm, accuracy and the learning rate (one transfer to the
+            host, where the interval syncs anyway), and each epoch's records.
 
     Raises:
         TrainingError: the loss or gradients became non-finite (the last checkpoint is left as it was).
@@ -179,12 +183,15 @@ def run_epochs(
     run_start = time.perf_counter()
     world = distributed.world()
     detail = spec.detail or (f"{world.size} processes" if world.parallel else "")
+    if sink is not None:
+        sink.begin(start_epoch * nb + start_batch)
     with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
         for epoch in range(start_epoch, spec.epochs):
             first = start_batch if epoch == start_epoch else 0
             progress = None if spec.quiet or not world.is_main else Progress(
                 nb, f"{spec.title or spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({detail})" if detail else ""))
             sums: dict[str, torch.Tensor] = {}
+            logged: dict[str, torch.Tensor] = {}  # the sums at the last log interval (for the sink)
             done, images, t0, stopping = first, 0, time.perf_counter(), False
             for batch in batches(epoch, first):
                 state, metrics = step(state, batch, teacher_vars)
@@ -196,6 +203,13 @@ def run_epochs(
                     check(state, sums)
                     if progress is not None:
                         progress.update(done, loss=_mean(sums, "loss"), **{"img/s": images / (time.perf_counter() - t0)})
+                    if sink is not None:
+                        rows = _interval_means(sums, logged, members)
+                        if learning_rate is not None:
+                            for row, lr in zip(rows, _per_member(learning_rate(state), members)):
+                                row["lr"] = lr
+                        sink.train(epoch * nb + done, rows)
+                        logged = sums
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
                     check(state, sums)
                     save(state, epoch, done)
@@ -237,6 +251,8 @@ def run_epochs(
             # which a resume drops and writes again, never a finished epoch without its record.
             if on_epoch:
                 on_epoch(records if population is not None else records[0])
+            if sink is not None:
+                sink.epoch((epoch + 1) * nb, records)
             if save:
                 save(state, epoch + 1, 0)
             if stopping and epoch + 1 < spec.epochs:  # after the last epoch the run is complete anyway
@@ -253,6 +269,22 @@ def _accumulate(sums: dict, metrics: dict) -> dict:
     if not sums:
         return add
     return {k: sums[k] + v for k, v in add.items()}
+
+
+def _interval_means(sums: dict, last: dict, members: int) -> list[dict[str, float]]:
+    """Per member, the means since the last log interval (``last``: the sums then, ``{}`` at an epoch's start)
+    of each loss term, the total loss and the grad norm, and the interval's training accuracy: one transfer
+    to the host for all of them."""
+    steps = max(int(sums["steps"]) - int(last.get("steps", 0)), 1)  # "steps" is counted on the CPU
+    names = [k for k in sums if k not in ("correct", "count", "steps")]
+    delta = [(sums[k] - last[k]) if k in last else sums[k] for k in [*names, "correct", "count"]]
+    table = torch.stack([d.double().reshape(-1).expand(members) for d in delta]).cpu().tolist()
+    rows = []
+    for k in range(members):
+        row = {name: table[i][k] / steps for i, name in enumerate(names)}
+        row["acc"] = table[-2][k] / max(table[-1][k], 1.0)
+        rows.append(row)
+    return rows
 
 
 def _member(value: torch.Tensor, k: int) -> float:

@@ -32,6 +32,7 @@ from fkd.data.transforms import augments
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import make_evaluator
 from fkd.fit import fit
+from fkd.log_sinks import open_run_log
 from fkd.loop import steps_per_epoch
 from fkd.models import Model, head_prefix, param_count, size_bytes
 from fkd.models.weight_files import is_weight_file
@@ -123,6 +124,7 @@ def fit_teacher(
             batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augments(cfg.data), device=device,
             label="teacher", optimizer_key="teacher.train.optimizer", quiet=quiet)
         start.check_state(training.state)
+        run_log = open_run_log(cfg.log, run.path, config_text=dumps(cfg), name=cfg.name) if world.is_main else None
         if world.is_main:
             _check_writable(ckpt_path)
             start.begin(echo=echo)
@@ -134,9 +136,14 @@ def fit_teacher(
         evaluate = make_evaluator(model, data.test, lambda st: (weights_of(st), st["buffers"]),
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device)
 
-        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
-                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate,
-                    extra_payload=lambda st: {"model": dict(model.spec)})
+        try:
+            state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+                        device=device, evaluate=lambda st: evaluate(st)["accuracy"],
+                        learning_rate=training.learning_rate, extra_payload=lambda st: {"model": dict(model.spec)},
+                        sink=run_log.sink() if run_log else None)
+        finally:
+            if run_log is not None:
+                run_log.close()
         final = evaluate(state)
         if world.is_main:
             save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])

@@ -119,7 +119,7 @@ LAYERS = {
         "fkd.data.datasets", "fkd.data.views", "fkd.data.stl10"),
     3: ("fkd.step", "fkd.population", "fkd.loop", "fkd.fit", "fkd.data", "fkd.mixup", "fkd.cache", "fkd.checkpoint",
         "fkd.run_setup", "fkd.run_start", "fkd.rundir", "fkd.runlock", "fkd.progress", "fkd.distributed",
-        "fkd.evaluate", "fkd.device", "fkd.runtime", "fkd.clone_files", "fkd.announce", "fkd.titles", "fkd.latency"),
+        "fkd.evaluate", "fkd.device", "fkd.runtime", "fkd.clone_files", "fkd.announce", "fkd.titles", "fkd.latency", "fkd.log_sinks"),
     4: ("fkd.build",),
     5: ("fkd.cli", "fkd.distill", "fkd.distill_setup", "fkd.teacher", "fkd.sweep", "fkd.export",
         "fkd.stages"),
