@@ -8,7 +8,7 @@ at its log intervals -- nothing here reads a tensor, so logging adds no sync ins
 * at each epoch's end: ``epoch/test_acc``, ``epoch/train_acc``, ``epoch/train_loss``, ``epoch/images_per_s``;
 
 all at the global step (``epoch * steps_per_epoch + step``), so a resumed run continues the curves (a
-TensorBoard writer purges what a crashed run wrote past the resumed step). The resolved config is written
+TensorBoard writer purges what an interrupted run wrote past the step it resumes from). The resolved config is written
 once as text (``config``). A sweep gives each student a run of its own (``<run>/tensorboard/<student>``),
 and when a student finishes, its hyper-parameters (its grid point and seed) and final metrics
 (``final/test_acc``, ...) go to TensorBoard's HParams plugin, whose table and parallel-coordinates view
@@ -166,7 +166,7 @@ def _tensorboard_factory(root: Path):
 
     class TensorBoardWriter:
         """A ``SummaryWriter`` under ``root`` (``root/<student>`` for a sweep student), opened at :meth:`begin`
-        (purging events a crashed run wrote at or past ``step``) or at the first write."""
+        (purging events an interrupted run wrote past ``step``) or at the first write."""
 
         def __init__(self, name: str) -> None:
             self.path = root / name if name else root
@@ -175,7 +175,8 @@ def _tensorboard_factory(root: Path):
 
         def begin(self, step: int) -> None:
             if self._w is None:
-                self._w = SummaryWriter(str(self.path), purge_step=step or None)
+                # events past the resumed step came from training the checkpoint no longer holds: drop them
+                self._w = SummaryWriter(str(self.path), purge_step=step + 1 if step else None)
                 for tag, text in self._text:
                     self._w.add_text(tag, text, global_step=step)
 

@@ -32,8 +32,12 @@ def _events(path: Path) -> EventAccumulator:
 
 def test_a_distillation_writes_tensorboard_events(tiny_config, tmp_path):
     config = tiny_config("logit", dataset="digits", log={"tensorboard": True},
-                         train={"epochs": 2, "log_every": 40})
+                         train={"epochs": 1, "log_every": 40})
     result = run("distill", "--config", config, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    # resumed for a second epoch: the curves go on from the checkpoint's step, nothing doubled or lost
+    result = run("distill", "--config", config, "--out", tmp_path / "run", "--quiet", "--resume",
+                 "--set", "train.epochs=2")
     assert result.exit_code == 0, result.output
     events = _events(tmp_path / "run" / "tensorboard")
     tags = events.Tags()["scalars"]

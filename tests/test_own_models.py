@@ -126,6 +126,8 @@ def test_your_own_module_from_an_imports_file_trains_with_features(tiny_config, 
     assert result.exit_code == 0, result.output
     written = (tmp_path / "run" / "config.toml").read_text()
     assert 'arch = "tiny_net"' in written and "width = 8" in written and "dropout = 0.0" in written
+    evaluated = run("evaluate", tmp_path / "run", "--device", "cpu")  # its config imports the file again
+    assert evaluated.exit_code == 0, evaluated.output
     assert_clean_failure(run("distill", "--config", config, "--out", tmp_path / "r2", "--set",
                              "distill.student_features=['stage9']"), "'stage9'", "stage1", "embedding")
     keys = run("config", "--keys", "--config", config)
