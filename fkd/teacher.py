@@ -62,7 +62,8 @@ def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
                                   "dict (relative to the working directory).")
         return file
     elif run is None:
-        raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
+        raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from (or "
+                          "teacher.weights to a .pth / .safetensors state dict of teacher.arch).")
     else:
         path = run.path / "teacher.pt"
     if path.is_dir():  # found now, not when the fitted teacher is saved over it

@@ -37,7 +37,8 @@ def model_builder(arch: str, *, key: str = "arch") -> Callable[..., nn.Module]:
 
     A name registered in :data:`MODELS` comes first; any other torchvision classifier name gets a builder
     taking ``weights`` (``"imagenet"`` or ``"none"``, see :func:`~fkd.models.zoo.build_torchvision`);
-    ``module:Name`` is your own class or builder (:mod:`fkd.models.by_path`). An unknown name is a :class:`ConfigError` naming ``key`` and the closest valid names.
+    ``module:Name`` is your own class or builder (:mod:`fkd.models.by_path`). An unknown name is a
+    :class:`ConfigError` naming ``key`` and the closest valid names.
     """
     if arch in MODELS:
         return MODELS.get(arch)

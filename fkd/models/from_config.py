@@ -33,5 +33,5 @@ def build_teacher(cfg: Config, num_classes: int, feature_names=(), *, weights: s
     t = cfg.student if cfg.teacher.source == "ema" else cfg.teacher  # a mean teacher has the student's shape
     return build_model(t.arch, num_classes, cfg.data.image_size, feature_names, weights=weights,
                        seed=cfg.seed if seed is None else seed, device=device,
-                       weights_prefix=getattr(t, "weights_prefix", ""), weights_key="teacher.weights", echo=echo,
+                       weights_prefix=t.weights_prefix, weights_key="teacher.weights", echo=echo,
                        new_head=new_head and NEW_HEAD.get(cfg.teacher.mode, new_head), **t.options)
