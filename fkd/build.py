@@ -30,6 +30,7 @@ from fkd.config import (Config, DataConfig, DistillConfig, ModelConfig, Optimize
 from fkd.data.datasets import DATASETS
 from fkd.data.transforms import augments
 from fkd.errors import ConfigError
+from fkd.log_sinks import check_available as check_logging
 from fkd.mixup import check_mixing
 from fkd.models import MODELS, model_builder
 from fkd.objective import Objective
@@ -118,6 +119,7 @@ def resolve(cfg: Config) -> Resolved:
                           "[teachers.<name>] tables or set teacher.source = 'checkpoint'.")
     objective = objective_lib.over_cohort(objective_lib.from_config(d, teachers=cfg.teachers), cfg.cohort.names)
     check_mixing(cfg.data, objective)  # function matching: a teacher term, no label term
+    check_logging(cfg.log)  # tensorboard / wandb installed when asked for (not imported)
     return Resolved(cfg, objective)
 
 

@@ -54,6 +54,24 @@ def plain_name(inst, attribute, value):
         raise ValueError(f"{problem} (got {shorten(value)!r}); shorten it, or choose the folder with --out")
 
 
+#: Keywords a ``weights`` key takes besides a file path (see :func:`weights_source`).
+WEIGHT_KEYWORDS = {"teacher": ("none", "imagenet"), "student": ("none", "imagenet")}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def weights_source(role: str):
+    """Validator of ``<role>.weights``: one of :data:`WEIGHT_KEYWORDS` or the path of a weight file."""
+    def check(inst, attribute, value):
+        if value in WEIGHT_KEYWORDS[role] or value.lower().endswith(WEIGHT_SUFFIXES):
+            file_path(inst, attribute, value)
+            return
+        raise ValueError(f"must be {' or '.join(repr(k) for k in WEIGHT_KEYWORDS[role])} or the path of a .pth, .pt "
+                         f"or .safetensors state dict (got {shorten(value)!r})")
+
+    check.choices = WEIGHT_KEYWORDS[role] + ("<file>.pth|.pt|.safetensors",)
+    return check
+
+
 # --- schema ----------------------------------------------------------------------------------
 
 
@@ -177,7 +195,13 @@ _TEACHER_TRAIN = TrainConfig(
 class ModelConfig(WithOptions):
     """A student architecture; keys its builder takes (``widths``, ``batch_norm``) are its ``options``."""
 
-    arch: str = field("seed_cnn", help="seed_cnn, small_cnn or a torchvision model name", names="model")
+    arch: str = field("seed_cnn", help="seed_cnn, small_cnn, a torchvision model name or module:Name (your own "
+                                       "nn.Module class or builder)", names="model")
+    weights: str = field("none", weights_source("student"),
+                         help="starting weights: 'none' (random), 'imagenet' (a torchvision model's), or a state dict "
+                              "file for student.arch, matched strictly (a head of another size is replaced)")
+    weights_prefix: str = field("", help="stripped from the weight file's keys, e.g. 'module.' (DataParallel) or "
+                                         "'model.' (Lightning)")
     options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
@@ -186,8 +210,15 @@ class TeacherConfig(WithOptions):
     """The teacher: its architecture, weights, checkpoint and (when fitted here) training; keys its
     builder takes (``widths``, ``batch_norm`` for small_cnn) are its ``options``."""
 
-    arch: str = field("resnet18", help="torchvision model name (or seed_cnn / small_cnn)", names="model")
-    weights: str = field("none", one_of("imagenet", "none"), help="starting weights for a teacher fit")
+    arch: str = field("resnet18", help="torchvision model name (or seed_cnn / small_cnn, or module:Name: your own "
+                                       "nn.Module class or builder)", names="model")
+    weights: str = field("none", weights_source("teacher"),
+                         help="starting weights for a teacher fit: 'none', 'imagenet', or a .pth / .pt / .safetensors "
+                              "state dict for teacher.arch, matched strictly (a head of another size is replaced and "
+                              "fitted as teacher.mode says); with teacher.checkpoint empty, distill uses such a file as "
+                              "the teacher itself")
+    weights_prefix: str = field("", help="stripped from the weight file's keys, e.g. 'module.' (DataParallel) or "
+                                         "'model.' (Lightning)")
     checkpoint: str = field("", file_path, help="fkd teacher checkpoint (written by `fkd teacher`)")
     fit_if_missing: bool = field(False, help="distill: fit the teacher first when its checkpoint is missing")
     mode: str = field("linear_probe", one_of("linear_probe", "finetune", "scratch"), help="teacher fit")
@@ -260,6 +291,21 @@ class DistillConfig:
 
 
 @attrs.frozen
+class LogConfig:
+    """Where a run's metrics go besides ``metrics.jsonl`` and the progress line (:mod:`fkd.log_sinks`). Each
+    is optional: fkd imports tensorboard or wandb only when asked to here."""
+
+    tensorboard: bool = field(
+        False, help="write TensorBoard event files to <run>/tensorboard: loss terms, grad norm and lr every "
+                    "train.log_every steps, accuracies per epoch, the config; a sweep: one run per student and its "
+                    "hyper-parameters with final metrics (HParams). Needs pip install 'fkd[tensorboard]'")
+    wandb: str = field("off", one_of("off", "offline", "online"),
+                       help="log the same to Weights & Biases (files under <run>/wandb; 'offline' syncs nothing). "
+                            "Needs pip install 'fkd[wandb]'")
+    wandb_project: str = field("fkd", help="the W&B project runs are logged to")
+
+
+@attrs.frozen
 class Config:
     """A whole run."""
 
@@ -275,6 +321,7 @@ class Config:
     train: TrainConfig = field(TrainConfig(), help="student training")
     cohort: CohortConfig = field(CohortConfig(), help="students trained together")
     distill: DistillConfig = field(DistillConfig(), help="distillation loss")
+    log: LogConfig = field(LogConfig(), help="logging to TensorBoard / W&B")
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from fkd.distill_setup import (ema_decay, load_teacher_for, member_checkpoint, p
                                teacher_paths, with_teacher)
 from fkd.evaluate import cpu_latency, evaluate_model, latency_entries, make_evaluator
 from fkd.fit import fit
+from fkd.log_sinks import open_run_log
 from fkd.loop import steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
@@ -53,7 +54,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
     lock, so a refused command leaves the run directory as it was.
     """
     data = load_data(cfg.data, device=device)
-    pre = preflight(cfg, data.num_classes, len(data.train), device, objective)
+    pre = preflight(cfg, data.num_classes, len(data.train), device, objective, echo=echo)
     obj, student = pre.objective, pre.student
     if obj.needs_teacher and ema_decay(cfg) is None:
         teacher_paths(cfg, run)  # each checkpoint there (or to be fitted, outside this run's directory)
@@ -77,6 +78,7 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             mix=make_mixer(cfg.data.mixup, cfg.data.cutmix), ema_decay=ema_decay(cfg) if obj.needs_teacher else None,
             strong_view=strong_view_for(cfg.data, obj))
         start.check_state(training.state)
+        run_log = open_run_log(cfg.log, run.path, config_text=dumps(cfg), name=cfg.name) if world.is_main else None
         if world.is_main:
             start.begin(echo=echo)
             run.write_config(cfg)
@@ -102,10 +104,15 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
             initial = pretrain_terms(obj, initial, teacher=teacher.model, teacher_vars=teacher_vars, source=data.train,
                                      batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augment,
                                      echo=None if quiet else echo)
-        state = fit(start, spec=training.spec, step=training.step, state=initial, source=data.train,
-                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
-                    batch_extras=batch_extras, learning_rate=training.learning_rate,
-                    extra_payload=lambda st: {"model": dict(student.spec)})
+        try:
+            state = fit(start, spec=training.spec, step=training.step, state=initial, source=data.train,
+                        device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
+                        batch_extras=batch_extras, learning_rate=training.learning_rate,
+                        extra_payload=lambda st: {"model": dict(student.spec)},
+                        sink=run_log.sink() if run_log else None)
+        finally:
+            if run_log is not None:
+                run_log.close()
         summary = _summarize(cfg, run, data, student, state, evaluate(state), teacher, obj)
         if world.is_main and isinstance(student, Cohort):
             summary["members"] = save_members(cfg, run, student, state, evaluate(state)["members"])

@@ -25,7 +25,8 @@ from fkd.models.zoo import head_prefix
 from fkd.objective import Objective
 from fkd.pytree import tree_map
 from fkd.rundir import RunDir
-from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path
+from fkd.evaluate import evaluate_model
+from fkd.teacher import fit_teacher, load_teacher, teacher_checkpoint_path, weights_as_teacher
 from fkd.terms import Shapes
 
 
@@ -95,15 +96,17 @@ class Preflight:
     shapes: Shapes
 
 
-def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None) -> Preflight:
+def preflight(cfg: Config, num_classes: int, num_examples: int, device, objective: Objective | None = None,
+              echo: Callable | None = None) -> Preflight:
     """Build the objective and the student and check every term against the real shapes.
 
     Unknown feature names, unmatchable pairs and terms that do not return a 0-d loss fail here, in a second,
     instead of after a teacher fit.
-    The teacher is built with random weights on the CPU only to read its feature shapes.
+    The teacher is built with random weights on the CPU only to read its feature shapes. ``echo`` hears
+    the note when ``student.weights``' head was replaced.
     """
     obj = objective if objective is not None else objective_lib.from_config(cfg.distill)  # built by fkd.build
-    student, params, buffers = build_students(cfg, num_classes, obj.student_feature_names, device=device)
+    student, params, buffers = build_students(cfg, num_classes, obj.student_feature_names, device=device, echo=echo)
     s_shapes = t_shapes = {}
     if obj.needs_features:
         s_shapes = feature_shapes(student, params, buffers, cfg.data.image_size, device)
@@ -169,14 +172,15 @@ def member_checkpoint(cfg: Config, cohort: Cohort, state: dict, name: str) -> di
             "epoch": cfg.train.epochs, "batch": 0}
 
 
-def build_students(cfg: Config, num_classes: int, feature_names=(), *, device="cpu"):
+def build_students(cfg: Config, num_classes: int, feature_names=(), *, device="cpu", echo=None):
     """:func:`fkd.models.from_config.build_student`, or for a cohort (``[cohort]``) a
     :class:`~fkd.models.cohort.Cohort` of its members, each from its own seed (:func:`member_seed`), with
     ``{member: params}`` / ``{member: buffers}``."""
     names = cfg.cohort.names
     if not names:
-        return build_student(cfg, num_classes, feature_names, device=device)
-    built = {n: build_student(member_config(cfg, n), num_classes, feature_names, device=device) for n in names}
+        return build_student(cfg, num_classes, feature_names, device=device, echo=echo)
+    built = {n: build_student(member_config(cfg, n), num_classes, feature_names, device=device, echo=echo if k == 0 else None)
+             for k, n in enumerate(names)}
     models = tuple(b[0] for b in built.values())
     same = len({repr(sorted(m.spec.items())) for m in models}) == 1
     strategy = cfg.cohort.strategy
@@ -242,6 +246,9 @@ def _load_one(cfg: Config, data, feature_names, device, *, echo: Callable, quiet
     present = distributed.world().from_main(teacher_checkpoint_path(cfg).is_file)
     path = ensure_teacher(cfg, data, device, echo=echo, quiet=quiet)
     model, variables, accuracy = load_teacher(path, cfg, data.num_classes, feature_names, device)
+    if weights_as_teacher(cfg) is not None:  # a state dict records no accuracy: measured here, once
+        accuracy = evaluate_model(model, variables["params"], variables["buffers"], data.test, device=device,
+                                  batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes)["accuracy"]
     if present:  # a teacher fitted here has just said its accuracy
         echo(announce.teacher_loaded(label, path, accuracy))
     return Teacher(model, variables, path, accuracy)

@@ -144,6 +144,7 @@ def run_epochs(
     start_epoch: int = 0,
     start_batch: int = 0,
     stop: StopRequest | None = None,
+    sink=None,
 ) -> Any:
     """Train from ``(start_epoch, start_batch)`` to the end; returns the final state.
 
@@ -164,6 +165,9 @@ def run_epochs(
         on_epoch: receives each epoch's metrics record (for metrics.jsonl), or the list of member records.
         stop: a :class:`StopRequest` shared with the caller (a sweep's groups); by default the loop
             installs its own.
+        sink: a :class:`fkd.log_sinks.MetricSink` (TensorBoard, W&B) that receives, at each log interval,
+            the interval's mean loss terms, grad norm, accuracy and the learning rate (one transfer to the
+            host, where the interval syncs anyway), and each epoch's records.
 
     Raises:
         TrainingError: the loss or gradients became non-finite (the last checkpoint is left as it was).
@@ -183,6 +187,8 @@ def run_epochs(
     run_start = time.perf_counter()
     world = distributed.world()
     detail = spec.detail or (f"{world.size} processes" if world.parallel else "")
+    if sink is not None:
+        sink.begin(start_epoch * nb + start_batch)
     with (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop, \
             float32_math(spec.precision, getattr(source, "device", "cpu")):
         for epoch in range(start_epoch, spec.epochs):
@@ -191,6 +197,7 @@ def run_epochs(
                 nb, f"{spec.title or spec.label} epoch {epoch + 1}/{spec.epochs}" + (f" ({detail})" if detail else ""))
             sums: dict[str, torch.Tensor] = {}
             seen: EpochFigures | None = None  # the host copy of the sums, taken at the last sync point
+            logged: EpochFigures | None = None  # the host figures at the last log interval (for the sink)
             done, images, t0, stopping = first, 0, time.perf_counter(), False
 
             def figures() -> EpochFigures:
@@ -216,6 +223,14 @@ def run_epochs(
                     if progress is not None:
                         progress.update(done, loss=figures().mean("loss"),
                                         **{"img/s": images / (time.perf_counter() - t0)})
+                    if sink is not None:
+                        now = figures()
+                        rows = interval_means(now, logged, members)
+                        if learning_rate is not None:
+                            for row, lr in zip(rows, _per_member(learning_rate(state), members)):
+                                row["lr"] = lr
+                        sink.train(epoch * nb + done, rows)
+                        logged = now
                 if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < nb and save:
                     check()
                     save(state, epoch, done)
@@ -258,6 +273,8 @@ def run_epochs(
             # which a resume drops and writes again, never a finished epoch without its record.
             if on_epoch:
                 on_epoch(records if population is not None else records[0])
+            if sink is not None:
+                sink.epoch((epoch + 1) * nb, records)
             if save:
                 save(state, epoch + 1, 0)
             if stopping and epoch + 1 < spec.epochs:  # after the last epoch the run is complete anyway
@@ -311,6 +328,25 @@ def to_host(bad_steps: torch.Tensor, sums: dict, steps: int) -> EpochFigures:
         values[name] = flat[at:at + part.numel()]
         at += part.numel()
     return EpochFigures(values, steps, [int(v) for v in flat[:parts[0].numel()]])
+
+
+def interval_means(now: EpochFigures, last: EpochFigures | None, members: int) -> list[dict[str, float]]:
+    """Per member, the means since the last log interval (``last``: the figures then, None at an epoch's
+    start) of each loss term, the total loss and the grad norm, and the interval's training accuracy -- from
+    host figures the loop already holds, so no transfer of its own."""
+    steps = max(now.steps - (last.steps if last is not None else 0), 1)
+    names = [k for k in now.values if k not in ("correct", "count")]
+
+    def delta(name: str, k: int) -> float:
+        before = last.member(name, k) if last is not None and name in last.values else 0.0
+        return now.member(name, k) - before
+
+    rows = []
+    for k in range(members):
+        row = {name: delta(name, k) / steps for name in names}
+        row["acc"] = delta("correct", k) / max(delta("count", k), 1.0)
+        rows.append(row)
+    return rows
 
 
 def _per_member(value: Any, members: int) -> list:

@@ -108,9 +108,15 @@ def check_one_batch(num_examples: int, batch_size: int, label: str) -> None:
 
 
 def config_key(config_text: str) -> str:
-    """The config with the epoch counts removed: what must match for a resume."""
-    lines = [line for line in config_text.splitlines() if not line.startswith("epochs = ")]
-    return "\n".join(lines)
+    """The config with the epoch counts and the ``[log]`` table removed: what must match for a resume (a
+    resumed run may start or stop logging to TensorBoard / W&B)."""
+    lines, in_log = [], False
+    for line in config_text.splitlines():
+        if line.startswith("["):
+            in_log = line.strip() == "[log]"
+        if not in_log and not line.startswith("epochs = "):
+            lines.append(line)
+    return "\n".join(lines).rstrip("\n")
 
 
 def check_same_structure(saved: dict, fresh: dict, run: RunDir) -> None:

@@ -32,8 +32,10 @@ from fkd.data.transforms import augments
 from fkd.errors import CheckpointError, ConfigError
 from fkd.evaluate import make_evaluator
 from fkd.fit import fit
+from fkd.log_sinks import open_run_log
 from fkd.loop import steps_per_epoch
 from fkd.models import Model, head_prefix, param_count, size_bytes
+from fkd.models.weight_files import is_weight_file
 from fkd.models.from_config import build_teacher
 from fkd.objective import from_weights
 from fkd.rundir import RunDir, ensure_writable, plot_curves
@@ -42,12 +44,26 @@ from fkd.run_start import RunStart, config_key, decide_start
 from fkd.runlock import RunLock
 
 
+def weights_as_teacher(cfg: Config) -> Path | None:
+    """``teacher.weights``' file when it is the teacher itself (``teacher.checkpoint`` empty, ``teacher.weights`` a
+    ``.pth`` / ``.pt`` / ``.safetensors`` state dict, a distillation run): used as it is, with no fit."""
+    t = cfg.teacher
+    return Path(t.weights) if not t.checkpoint and is_weight_file(t.weights) else None
+
+
 def teacher_checkpoint_path(cfg: Config, run: RunDir | None = None) -> Path:
-    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt``; never a folder."""
+    """Where the teacher checkpoint lives: ``teacher.checkpoint``, else ``<run>/teacher.pt`` (a fit), else the
+    weight file of :func:`weights_as_teacher`; never a folder."""
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
+    elif run is None and (file := weights_as_teacher(cfg)) is not None:
+        if not file.is_file():
+            raise CheckpointError(f"teacher.weights = '{file}' is not a file; give the path of the teacher's state "
+                                  "dict (relative to the working directory).")
+        return file
     elif run is None:
-        raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from.")
+        raise ConfigError("teacher.checkpoint is empty; set it to the teacher file to distill from (or "
+                          "teacher.weights to a .pth / .safetensors state dict of teacher.arch).")
     else:
         path = run.path / "teacher.pt"
     if path.is_dir():  # found now, not when the fitted teacher is saved over it
@@ -86,7 +102,7 @@ def fit_teacher(
         echo(f"teacher fit: the {len(data.train)} labeled training images only (data.transfer ignored)")
     ckpt_path = teacher_checkpoint_path(cfg, run)
     model, params, buffers = build_teacher(
-        cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device
+        cfg, data.num_classes, weights="none" if t.mode == "scratch" else t.weights, device=device, echo=echo
     )
     world = distributed.world()  # under torchrun: rank 0 decides, locks and writes (see fkd.distributed)
 
@@ -109,6 +125,7 @@ def fit_teacher(
             batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augments(cfg.data), device=device,
             label="teacher", optimizer_key="teacher.train.optimizer", quiet=quiet)
         start.check_state(training.state)
+        run_log = open_run_log(cfg.log, run.path, config_text=dumps(cfg), name=cfg.name) if world.is_main else None
         if world.is_main:
             _check_writable(ckpt_path)
             start.begin(echo=echo)
@@ -121,9 +138,14 @@ def fit_teacher(
                                   batch_size=cfg.data.eval_batch_size, num_classes=data.num_classes, device=device,
                                   compile=t.train.compile)
 
-        state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
-                    device=device, evaluate=lambda st: evaluate(st)["accuracy"], learning_rate=training.learning_rate,
-                    extra_payload=lambda st: {"model": dict(model.spec)})
+        try:
+            state = fit(start, spec=training.spec, step=training.step, state=training.state, source=data.train,
+                        device=device, evaluate=lambda st: evaluate(st)["accuracy"],
+                        learning_rate=training.learning_rate, extra_payload=lambda st: {"model": dict(model.spec)},
+                        sink=run_log.sink() if run_log else None)
+        finally:
+            if run_log is not None:
+                run_log.close()
         final = evaluate(state)
         if world.is_main:
             save_teacher(ckpt_path, cfg, model, weights_of(state), state["buffers"], final["accuracy"])
@@ -209,8 +231,14 @@ def load_teacher(path: Path, cfg: Config, num_classes: int, feature_names=(), de
     """Load a teacher checkpoint for ``cfg`` -> ``(model, {"params", "buffers"}, test_acc)``.
 
     The checkpoint must match ``teacher.arch`` and the data set's class count; otherwise a
-    :class:`CheckpointError` says which and how to fix it.
+    :class:`CheckpointError` says which and how to fix it. ``teacher.weights``' file as the teacher
+    (:func:`weights_as_teacher`) is read as a state dict for ``teacher.arch``, its head included (its test
+    accuracy is then unknown: NaN).
     """
+    if weights_as_teacher(cfg) == path:
+        model, params, buffers = build_teacher(cfg, num_classes, feature_names, weights=str(path), new_head=None)
+        return model, {"params": {k: v.to(device) for k, v in params.items()},
+                       "buffers": {k: v.to(device) for k, v in buffers.items()}}, float("nan")
     data = load_checkpoint(path, "teacher")
     spec = data["model"]
     if spec["arch"] != cfg.teacher.arch:

@@ -120,7 +120,7 @@ LAYERS = {
     3: ("fkd.step", "fkd.population", "fkd.loop", "fkd.fit", "fkd.data", "fkd.mixup", "fkd.cache", "fkd.checkpoint",
         "fkd.run_setup", "fkd.run_start", "fkd.rundir", "fkd.runlock", "fkd.progress", "fkd.distributed",
         "fkd.evaluate", "fkd.device", "fkd.runtime", "fkd.clone_files", "fkd.announce", "fkd.titles", "fkd.latency",
-        "fkd.pretrain", "fkd.data.strong"),
+        "fkd.pretrain", "fkd.data.strong", "fkd.log_sinks"),
     4: ("fkd.build",),
     5: ("fkd.cli", "fkd.distill", "fkd.distill_setup", "fkd.teacher", "fkd.sweep", "fkd.export",
         "fkd.stages"),

@@ -43,6 +43,7 @@ from fkd.distill_setup import (build_students, ema_decay, load_teacher_for, memb
                                teacher_cache, teacher_paths, with_teacher)
 from fkd.errors import CheckpointError, FkdError
 from fkd.evaluate import evaluate_model
+from fkd.log_sinks import open_run_log
 from fkd.loop import LoopSpec, StopRequest, run_epochs, steps_per_epoch
 from fkd.mixup import describe as describe_mixing
 from fkd.mixup import make_mixer
@@ -180,7 +181,7 @@ def check_teachers(groups, data_cache: dict, device: torch.device, *, echo: Call
 def setup_group(group: Group, device: torch.device, *, data_cache: dict, echo: Callable, quiet: bool) -> GroupSetup:
     base = group.base.config
     data = _data_of(group, device, data_cache)
-    pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective)
+    pre = preflight(base, data.num_classes, len(data.train), device, group.base.objective, echo=echo)
     obj = pre.objective
     augment = augments(base.data)
     if (note := describe_transfer(base.data, data.train.labels)) is not None:
@@ -262,6 +263,8 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
         if saved:
             check_same_structure(saved["states"][0], setup.init_state(setup.group.students[0], device), run)
         check_teachers(plan.groups[first:], data_cache, device, echo=echo, quiet=quiet)
+        base = plan.groups[0].base.config
+        run_log = open_run_log(base.log, run.path, config_text=dumps(base), name=base.name) if world.is_main else None
         if world.is_main:
             run.prepare()
             remove_stale_temporaries(run.path, [run.config_path.name, "grid.json", "sweep.jsonl",
@@ -276,15 +279,19 @@ def run_sweep(plan: SweepPlan, run: RunDir, device: torch.device, *, strategy: s
         finished = saved["finished"] if saved else []
         records = saved["records"] if saved else []
         with StopRequest() as stop:
-            for gi, group in enumerate(plan.groups):
-                if gi < first:
-                    continue
-                if gi > first:
-                    setup = _setup_part(group, device, data_cache, echo, quiet)
-                where = saved if saved and gi == saved["group"] else None
-                finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records,
-                                         finished, sweep_text, stop, quiet, echo, save)
-                saved = None
+            try:
+                for gi, group in enumerate(plan.groups):
+                    if gi < first:
+                        continue
+                    if gi > first:
+                        setup = _setup_part(group, device, data_cache, echo, quiet)
+                    where = saved if saved and gi == saved["group"] else None
+                    finished += _train_group(gi, len(plan.groups), setup, strategy, device, run, where, records,
+                                             finished, sweep_text, stop, quiet, echo, save, run_log=run_log)
+                    saved = None
+            finally:
+                if run_log is not None:
+                    run_log.close()
         summary = _write_outputs(plan, run, finished, strategy, echo) if world.is_main else {}
     return summary
 
@@ -300,8 +307,11 @@ _RECORD_KEYS = ("epoch", "train_loss", "train_acc", "test_acc", "diverged")
 
 
 def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, records, finished, sweep_text,
-                 stop, quiet, echo, save) -> list[dict]:
-    """Train one group as a population through :func:`fkd.loop.run_epochs`; returns its students' results."""
+                 stop, quiet, echo, save, run_log=None) -> list[dict]:
+    """Train one group as a population through :func:`fkd.loop.run_epochs`; returns its students' results.
+
+    ``run_log`` (:func:`fkd.log_sinks.open_run_log`): each student's curves, and its grid point, seed and
+    final metrics once it has finished."""
     students = setup.members
     cfg = setup.group.base.config
     world = distributed.world()
@@ -345,7 +355,8 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                         batches=group_batches(setup, strategy), teacher_vars=setup.teacher_vars,
                         evaluate=lambda st: [_evaluate(setup, m, device) for m in population.members(st)],
                         save=checkpoint, on_epoch=on_epoch, start_epoch=start_epoch, start_batch=start_batch,
-                        stop=stop)
+                        stop=stop, sink=run_log.sink([s.label for s in students]) if run_log and not world.parallel
+                        else None)
     students = setup.group.students  # the whole group from here on: rank 0 saves what was asked for
     states_now = population.members(states)
     if world.parallel:
@@ -357,6 +368,8 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         results.append({"student": s.label, "point": _point_label(s), "seed": s.seed, "group": gi,
                         "test_acc": last["test_acc"], "diverged": last["diverged"],
                         "baseline": not s.objective.needs_teacher})
+        if run_log is not None:  # its hyper-parameters and final metrics, for TensorBoard's HParams view
+            run_log.finished(s.label, {**dict(s.point), "seed": s.seed}, last, cfg.train.epochs * setup.steps_per_epoch)
         if save == "all" and world.is_main:
             _save_student(run, setup, s, st)
     if save == "best":  # the best of the whole sweep so far: replaces an earlier group's best
