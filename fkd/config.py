@@ -175,7 +175,8 @@ _TEACHER_TRAIN = TrainConfig(
 class ModelConfig(WithOptions):
     """A student architecture; keys its builder takes (``widths``, ``batch_norm``) are its ``options``."""
 
-    arch: str = field("seed_cnn", help="seed_cnn, small_cnn or a torchvision model name", names="model")
+    arch: str = field("seed_cnn", help="seed_cnn, small_cnn, a torchvision model name or timm:<name> (the timm extra)",
+                      names="model")
     options: dict = field({}, help="the model's own keys (its builder's keyword parameters)", hash=False)
 
 
@@ -184,8 +185,11 @@ class TeacherConfig(WithOptions):
     """The teacher: its architecture, weights, checkpoint and (when fitted here) training; keys its
     builder takes (``widths``, ``batch_norm`` for small_cnn) are its ``options``."""
 
-    arch: str = field("resnet18", help="torchvision model name (or seed_cnn / small_cnn)", names="model")
-    weights: str = field("none", one_of("imagenet", "none"), help="starting weights for a teacher fit")
+    arch: str = field("resnet18", help="torchvision model name, timm:<name> (the timm extra), or seed_cnn / small_cnn",
+                      names="model")
+    weights: str = field("none", one_of("imagenet", "pretrained", "none"),
+                         help="starting weights for a teacher fit: 'imagenet' (torchvision's), 'pretrained' (a timm "
+                              "model's, from the local Hugging Face cache only) or 'none'")
     checkpoint: str = field("", file_path, help="fkd teacher checkpoint (written by `fkd teacher`)")
     fit_if_missing: bool = field(False, help="distill: fit the teacher first when its checkpoint is missing")
     mode: str = field("linear_probe", one_of("linear_probe", "finetune", "scratch"), help="teacher fit")

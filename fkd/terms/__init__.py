@@ -1,5 +1,5 @@
 """Loss terms, one registered unit per module: ``ce``, ``logit``, ``feature``, ``attention``, and ``dkd``,
-``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``.
+``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``, ``crd``, ``mutual``, ``hard_kd``.
 
 A term declares its hyper-parameters (an attrs class), what it consumes, ``init`` for its own
 parameters and state, and a pure ``apply`` built on :mod:`fkd.losses` (see :mod:`fkd.terms.base`).
@@ -27,6 +27,7 @@ from fkd.terms import ce, logit, feature, attention  # noqa: E402,F401,I001 -- r
 from fkd.terms import dkd, dist, lskd, sp, rkd, pkt, cc, nst, vid  # noqa: E402,F401,I001 -- issue 9 methods
 from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
 from fkd.terms import mutual  # noqa: E402,F401,I001 -- deep mutual learning (cohorts)
+from fkd.terms import hard_kd  # noqa: E402,F401,I001 -- DeiT's hard-label distillation
 
 __all__ = [
     "INPUTS", "TERMS", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",
