@@ -74,6 +74,21 @@ def test_unknown_timm_name_suggests_close_ones(tmp_path):
         "'timm:vit_tiny_patch16_224' or 'timm:deit_tiny_patch16_224' or 'timm:vit_tiny_patch16_384'?"]
 
 
+def test_timm_keys_are_checked_and_completed_from_the_config(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(tiny_config_text(tmp_path, "none", student={**TINY_VIT, "widths": None}) +
+                      "\n[student.timm_args]\nmlp_ratio = 2.0\n")
+    from fkd.build import load_config
+    student = load_config(config).student
+    assert student.options == {**_options(TINY_VIT), "img_size": 0, "drop_rate": 0.0, "drop_path_rate": 0.0,
+                               "timm_args": {"mlp_ratio": 2.0}}
+    result = invoke("config", "--config", config, "--set", "student.patch_sise=2")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: unknown key 'student.patch_sise' in the config; did you mean 'patch_size'?"
+    result = invoke("config", "--config", config, "--set", "student.depth=2.5")
+    assert result.exit_code == 2 and "student.depth must be an integer (got 2.5)" in result.output
+
+
 def test_without_timm_a_timm_name_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     config = tmp_path / "c.toml"
