@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,16 @@ def test_without_timm_a_timm_name_is_one_line_naming_the_extra(tmp_path, monkeyp
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: timm models (timm:<name>) need the timm package")
     assert "pip install 'fkd[timm]'" in lines[0]
+
+
+def test_nothing_imports_timm_unless_a_timm_model_is_named():
+    import subprocess
+
+    code = ("import sys; from fkd.build import load_config, help_text; load_config('configs/feature.toml'); "
+            "help_text(); print('timm' in sys.modules, 'huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_config_keys_document_the_timm_options():
