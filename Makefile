@@ -9,7 +9,7 @@
 #   TORCH_INDEX  a pip index for torch alone, e.g. https://download.pytorch.org/whl/cpu for the
 #                CPU-only build (a much smaller download than the CUDA one on Linux)
 #   EXTRAS       fkd extras for demo and test (test: pytest and matplotlib; export: ONNX; safetensors and
-#                tensorboard: weight files and log.tensorboard, which the tests read back)
+#                tensorboard: weight files and log.tensorboard, which the tests read back; timm: timm models)
 #   PYTHON       the interpreter that creates .venv (3.11 or later)
 #   PYTEST_ARGS  passed to pytest, e.g. make test PYTEST_ARGS="tests/test_cli.py -x"
 
@@ -17,7 +17,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
-EXTRAS ?= test,export,safetensors,tensorboard
+EXTRAS ?= test,export,safetensors,tensorboard,timm
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/feature.toml
 DEMO_RUN ?= runs/feature

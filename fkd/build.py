@@ -33,6 +33,7 @@ from fkd.errors import ConfigError
 from fkd.log_sinks import check_available as check_logging
 from fkd.mixup import check_mixing
 from fkd.models import MODELS, model_builder
+from fkd.models.timm_models import options_template as timm_options_template
 from fkd.objective import Objective
 from fkd.optim import OPTIMIZERS
 from fkd.presets import METHODS
@@ -195,6 +196,11 @@ def _option_rows(key: str, table: Any, field: attrs.Attribute) -> list[tuple[str
         shown = "(required)" if default is first.empty else toml_value(default)
         text = next((h for n in takers if (h := option_help(registry.get(n), option))), "")
         rows.append((f"{table_key}.{option}", shown, f"{text or option} ({registry.kind} option of {', '.join(takers)})"))
+    if registry is MODELS:  # a timm:<name> model's keys (fkd.models.timm_models), whether timm is installed or not
+        for option, param in options_of(timm_options_template, exclude=exclude).items():
+            text = option_help(timm_options_template, option).removeprefix("timm: ")
+            rows.append((f"{table_key}.{option}", toml_value(option_default(param)),
+                         f"{text} (model option of timm:<name>)"))
     return rows
 
 

@@ -55,7 +55,7 @@ def plain_name(inst, attribute, value):
 
 
 #: Keywords a ``weights`` key takes besides a file path (see :func:`weights_source`).
-WEIGHT_KEYWORDS = {"teacher": ("none", "imagenet"), "student": ("none", "imagenet")}
+WEIGHT_KEYWORDS = {"teacher": ("none", "imagenet", "pretrained"), "student": ("none", "imagenet", "pretrained")}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
@@ -195,10 +195,10 @@ _TEACHER_TRAIN = TrainConfig(
 class ModelConfig(WithOptions):
     """A student architecture; keys its builder takes (``widths``, ``batch_norm``) are its ``options``."""
 
-    arch: str = field("seed_cnn", help="seed_cnn, small_cnn, a torchvision model name or module:Name (your own "
-                                       "nn.Module class or builder)", names="model")
+    arch: str = field("seed_cnn", help="seed_cnn, small_cnn, a torchvision model name, timm:<name> (the timm "
+                                       "extra) or module:Name (your own nn.Module class or builder)", names="model")
     weights: str = field("none", weights_source("student"),
-                         help="starting weights: 'none' (random), 'imagenet' (a torchvision model's), or a state dict "
+                         help="starting weights: 'none' (random), 'imagenet' (a torchvision model's), 'pretrained' (a timm model's, from the local Hugging Face cache only), or a state dict "
                               "file for student.arch, matched strictly (a head of another size is replaced)")
     weights_prefix: str = field("", help="stripped from the weight file's keys, e.g. 'module.' (DataParallel) or "
                                          "'model.' (Lightning)")
@@ -210,10 +210,10 @@ class TeacherConfig(WithOptions):
     """The teacher: its architecture, weights, checkpoint and (when fitted here) training; keys its
     builder takes (``widths``, ``batch_norm`` for small_cnn) are its ``options``."""
 
-    arch: str = field("resnet18", help="torchvision model name (or seed_cnn / small_cnn, or module:Name: your own "
-                                       "nn.Module class or builder)", names="model")
+    arch: str = field("resnet18", help="torchvision model name, timm:<name> (the timm extra), seed_cnn / small_cnn, or "
+                                       "module:Name (your own nn.Module class or builder)", names="model")
     weights: str = field("none", weights_source("teacher"),
-                         help="starting weights for a teacher fit: 'none', 'imagenet', or a .pth / .pt / .safetensors "
+                         help="starting weights for a teacher fit: 'none', 'imagenet', 'pretrained' (a timm model's, from the local Hugging Face cache only), or a .pth / .pt / .safetensors "
                               "state dict for teacher.arch, matched strictly (a head of another size is replaced and "
                               "fitted as teacher.mode says); with teacher.checkpoint empty, distill uses such a file as "
                               "the teacher itself")

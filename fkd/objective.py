@@ -92,7 +92,11 @@ class Objective:
     @property
     def needs_features(self) -> bool:
         """Whether any term reads features (the models must return them, the pairs must match)."""
-        return self._consumed("student_features") or self.needs_teacher_features
+        return self._consumed("student_features") or self.needs_teacher_features or bool(self._student_outputs())
+
+    def _student_outputs(self) -> tuple[str, ...]:
+        # student outputs a term reads without a pair: a distilled DeiT's second head (fkd.terms.heads)
+        return tuple(n for t in self.terms for n in getattr(t.term, "student_outputs", ()))
 
     def _feature_names(self, side: int) -> tuple[str, ...]:
         names = [pair[side] for t in self.terms for pair in getattr(t.term, "pairs", ())]
@@ -100,8 +104,9 @@ class Objective:
 
     @property
     def student_feature_names(self) -> tuple[str, ...]:
-        """The student features the terms read, in first-use order."""
-        return self._feature_names(0) if self._consumed("student_features") else ()
+        """The student features the terms read, in first-use order (pairs, then heads such as ``head_dist``)."""
+        paired = self._feature_names(0) if self._consumed("student_features") else ()
+        return tuple(dict.fromkeys((*paired, *self._student_outputs())))
 
     @property
     def teacher_feature_names(self) -> tuple[str, ...]:

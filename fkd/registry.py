@@ -193,7 +193,9 @@ def resolve_options(given: dict[str, Any], chosen: list[tuple], *, prefix: str,
             raise ConfigError(f"{prefix}.{k} = {_setting(value)} has no effect on {reg.kind} '{name}', {which}; "
                               f"remove the key or pick {' or '.join(others)}.")
         else:
-            valid = [*fixed, *dict.fromkeys(o for reg, _, _ in entries for o in reg.option_keys(exclude=exclude))]
+            # the chosen entries' own keys first: one found outside the registry (a timm model) has its own
+            valid = [*fixed, *dict.fromkeys(o for reg, _, entry in entries
+                                            for o in (*options_of(entry, exclude=exclude), *reg.option_keys(exclude=exclude)))]
             close = difflib.get_close_matches(k, valid, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}."
             raise ConfigError(f"unknown key '{prefix}.{k}' in the config; {hint}")

@@ -102,7 +102,7 @@ def test_terms_tables_build_the_objective():
 
 @pytest.mark.parametrize("terms, message", [
     ({"klx": {"weight": 1.0}}, "unknown loss term 'klx' in distill.terms; valid terms: ce, logit"),
-    ({"logit": {"temprature": 4.0}}, "unknown key 'temprature' in distill.terms.logit; valid keys: weight, weight_schedule, teacher, temperature"),
+    ({"logit": {"temprature": 4.0}}, "unknown key 'temprature' in distill.terms.logit; valid keys: weight, weight_schedule, teacher, temperature, student_head"),
     ({"logit": {"temperature": 0.0}}, "distill.terms.logit.temperature must be > 0"),
     ({"logit": {"temperature": "hot"}}, "distill.terms.logit.temperature must be a number"),
     ({"ce": {"weight": -1.0}}, "distill.terms.ce.weight must be a number >= 0"),

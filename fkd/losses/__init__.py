@@ -18,6 +18,7 @@ Conventions
 Contents, top to bottom
 -----------------------
 logit distillation   ``soft_target_kl``, ``cross_entropy``, ``blended_kd``      (Hinton et al. 2015)
+                     ``hard_label_kd``                                      (Touvron et al. 2021)
 feature distillation ``feature_mse``, ``init_regressor``, ``fitnet_hint``, ``feature_kd``
                                                                            (Romero et al. 2015)
 attention transfer   ``attention_map``, ``attention_transfer``       (Zagoruyko & Komodakis 2017)
@@ -30,6 +31,7 @@ and, re-exported from their own modules (which import only torch and einops):
 :mod:`fkd.losses.maps`       ``nst``, ``vid_nll`` (with ``init_vid_params``, ``vid_regressor``,
                              ``pool_to_common_size``)
 :mod:`fkd.losses.contrastive` ``crd`` (with its memory banks: ``init_memory``, ``momentum_update``)
+:mod:`fkd.losses.tokens`     ``map_to_tokens``, ``pool_tokens``, ``token_pair`` (token features, ``(B, N, D)``)
 :mod:`fkd.losses.groups`     ``ensemble_distribution``, ``confidence_weights``, ``ensemble_logits``,
                              ``mutual_learning`` (with ``mutual_learning_member``)
 :mod:`fkd.losses.review`     ``hcl`` (ReviewKD)
@@ -76,6 +78,7 @@ from fkd.losses.multilevel import median_share, mlkd
 from fkd.losses.streamlined import skd_direction, skd_instance
 from fkd.losses.uncertainty import pad_l2, variance_branch
 from fkd.losses.virtual_teacher import tf_kd_regularization
+from fkd.losses.tokens import map_to_tokens, pool_tokens, token_pair
 
 __all__ = [
     "attention_map",
@@ -95,15 +98,19 @@ __all__ = [
     "feature_kd",
     "feature_mse",
     "fitnet_hint",
+    "hard_label_kd",
     "init_regressor",
     "init_vid_params",
     "logit_standardized_kd",
+    "map_to_tokens",
     "nst",
     "pkt",
+    "pool_tokens",
     "pool_to_common_size",
     "rkd",
     "similarity_preserving",
     "soft_target_kl",
+    "token_pair",
     "vid_nll",
     "vid_regressor",
     "weighted_sum",
@@ -197,6 +204,40 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     labeled = labels >= 0
     per_example = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     return (per_example * labeled).sum() / labeled.sum().clamp(min=1)
+
+
+def hard_label_kd(student_logits: Tensor, teacher_logits: Tensor, label_smoothing: Scalar = 0.0) -> Tensor:
+    r"""Hard-label distillation: cross-entropy with the teacher's decision as the label.
+
+    .. math::
+
+        L = \frac{1}{B} \sum_b -\log \mathrm{softmax}(z_s^{(b)})[y_t^{(b)}],
+        \qquad y_t^{(b)} = \arg\max_c z_t^{(b,c)}
+
+    Source: Touvron et al., "Training data-efficient image transformers & distillation through
+    attention", ICML 2021, Sec. 4, eq. 3 ("hard-label distillation", ``L = 1/2 CE(psi(Z_s), y) +
+    1/2 CE(psi(Z_s), y_t)``; this is the second half, the first is the ``ce`` term). DeiT feeds it the
+    distillation token's head and the label term the class token's. ``label_smoothing`` eps turns
+    ``y_t`` into ``1 - eps`` on the teacher's class and ``eps / C`` spread over all (the paper's note that
+    hard labels "can also be converted into soft labels with label smoothing"), as
+    ``F.cross_entropy(..., label_smoothing=eps)`` does. Every example counts, labeled or not (the
+    teacher labels all of them). Ties in the teacher's logits go to the lowest index (``argmax``).
+
+    Args:
+        student_logits: ``(..., B, C)`` raw scores; gradients flow into these.
+        teacher_logits: the same shape; detached, only its argmax is read.
+        label_smoothing: eps in ``[0, 1]``, a float or 0-d tensor.
+
+    Returns:
+        0-d tensor, nats, mean over every leading axis.
+    """
+    _check_same_shape("hard_label_kd", student_logits, "student_logits", teacher_logits, "teacher_logits")
+    classes = student_logits.shape[-1]
+    targets = teacher_logits.detach().argmax(dim=-1).reshape(-1)
+    log_p = F.log_softmax(student_logits.reshape(-1, classes), dim=-1)
+    nll = -log_p.gather(-1, targets[:, None]).squeeze(-1)
+    smooth = -log_p.mean(dim=-1)  # CE with the uniform distribution, the smoothing part
+    return ((1 - label_smoothing) * nll + label_smoothing * smooth).mean()
 
 
 def blended_kd(

@@ -4,7 +4,8 @@
 a weightless template plus the weights as flat dicts (see :mod:`fkd.models.functional`).
 
 ``arch`` is looked up in :data:`MODELS` (fkd's own networks, :mod:`fkd.models.students`) first, then
-among torchvision's classifiers (:func:`torchvision_names`); :func:`model_builder` is that lookup. A new
+among torchvision's classifiers (:func:`torchvision_names`), and ``timm:<name>`` is a timm model
+(:mod:`fkd.models.timm_models`, the optional ``timm`` extra); :func:`model_builder` is that lookup. A new
 architecture is a module whose ``forward`` returns ``(logits, features)`` plus a builder registered with
 ``@MODELS.register("name")``.
 """
@@ -23,6 +24,7 @@ from fkd.models.by_path import builder_from_path, is_module_path
 from fkd.models.functional import Model, Params, param_count, size_bytes, split_state
 from fkd.models.students import MODELS
 from fkd.models.weight_files import fit_state_dict, is_weight_file, read_state_dict
+from fkd.models.timm_models import is_timm_name, timm_builder, tracer_kwargs, train_logits_node
 from fkd.models.zoo import build_torchvision, feature_node_names, head_prefix, torchvision_names, with_features
 from fkd.registry import accepted_keywords
 
@@ -42,6 +44,8 @@ def model_builder(arch: str, *, key: str = "arch") -> Callable[..., nn.Module]:
     """
     if arch in MODELS:
         return MODELS.get(arch)
+    if is_timm_name(arch):
+        return timm_builder(arch, key=key)
     if arch in torchvision_names():
         return _torchvision_builder(arch)
     if is_module_path(arch):  # your own nn.Module class or builder, "module:Name"
@@ -77,7 +81,7 @@ def build_module(arch: str, num_classes: int, image_size: int, *, key: str = "ar
 def available_features(module: nn.Module) -> list[str]:
     """Feature names a module can return: its own ``feature_names`` or its FX node names."""
     own = getattr(module, "feature_names", None)
-    return list(own) if own is not None else feature_node_names(module)
+    return list(own) if own is not None else feature_node_names(module, tracer_kwargs(module))
 
 
 def _from_file(module: nn.Module, params: Params, buffers: Params, path: str, *, arch: str, num_classes: int,
@@ -124,14 +128,16 @@ def build_model(
     """Build ``arch`` and return ``(model, params, buffers)``.
 
     Args:
-        arch: a name registered in :data:`MODELS` (``seed_cnn``, ``small_cnn``) or a torchvision
-            classifier name (see :func:`model_builder`).
+        arch: a name registered in :data:`MODELS` (``seed_cnn``, ``small_cnn``), a torchvision
+            classifier name or ``timm:<name>`` (see :func:`model_builder`).
         num_classes: output classes; a torchvision head is resized to it.
         image_size: input side in pixels (``seed_cnn`` derives its classifier input from it).
         feature_names: intermediate tensors ``apply`` returns -- block names for fkd's own CNNs, FX node
             names (``layer1``, ``layer2.1.relu``) for torchvision models. Unknown names raise a
             :class:`ConfigError` listing the valid ones.
-        weights: ``"imagenet"`` (torchvision's default weights), ``"none"`` (random init), or the path of a
+        weights: ``"imagenet"`` (torchvision's default weights), ``"pretrained"`` (timm's, from the local
+            Hugging Face cache; torchvision's default weights for a torchvision name),
+            ``"none"`` (random init), or the path of a
             ``.pth`` / ``.pt`` / ``.safetensors`` state dict for ``arch`` (:mod:`fkd.models.weight_files`):
             matched strictly, except that a classifier head of another size stays newly initialised.
         weights_prefix: stripped from the weight file's keys (``module.``, ``model.``).
@@ -164,9 +170,11 @@ def build_model(
     # The templates keep no weights (every call gets them from the caller's dicts), so they are
     # built on the meta device: copying and tracing them costs no memory.
     module.to("meta")
-    if own is None:  # torchvision: an FX graph per mode returning {logits, features} as one dict
-        train_t = with_features(copy.deepcopy(module), feature_names, train=True)
-        eval_t = with_features(module, feature_names, train=False)
+    if own is None:  # torchvision, timm: an FX graph per mode returning {logits, features} as one dict
+        tracer, logits_node = tracer_kwargs(module), train_logits_node(module)
+        train_t = with_features(copy.deepcopy(module), feature_names, train=True, tracer_kwargs=tracer,
+                                logits_node=logits_node)
+        eval_t = with_features(module, feature_names, train=False, tracer_kwargs=tracer)
         returns_dict = True
     else:
         train_t, eval_t, returns_dict = module.train(), copy.deepcopy(module).eval(), False

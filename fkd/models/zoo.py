@@ -29,7 +29,7 @@ def build_torchvision(arch: str, num_classes: int, weights: str = "none") -> nn.
     if arch not in torchvision_names():
         raise ConfigError(f"'{arch}' is not a torchvision classifier; use one such as resnet18, "
                           "mobilenet_v3_small, efficientnet_b0 (fkd's own models: fkd.models.MODELS).")
-    if weights == "imagenet":
+    if weights in ("imagenet", "pretrained"):
         enum = torchvision.models.get_model_weights(arch).DEFAULT
         try:
             model = torchvision.models.get_model(arch, weights=enum)
@@ -64,11 +64,11 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
         setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
-def _eval_nodes(module: nn.Module) -> list[str]:
+def _eval_nodes(module: nn.Module, tracer_kwargs: dict | None = None) -> list[str]:
     with warnings.catch_warnings():
         # models with auxiliary heads trace fewer nodes in eval mode; fkd picks one mode per graph
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-        return get_graph_node_names(module)[1]
+        return get_graph_node_names(module, tracer_kwargs=tracer_kwargs)[1]
 
 
 #: The feature every model has: the vector its classifier head (the last ``nn.Linear``) reads, (B, D).
@@ -88,13 +88,13 @@ def _is_relu(node: torch.fx.Node, module: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def preact_nodes(module: nn.Module) -> dict[str, str]:
+def preact_nodes(module: nn.Module, tracer_kwargs: dict | None = None) -> dict[str, str]:
     """``{"<module>.preact": FX node name}``: for every submodule whose last node (eval-mode graph) is a ReLU,
     the node that ReLU reads -- the submodule's output before its final activation (``layer3.preact`` is
     ``layer3.1.add`` in a torchvision ResNet-18: the residual sum before the block's last ReLU). OFD and AB
     distil these pre-activation features; any other FX node name works as a feature too."""
     was_training = module.training
-    tracer = NodePathTracer(**_set_default_tracer_kwargs(None))
+    tracer = NodePathTracer(**_set_default_tracer_kwargs(tracer_kwargs))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
         graph = tracer.trace(module.eval())
@@ -115,11 +115,12 @@ def preact_nodes(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def feature_node_names(module: nn.Module) -> list[str]:
+def feature_node_names(module: nn.Module, tracer_kwargs: dict | None = None) -> list[str]:
     """Names usable as features: submodule names (``layer1``: that block's output) and FX node names
     (``layer2.1.relu``), in forward order as ``get_graph_node_names`` lists them (eval-mode graph), then the
-    pre-activation aliases (``layer1.preact``, :func:`preact_nodes`), then :data:`EMBEDDING`."""
-    nodes = _eval_nodes(module)
+    pre-activation aliases (``layer1.preact``, :func:`preact_nodes`), then :data:`EMBEDDING`.
+    ``tracer_kwargs``: FX leaf modules and functions (timm's, see :func:`fkd.models.timm_models.tracer_kwargs`)."""
+    nodes = _eval_nodes(module, tracer_kwargs)
     names: list[str] = []
     for node in nodes:
         parts = node.split(".")
@@ -127,25 +128,28 @@ def feature_node_names(module: nn.Module) -> list[str]:
             prefix = ".".join(parts[:i])
             if prefix not in names:
                 names.append(prefix)
-    return [*names, *preact_nodes(module), EMBEDDING]
+    return [*names, *preact_nodes(module, tracer_kwargs), EMBEDDING]
 
 
-def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool) -> nn.Module:
+def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool, *,
+                  tracer_kwargs: dict | None = None, logits_node: str | None = None) -> nn.Module:
     """``module`` rewritten by ``create_feature_extractor`` (FX, no hooks) to also return named features.
 
     The rewritten module returns a dict: ``{LOGITS: logits, name: feature, ...}``; its parameter and buffer
     names are the original module's (``layer1.0.conv1.weight``), so checkpoints stay interchangeable.
     :data:`EMBEDDING` is the input of the classifier head's call in the traced graph (``flatten`` for a
     ResNet, the dropout before ``classifier.3`` for MobileNetV3). Unknown names raise
-    :class:`ConfigError` listing the valid node names.
+    :class:`ConfigError` listing the valid node names. ``tracer_kwargs`` as for :func:`feature_node_names`;
+    ``logits_node``: the node returned as the logits instead of the graph's last one (a distilled DeiT's
+    class-token head in training, see :func:`fkd.models.timm_models.train_logits_node`).
     """
-    nodes = feature_node_names(module)
+    nodes = feature_node_names(module, tracer_kwargs)
     unknown = [n for n in feature_names if n not in nodes]
     if unknown:
         raise ConfigError(
             f"feature '{unknown[0]}' is not a node of {type(module).__name__}; valid names: {', '.join(nodes)}."
         )
-    aliases = {n: node for n, node in preact_nodes(module).items() if n in feature_names}
+    aliases = {n: node for n, node in preact_nodes(module, tracer_kwargs).items() if n in feature_names}
     for sub in module.modules():
         # A returned feature must not be overwritten by a later in-place activation (torchvision's ResNets use
         # ReLU(inplace=True), which would turn ``layer1.1.add`` -- ``layer1.preact`` -- into its ReLU).
@@ -153,10 +157,10 @@ def with_features(module: nn.Module, feature_names: tuple[str, ...], train: bool
             sub.inplace = False
     module.train(train)
     return_nodes = {aliases.get(n, n): aliases.get(n, n) for n in feature_names if n != EMBEDDING}
-    return_nodes[_eval_nodes(module)[-1]] = LOGITS
+    return_nodes[logits_node or _eval_nodes(module, tracer_kwargs)[-1]] = LOGITS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-        extractor = create_feature_extractor(module, return_nodes=return_nodes)
+        extractor = create_feature_extractor(module, return_nodes=return_nodes, tracer_kwargs=tracer_kwargs)
     if EMBEDDING in feature_names:
         _return_head_input(extractor, head_prefix(module))
     if aliases:

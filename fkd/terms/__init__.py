@@ -1,6 +1,6 @@
 """Loss terms, one registered unit per module: ``ce``, ``logit``, ``feature``, ``attention``, and ``dkd``,
 ``dist``, ``lskd``, ``sp``, ``rkd``, ``pkt``, ``cc``, ``nst``, ``vid``, ``crd``, ``mutual``, and ``reviewkd``, ``fsp``,
-``ab``, ``ofd``, ``srrl``, ``kdsvd``, ``skd``, ``mlkd`` (with ``ce_strong``), ``ctkd``, ``tf_kd``, ``pad``, ``ickd``, ``ft``.
+``ab``, ``ofd``, ``srrl``, ``kdsvd``, ``skd``, ``mlkd`` (with ``ce_strong``), ``ctkd``, ``tf_kd``, ``pad``, ``ickd``, ``ft``, ``hard_kd``.
 
 A term declares its hyper-parameters (an attrs class), what it consumes, ``init`` for its own
 parameters and state, and a pure ``apply`` built on :mod:`fkd.losses` (see :mod:`fkd.terms.base`).
@@ -35,6 +35,7 @@ from fkd.terms import crd  # noqa: E402,F401,I001 -- CRD (fkd/terms/crd.py)
 from fkd.terms import mutual  # noqa: E402,F401,I001 -- deep mutual learning (cohorts)
 from fkd.terms import reviewkd, fsp, ab, ofd, srrl, kdsvd  # noqa: E402,F401,I001 -- issue 20 feature methods
 from fkd.terms import skd, mlkd, ctkd, tf_kd, pad, ickd, ft  # noqa: E402,F401,I001 -- issue 20 (first half)
+from fkd.terms import hard_kd  # noqa: E402,F401,I001 -- DeiT's hard-label distillation
 
 __all__ = [
     "INPUTS", "TERMS", "PretrainSettings", "Shapes", "Term", "TermInputs", "check_pair_kinds", "config_fields", "hyper",

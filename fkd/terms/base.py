@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fkd.errors import ConfigError
+from fkd.losses.tokens import MAX_PREFIX_TOKENS, token_count, tokens_match
 from fkd.registry import Registry
 
 #: Everything a term may read in a step; a term lists the ones it uses in ``consumes``.
@@ -45,7 +46,7 @@ class TermInputs(NamedTuple):
     """
 
     student_logits: Tensor  # (B, K), fp32, differentiable
-    student_features: dict  # {name: (B, C, H, W) or (B, D)}, differentiable
+    student_features: dict  # {name: (B, C, H, W), (B, D) or (B, N, D) tokens}, differentiable
     labels: Tensor  # (B,) int64
     teacher_logits: Tensor | None  # (B, K), or None when no term consumes them; (B, M, K) for M teachers
     teacher_features: dict  # {name: tensor}, empty when no term consumes them
@@ -63,7 +64,8 @@ class TermInputs(NamedTuple):
 class Shapes:
     """What ``init`` and ``check`` may size things by.
 
-    Feature shapes exclude the batch dimension: ``(C, H, W)`` for maps, ``(D,)`` for vectors.
+    Feature shapes exclude the batch dimension: ``(C, H, W)`` for maps, ``(D,)`` for vectors, ``(N, D)``
+    for a transformer's token sequence.
     """
 
     student_features: dict = attrs.field(factory=dict)
@@ -238,18 +240,55 @@ def pair_key(student_name: str, teacher_name: str) -> str:
     return f"{student_name}->{teacher_name}"
 
 
-def check_pair_kinds(term: str, pairs: tuple, shapes: Shapes, *, spatial_only: bool = False) -> None:
-    """Each pair must match a ``(C,)`` vector with a vector, or a ``(C, H, W)`` map with a map."""
+#: What a feature is, by its shape without the batch: ``(D,)`` vector, ``(N, D)`` tokens, ``(C, H, W)`` map.
+KINDS = {1: "vector", 2: "token sequence", 3: "map"}
+
+#: What a term that refuses a transformer's tokens tells the user to use instead.
+TOKEN_TERMS = ("the feature term (FitNets, a linear regressor over D) or a relation term (rkd, pkt, sp, cc, crd: "
+               "on the mean token)")
+
+
+def check_pair_kinds(term: str, pairs: tuple, shapes: Shapes, *, spatial_only: bool = False,
+                     tokens: bool = False) -> None:
+    """Each pair must match a ``(C,)`` vector with a vector, or a ``(C, H, W)`` map with a map.
+
+    ``tokens=True`` (a term defined on token sequences, see :mod:`fkd.losses.tokens`): a ``(N, D)`` token
+    sequence pairs with tokens or with a map (read as ``H*W`` tokens of width C) when the token counts
+    agree up to prefix tokens; otherwise a token sequence is refused, naming the terms that take one.
+    """
     if not pairs:
         raise ConfigError(f"the {term} term matches features: set distill.student_features and "
                           "distill.teacher_features (e.g. ['block2'] and ['layer1']).")
     for s, t in pairs:
         s_shape, t_shape = tuple(shapes.student_features[s]), tuple(shapes.teacher_features[t])
-        if len(s_shape) not in (1, 3) or len(t_shape) not in (1, 3):
+        if len(s_shape) not in KINDS or len(t_shape) not in KINDS:
             raise ConfigError(
                 f"cannot match student feature '{s}' {s_shape} with teacher feature '{t}' {t_shape}: "
-                "features must be (C,) vectors or (C, H, W) maps."
+                "features must be (C,) vectors, (N, D) token sequences or (C, H, W) maps."
             )
+        kinds = {len(s_shape), len(t_shape)}
+        if 2 in kinds and not tokens:
+            name, shape = (s, s_shape) if len(s_shape) == 2 else (t, t_shape)
+            raise ConfigError(
+                f"the {term} term cannot read '{name}' {shape}, a (N, D) token sequence (a transformer's); use "
+                f"{TOKEN_TERMS} for it, or pick {'(C, H, W) maps' if spatial_only else 'maps or vectors'}."
+            )
+        if 2 in kinds and 1 in kinds:
+            raise ConfigError(
+                f"cannot match student feature '{s}' {s_shape} with teacher feature '{t}' {t_shape}: one is a "
+                "token sequence, the other a vector; pick tokens (or a map) on both sides, or a relation term "
+                "(rkd, pkt, sp, cc) that reads the mean token."
+            )
+        if 2 in kinds:
+            n_s, n_t = token_count(s_shape), token_count(t_shape)
+            if not tokens_match(n_s, n_t):
+                raise ConfigError(
+                    f"cannot match student feature '{s}' {s_shape} ({n_s} tokens) with teacher feature '{t}' "
+                    f"{t_shape} ({n_t} tokens): the counts must agree up to {MAX_PREFIX_TOKENS} prefix "
+                    "(class, distillation) tokens; pick a teacher layer whose H*W is the student's patch count, or "
+                    "set the ViT's img_size / patch_size so that its grid matches."
+                )
+            continue
         if len(s_shape) != len(t_shape):
             raise ConfigError(
                 f"cannot match student feature '{s}' of shape {s_shape} with teacher feature '{t}' of shape "

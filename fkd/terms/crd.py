@@ -10,7 +10,7 @@ from fkd import losses, prng
 from fkd.errors import ConfigError
 from fkd.losses import contrastive
 from fkd.terms.base import Shapes, hyper, positive, register_term
-from fkd.terms.embedding import EmbeddingTerm
+from fkd.terms.embedding import EmbeddingTerm, embedding_size
 
 #: Folded into the step's key so CRD's negatives are independent of other terms' random draws.
 _STREAM = 0x637264  # "crd"
@@ -59,8 +59,8 @@ class ContrastiveRepresentation(EmbeddingTerm):
                               f"training examples (got {shapes.num_examples}).")
 
     def init(self, shapes: Shapes, generator: torch.Generator) -> tuple[dict, dict]:
-        d_s = _flat(shapes.student_features[self.student_feature])
-        d_t = _flat(shapes.teacher_features[self.teacher_feature])
+        d_s = embedding_size(shapes.student_features[self.student_feature])
+        d_t = embedding_size(shapes.teacher_features[self.teacher_feature])
         params = {
             "student_head": losses.init_regressor(d_s, self.feat_dim, spatial=False, generator=generator),
             "teacher_head": losses.init_regressor(d_t, self.feat_dim, spatial=False, generator=generator),
@@ -93,10 +93,3 @@ class ContrastiveRepresentation(EmbeddingTerm):
             "z_teacher": z_t,
         }
         return loss, new_state
-
-
-def _flat(shape) -> int:
-    size = 1
-    for d in shape:
-        size *= int(d)
-    return size

@@ -4,7 +4,8 @@ Relational and contrastive methods (SP, RKD, PKT, CC, CRD) look at a batch of ve
 by default the vector each network's classifier head reads (the feature named ``embedding`` that every
 fkd model returns: ``relu(fc1(...))`` for ``seed_cnn``, the pooled vector for ``small_cnn``, the input
 of the last ``nn.Linear`` of a torchvision classifier). ``student_feature`` / ``teacher_feature`` name
-another feature instead; a map ``(C, H, W)`` is flattened to ``C*H*W``.
+another feature instead; a map ``(C, H, W)`` is flattened to ``C*H*W``, and a transformer's token
+sequence ``(N, D)`` is read as its mean token ``(D,)`` (:func:`fkd.losses.pool_tokens`).
 
 Unlike ``feature`` and ``attention``, which match ``distill.student_features[i]`` with
 ``distill.teacher_features[i]``, an embedding term carries its own pair, so it combines with a FitNets
@@ -17,6 +18,7 @@ import attrs
 import einops
 from torch import Tensor
 
+from fkd import losses
 from fkd.errors import ConfigError
 from fkd.terms.base import Shapes, Term, TermInputs, hyper
 
@@ -55,7 +57,22 @@ class EmbeddingTerm(Term):
                                   f"not return; set distill.terms.{self.name}.{side}_feature to one it has.")
 
     def embeddings(self, inputs: TermInputs) -> tuple[Tensor, Tensor]:
-        """``(student (B, D_s), teacher (B, D_t))``: the two features, flattened per example."""
+        """``(student (B, D_s), teacher (B, D_t))``: the two features, flattened per example (tokens pooled)."""
         s = inputs.student_features[self.student_feature]
         t = inputs.teacher_features[self.teacher_feature]
-        return einops.rearrange(s, "b ... -> b (...)"), einops.rearrange(t, "b ... -> b (...)")
+        return _vector(s), _vector(t)
+
+
+def _vector(x: Tensor) -> Tensor:
+    """``(B, ...)`` -> ``(B, D)``: tokens ``(B, N, D)`` pooled to their mean, anything else flattened."""
+    return losses.pool_tokens(x) if x.ndim == 3 else einops.rearrange(x, "b ... -> b (...)")
+
+
+def embedding_size(shape: tuple) -> int:
+    """D of the vector :meth:`EmbeddingTerm.embeddings` makes of a feature of ``shape`` (batch excluded)."""
+    if len(shape) == 2:
+        return int(shape[-1])
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size
