@@ -37,7 +37,7 @@ from fkd.losses import ensemble_distribution
 from fkd.models import param_count, size_bytes
 from fkd.models.cohort import Cohort
 from fkd.pretrain import pretrain_terms, pretraining_terms
-from fkd.pytree import tree_map, tree_to
+from fkd.pytree import tree_to
 from fkd.rundir import RunDir, plot_curves
 from fkd.run_setup import build_training
 from fkd.run_start import decide_start
