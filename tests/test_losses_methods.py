@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, vmap
 
 from fkd import losses
+from tests.loss_contracts import assert_pure_and_teacher_constant, assert_vmap_equals_loop, stack_members
 from fkd.losses import (
     correlation_congruence,
     dist,
@@ -327,39 +328,19 @@ def test_correlation_congruence_gradient_is_finite_at_zero_distance():
 
 @pytest.mark.parametrize("name", CASES)
 def test_pure_and_teacher_constant(name):
-    fn, s, t = CASES[name]
-    s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
-    s_before, t_before, labels_before = s.detach().clone(), t.detach().clone(), LABELS.clone()
-    loss = fn(s, t)
-    loss.backward()
-    assert loss.shape == () and torch.isfinite(loss)
-    assert torch.equal(s.detach(), s_before) and torch.equal(t.detach(), t_before)
-    assert torch.equal(LABELS, labels_before)
-    assert t.grad is None or torch.all(t.grad == 0)  # no gradient reaches the teacher
-    assert s.grad is not None and s.grad.abs().sum() > 0
-
-
-def _stack(x, n=3):
-    return torch.stack([x * (1 + 0.3 * i) + 0.1 * i for i in range(n)])
+    assert_pure_and_teacher_constant(*CASES[name], LABELS)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_vmap_over_a_leading_axis_equals_a_loop(name):
-    fn, s, t = CASES[name]
-    students, teachers = _stack(s), _stack(t)
-    # Every member its own student and teacher; and the sweep's case: stacked students, one teacher.
-    assert torch.allclose(vmap(fn)(students, teachers), torch.stack([fn(a, b) for a, b in zip(students, teachers)]))
-    assert torch.allclose(vmap(fn, in_dims=(0, None))(students, t), torch.stack([fn(a, t) for a in students]))
-    grads = vmap(grad(fn), in_dims=(0, None))(students, t)
-    loop = torch.stack([grad(fn)(a, t) for a in students])
-    assert torch.allclose(grads, loop)
+    assert_vmap_equals_loop(*CASES[name], grads=True)
 
 
 def test_vmap_gradient_equals_autograd_gradient():
     # grad under vmap (the sweep's step) equals the eager autograd gradient, member by member.
     for name in ("dkd", "rkd", "nst"):
         fn, s, t = CASES[name]
-        students = _stack(s)
+        students = stack_members(s)
         batched = vmap(grad(fn), in_dims=(0, None))(students, t)
         for a, g in zip(students, batched):
             a = a.clone().requires_grad_()
@@ -370,7 +351,7 @@ def test_vmap_gradient_equals_autograd_gradient():
 def test_dkd_vmap_with_per_member_labels():
     s, t = randn(4, 3, seed=42), randn(4, 3, seed=43)
     labels = torch.tensor([[0, 1, 2, -1], [-1, -1, 0, 0], [2, 2, 2, 2]])
-    students = _stack(s)
+    students = stack_members(s)
     batched = vmap(dkd, in_dims=(0, None, 0))(students, t, labels)
     assert torch.allclose(batched, torch.stack([dkd(a, t, y) for a, y in zip(students, labels)]))
 

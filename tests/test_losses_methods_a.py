@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, vmap
 
 from fkd import losses
+from tests.loss_contracts import assert_pure_and_teacher_constant, assert_vmap_equals_loop
 from fkd.losses import (ctkd_lambda, ctkd_temperature, factor_transfer, gradient_reversal, ickd, mlkd, pad_l2,
                         skd_direction, skd_instance, tf_kd_regularization)
 
@@ -344,30 +345,12 @@ def test_pad_gradcheck_in_the_log_variance():
 
 @pytest.mark.parametrize("name", CASES)
 def test_pure_and_teacher_constant(name):
-    fn, s, t = CASES[name]
-    s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
-    s_before, t_before, labels_before = s.detach().clone(), t.detach().clone(), LABELS.clone()
-    loss = fn(s, t)
-    loss.backward()
-    assert loss.shape == () and torch.isfinite(loss)
-    assert torch.equal(s.detach(), s_before) and torch.equal(t.detach(), t_before)
-    assert torch.equal(LABELS, labels_before)
-    assert t.grad is None or torch.all(t.grad == 0)  # no gradient reaches the teacher
-    assert s.grad is not None and s.grad.abs().sum() > 0
-
-
-def _stack(x, n=3):
-    return torch.stack([x * (1 + 0.3 * i) + 0.1 * i for i in range(n)])
+    assert_pure_and_teacher_constant(*CASES[name], LABELS)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_vmap_over_a_leading_axis_equals_a_loop(name):
-    fn, s, t = CASES[name]
-    students, teachers = _stack(s), _stack(t)
-    torch.testing.assert_close(vmap(fn)(students, teachers), torch.stack([fn(a, b) for a, b in zip(students, teachers)]))
-    torch.testing.assert_close(vmap(fn, in_dims=(0, None))(students, t), torch.stack([fn(a, t) for a in students]))
-    grads = vmap(grad(fn), in_dims=(0, None))(students, t)
-    torch.testing.assert_close(grads, torch.stack([grad(fn)(a, t) for a in students]))
+    assert_vmap_equals_loop(*CASES[name], grads=True)
 
 
 def test_public_api_exports_every_new_function():

@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, vmap
 
 from fkd import losses
+from tests.loss_contracts import assert_pure_and_teacher_constant, assert_vmap_equals_loop, stack_members
 from fkd.losses import ab, fsp, hcl, kdsvd, ofd, ofd_margin, srrl
 
 F64 = torch.float64
@@ -260,15 +261,7 @@ def test_gradcheck(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_pure_and_teacher_constant(name):
-    fn, s, t = CASES[name]
-    s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
-    s_before, t_before = s.detach().clone(), t.detach().clone()
-    loss = fn(s, t)
-    loss.backward()
-    assert loss.shape == () and torch.isfinite(loss)
-    assert torch.equal(s.detach(), s_before) and torch.equal(t.detach(), t_before)
-    assert t.grad is None or torch.all(t.grad == 0)  # no gradient reaches the teacher
-    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert_pure_and_teacher_constant(*CASES[name])
 
 
 def test_ofd_margin_is_a_constant_and_pure():
@@ -279,25 +272,16 @@ def test_ofd_margin_is_a_constant_and_pure():
     assert torch.equal(g.detach(), before[0]) and torch.equal(b.detach(), before[1])
 
 
-def _stack(x, n=3):
-    return torch.stack([x * (1 + 0.3 * i) + 0.1 * i for i in range(n)])
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_vmap_over_a_leading_axis_equals_a_loop(name):
-    fn, s, t = CASES[name]
-    students, teachers = _stack(s), _stack(t)
-    assert torch.allclose(vmap(fn)(students, teachers), torch.stack([fn(a, b) for a, b in zip(students, teachers)]))
-    assert torch.allclose(vmap(fn, in_dims=(0, None))(students, t), torch.stack([fn(a, t) for a in students]))
-    grads = vmap(grad(fn), in_dims=(0, None))(students, t)
-    assert torch.allclose(grads, torch.stack([grad(fn)(a, t) for a in students]))
+    assert_vmap_equals_loop(*CASES[name], grads=True)
 
 
 def test_connectors_under_vmap_equal_a_loop():
     p = losses.init_conv_bn(3, 5, generator=torch.Generator().manual_seed(0))
     abf_p = losses.init_abf(3, 4, 5, fuse=True, generator=torch.Generator().manual_seed(1))
     x, res = randn(2, 3, 4, 4, seed=46).float(), randn(2, 4, 2, 2, seed=47).float()
-    xs = _stack(x)
+    xs = stack_members(x)
     out = vmap(lambda a: losses.conv_bn(a, p))(xs)
     assert torch.allclose(out, torch.stack([losses.conv_bn(a, p) for a in xs]), atol=1e-6)
     y, fused = losses.abf(x, res, abf_p, (8, 8))
