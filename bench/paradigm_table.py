@@ -6,7 +6,8 @@ Run from the repository root::
     python bench/paradigm_table.py run --seeds 5 --out runs/paradigms     # every sweep, one after another
     python bench/paradigm_table.py table runs/paradigms                    # the markdown table
 
-Every row is ``python cli.py sweep --config <config> --seeds N`` with the ``--set``s listed in ROWS (the
+Every row is ``python cli.py sweep --config <config> --seeds N`` with the ``--set``s listed in ROWS, and each
+pipeline in PIPELINES is swept the same way, one row per stage (the
 single-teacher rows point configs/methods/kd.toml at each of configs/paradigms/ensemble.toml's teachers;
 the ensemble run fits the teachers that are missing, so it runs first). ``table`` reads each
 ``sweep_summary.json`` and each teacher's recorded accuracy.
@@ -41,6 +42,12 @@ ROWS = (  # the comparisons the docs draw first; then the variants
     ("kd-b", "KD from teacher b (small_cnn 32-64)", f"{C}/methods/kd.toml", TEACHER_B),
     ("dml-4", "deep mutual learning, cohort of 4 (member mean)", f"{C}/paradigms/dml.toml", ["cohort.size=4"]),
 )
+#: (folder, config): the pipelines, each swept over the same seeds (`sweep --config PIPELINE --seeds N`), one row per
+#: stage in the table
+PIPELINES = (
+    ("born-again", f"{C}/paradigms/born_again.toml"),
+    ("teacher-assistant", f"{C}/paradigms/teacher_assistant.toml"),
+)
 TEACHERS = {"a": "runs/digits-teacher/teacher.pt", "b": "runs/digits-teacher-b/teacher.pt",
             "c": "runs/digits-teacher-c/teacher.pt"}
 
@@ -69,6 +76,11 @@ def run(seeds, out, device, only):
         for s in sets:
             args += ["--set", s]
         run_cli(name, args)
+    for name, config in PIPELINES:  # a re-run skips every finished stage of every seed
+        if only and name not in only.split(","):
+            continue
+        run_cli(name, ["sweep", "--config", config, "--seeds", seeds, "--out", str(out / name), "--device", device,
+                       "--quiet"])
 
 
 @main.command()
@@ -85,6 +97,14 @@ def table(source):
             continue
         point = json.loads(path.read_text())["points"][0]
         click.echo(f"| {name} | {what} | {100 * point['mean']:.2f} ± {100 * point['std']:.2f} | {point['n']} |")
+    for name, _ in PIPELINES:
+        path = source / name / "pipeline_sweep.json"
+        if not path.exists():
+            continue
+        for stage in json.loads(path.read_text())["stages"]:
+            teacher = f"from {stage['teacher']}" if stage["teacher"] else "labels only"
+            click.echo(f"| {name}/{stage['stage']} | {stage['model']}, {teacher} | "
+                       f"{100 * stage['mean']:.2f} ± {100 * stage['std']:.2f} | {stage['n']} |")
     accs = {}
     for t, p in TEACHERS.items():
         if Path(p).exists():
