@@ -28,7 +28,7 @@ from fkd.config_files import read_config_file  # noqa: E402 -- after the clone i
 
 METHODS = ("baseline", "kd", "fitnets", "at", "nst", "vid", "sp", "rkd", "pkt", "cc", "crd", "dkd", "dist", "lskd",
            "reviewkd", "fsp", "ab", "ofd", "srrl", "kdsvd",  # issue 20, feature methods
-           "skd", "mlkd", "ctkd", "tf_kd", "pad", "ickd", "ft")
+           "skd", "mlkd", "ctkd", "tf_kd", "pad", "ickd", "ft", "hard_kd")
 SCALES = (0.1, 1.0, 10.0)
 
 

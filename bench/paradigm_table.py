@@ -102,7 +102,7 @@ def table(source):
         if not path.exists():
             continue
         for stage in json.loads(path.read_text())["stages"]:
-            teacher = f"from {stage['teacher']}" if stage["teacher"] else "labels only"
+            teacher = f"from {stage['teacher']}" if stage["teacher"] else _base_teacher(source / name, stage["stage"])
             click.echo(f"| {name}/{stage['stage']} | {stage['model']}, {teacher} | "
                        f"{100 * stage['mean']:.2f} ± {100 * stage['std']:.2f} | {stage['n']} |")
     accs = {}
@@ -113,6 +113,13 @@ def table(source):
         click.echo("\nteachers' test accuracy: " + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accs.items()))
     if len(accs) == len(TEACHERS):
         click.echo(f"their weighted ensemble (T = 1): {100 * _ensemble_accuracy():.2f}%")
+
+
+def _base_teacher(folder: Path, stage: str) -> str:
+    """What a stage without an earlier stage as teacher learned from: its config's [teacher], or the labels
+    alone (read from seed 0's summary.json)."""
+    summary = json.loads((folder / "seed-0" / stage / "summary.json").read_text())
+    return "labels only" if set(summary.get("terms", {})) <= {"ce"} else f"from {summary.get('teacher_arch', '[teacher]')}"
 
 
 def _ensemble_accuracy() -> float:

@@ -104,7 +104,7 @@ def test_a_file_of_another_architecture_is_one_line_naming_keys(tiny_config, tmp
     assert_clean_failure(run("distill", "--config", config, "--out", tmp_path / "run", "--set",
                              "student.weights='nope.safetensors'"), "'nope.safetensors' is not a file")
     assert_clean_failure(run("distill", "--config", config, "--set", "student.weights='w.bin'"),
-                         "student.weights must be 'none' or 'imagenet' or the path of a .pth")
+                         "student.weights must be 'none' or 'imagenet' or 'pretrained' or the path of a .pth")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     assert_clean_failure(run("distill", "--config", config, "--out", tmp_path / "run", "--set",
                              f"student.weights='{(tmp_path / 'junk.pt').as_posix()}'"), "weights_only=True")
