@@ -21,6 +21,7 @@ from fkd.errors import ConfigError
 from fkd.objective import build
 from fkd.terms import TERMS, Shapes, TermInputs, config_fields, pair_key
 from tests.conftest import tiny_config_text
+from tests.test_terms_methods import one_term
 
 NEW_TERMS = ("skd", "mlkd", "ce_strong", "ctkd", "tf_kd", "pad", "ickd", "ft")
 B, K = 6, 5
@@ -39,13 +40,6 @@ def make_inputs(seed=0, epoch=1.0, hyper=None) -> TermInputs:
                       epoch=torch.tensor(float(epoch)), hyper=hyper or {},
                       student_logits_strong=torch.randn(B, K, generator=g),
                       teacher_logits_strong=2 * torch.randn(B, K, generator=g))
-
-
-def one_term(name, **keys):
-    objective = build({name: {"weight": 0.5, **keys}}, pairs=PAIRS)
-    (weighted,) = objective.terms
-    assert weighted.name == name and weighted.weight == 0.5
-    return objective, weighted.term
 
 
 # --- each term computes its function ----------------------------------------------------------------
