@@ -7,9 +7,10 @@ Liu et al., "Exploring Inter-Channel Correlation for Diversity-Preserved Knowled
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fkd.losses.connectors import conv_bn
 
 __all__ = ["ickd", "conv_bn_embed"]
 
@@ -43,7 +44,5 @@ def conv_bn_embed(x: Tensor, params: dict[str, Tensor], eps: float = 1e-5) -> Te
     """The authors' ``Embed``: a bias-free 1x1 convolution then BatchNorm2d with the batch's statistics
     (train mode, biased variance); ``(B, C_in, H, W) -> (B, C_out, H, W)``. ``params``: ``weight``
     (C_out, C_in), ``gamma``, ``beta`` (C_out,)."""
-    h = torch.einsum("oc,bchw->bohw", params["weight"], x)
-    mean = h.mean(dim=(0, 2, 3), keepdim=True)
-    var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    return (h - mean) / torch.sqrt(var + eps) * params["gamma"][:, None, None] + params["beta"][:, None, None]
+    weight = params["weight"][:, :, None, None]  # (C_out, C_in) as a 1x1 kernel: the AB/OFD connector's layout
+    return conv_bn(x, {"weight": weight, "bn_weight": params["gamma"], "bn_bias": params["beta"]}, eps=eps)

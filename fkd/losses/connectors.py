@@ -23,8 +23,8 @@ def _kaiming_uniform(shape, a: float, generator) -> Tensor:
     return w
 
 
-def _batch_norm(x: Tensor, p: dict, prefix: str) -> Tensor:
-    return F.batch_norm(x, None, None, p[f"{prefix}weight"], p[f"{prefix}bias"], training=True, eps=1e-5)
+def _batch_norm(x: Tensor, p: dict, prefix: str, eps: float = 1e-5) -> Tensor:
+    return F.batch_norm(x, None, None, p[f"{prefix}weight"], p[f"{prefix}bias"], training=True, eps=eps)
 
 
 def init_conv_bn(student_channels: int, teacher_channels: int, *, kernel_size: int = 1,
@@ -36,10 +36,11 @@ def init_conv_bn(student_channels: int, teacher_channels: int, *, kernel_size: i
     return {"weight": weight, "bn_weight": torch.ones(teacher_channels), "bn_bias": torch.zeros(teacher_channels)}
 
 
-def conv_bn(x: Tensor, params: dict, *, relu: bool = False) -> Tensor:
-    """``bn(conv(x))`` (``relu`` after it when asked): ``(B, Cs, H, W) -> (B, Ct, H, W)``, BN on batch statistics."""
+def conv_bn(x: Tensor, params: dict, *, relu: bool = False, eps: float = 1e-5) -> Tensor:
+    """``bn(conv(x))`` (``relu`` after it when asked): ``(B, Cs, H, W) -> (B, Ct, H, W)``, BN on batch statistics
+    (biased variance, ``eps`` inside the square root), "same" padding for an odd kernel."""
     k = params["weight"].shape[-1]
-    y = _batch_norm(F.conv2d(x, params["weight"], padding=(k - 1) // 2), params, "bn_")
+    y = _batch_norm(F.conv2d(x, params["weight"], padding=(k - 1) // 2), params, "bn_", eps)
     return F.relu(y) if relu else y
 
 
