@@ -100,16 +100,16 @@ def run_distill(cfg: Config, run: RunDir, device: torch.device, *, resume: bool 
         if teacher is not None:
             echo(f"teacher cache: {cache_note}")
         initial = training.state
+        sink = run_log.sink() if run_log else None
         if start.saved is None and pretraining_terms(obj):  # fresh: fit the terms' pre-phase parts first
             initial = pretrain_terms(obj, initial, teacher=teacher.model, teacher_vars=teacher_vars, source=data.train,
                                      batch_size=cfg.data.batch_size, seed=cfg.seed, augment=augment,
-                                     echo=None if quiet else echo)
+                                     echo=None if quiet else echo, on_epoch=sink.pretrain if sink else None)
         try:
             state = fit(start, spec=training.spec, step=training.step, state=initial, source=data.train,
                         device=device, evaluate=lambda st: evaluate(st)["accuracy"], teacher_vars=teacher_vars,
                         batch_extras=batch_extras, learning_rate=training.learning_rate,
-                        extra_payload=lambda st: {"model": dict(student.spec)},
-                        sink=run_log.sink() if run_log else None)
+                        extra_payload=lambda st: {"model": dict(student.spec)}, sink=sink)
         finally:
             if run_log is not None:
                 run_log.close()

@@ -67,6 +67,13 @@ class MetricSink:
             for w in writers:
                 w.scalars(step, values)
 
+    def pretrain(self, term: str, part: str, epoch: int, loss: float) -> None:
+        """A term's pre-phase epoch (:mod:`fkd.pretrain`): its mean loss as ``pretrain/<term>.<part>`` at step
+        ``epoch`` (from 1), for every member."""
+        for writers in self._members:
+            for w in writers:
+                w.scalars(epoch, {f"pretrain/{term}.{part}": loss})
+
     def epoch(self, step: int, records: list[dict]) -> None:
         """Each member's epoch record (:func:`fkd.loop.run_epochs`) as ``epoch/<name>``."""
         for writers, record in zip(self._members, records):

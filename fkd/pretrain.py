@@ -39,7 +39,8 @@ def pretraining_terms(objective) -> list:
 
 
 def pretrain_terms(objective: Objective, state: dict, *, teacher, teacher_vars: dict | None, source, batch_size: int,
-                   seed: int, augment: bool, echo: Callable | None = None) -> dict:
+                   seed: int, augment: bool, echo: Callable | None = None,
+                   on_epoch: Callable[[str, str, int, float], None] | None = None) -> dict:
     """``state`` with each pre-phase term's ``state["objective"][term][part]`` fitted (see the module docstring).
 
     Args:
@@ -49,6 +50,8 @@ def pretrain_terms(objective: Objective, state: dict, *, teacher, teacher_vars: 
         source: the training :class:`~fkd.data.batches.BatchSource`; ``batch_size``, ``seed``, ``augment``: the
             run's.
         echo: prints one line per epoch (the mean loss), or None.
+        on_epoch: called after each epoch as ``on_epoch(term, part, epoch, mean_loss)`` (``epoch`` from 1), e.g.
+            :meth:`fkd.log_sinks.MetricSink.pretrain`, or None.
     """
     terms = pretraining_terms(objective)
     if not terms:
@@ -83,8 +86,12 @@ def pretrain_terms(objective: Objective, state: dict, *, teacher, teacher_vars: 
                 part, opt_state, loss = step(part, opt_state, x, y)
                 total = loss if total is None else total + loss
                 count += 1
-            if echo is not None and count:
-                echo(f"{t.name} pre-phase epoch {epoch + 1}/{settings.epochs}: {part_name} loss "
-                     f"{float(total) / count:.4f}")
+            if not count:
+                continue
+            mean_loss = float(total) / count  # one host read per pre-phase epoch
+            if echo is not None:
+                echo(f"{t.name} pre-phase epoch {epoch + 1}/{settings.epochs}: {part_name} loss {mean_loss:.4f}")
+            if on_epoch is not None:
+                on_epoch(t.name, part_name, epoch + 1, mean_loss)
         objective_state[t.name] = {**objective_state[t.name], part_name: part}
     return {**state, "objective": objective_state}

@@ -329,9 +329,14 @@ def test_ft_pre_phase_fits_the_paraphraser_then_the_student_leaves_it_alone(digi
     cfg.write_text(digits_config(digits_root, "[distill.terms.ft]\nweight = 50.0\npretrain_epochs = 3\n"
                                  "pretrain_learning_rate = 0.05\n").replace("epochs = 1\nlog_every", "epochs = 2\nlog_every"))
     out = digits_root / "run_ft_pre"
-    result = run_cli(["distill", "--config", str(cfg), "--out", str(out)])
+    result = run_cli(["distill", "--config", str(cfg), "--out", str(out), "--set", "log.tensorboard=true"])
     losses_by_epoch = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "ft pre-phase" in line]
     assert len(losses_by_epoch) == 3 and losses_by_epoch[-1] < losses_by_epoch[0]
+    # the same losses on TensorBoard, one point per pre-phase epoch
+    events = _tensorboard_events(out / "tensorboard")
+    logged = events.Scalars("pretrain/ft.paraphraser")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx(losses_by_epoch, rel=1e-3)
     state = load_checkpoint(out / "checkpoints" / "latest.pt", "student_run")["state"]
     saved = state["objective"]["ft"]["paraphraser"]
     for pair in saved:
@@ -339,6 +344,25 @@ def test_ft_pre_phase_fits_the_paraphraser_then_the_student_leaves_it_alone(digi
             assert not torch.equal(seen["before"][pair][layer]["weight"], seen["after"][pair][layer]["weight"])
             torch.testing.assert_close(saved[pair][layer]["weight"], seen["after"][pair][layer]["weight"].cpu())
     assert seen["count"] == 1
+
+
+def _tensorboard_events(path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return events
+
+
+def test_a_sweep_logs_each_students_pre_phase(digits_root, one_thread):
+    cfg = digits_root / "ft_sweep.toml"
+    cfg.write_text(digits_config(digits_root, "[distill.terms.ft]\nweight = 50.0\npretrain_epochs = 2\n"))
+    out = digits_root / "sweep_ft"
+    run_cli(["sweep", "--config", str(cfg), "--out", str(out), "--seeds", "2", "--quiet",
+             "--set", "log.tensorboard=true"])
+    for seed in (0, 1):
+        logged = _tensorboard_events(out / "tensorboard" / f"seed={seed}").Scalars("pretrain/ft.paraphraser")
+        assert [e.step for e in logged] == [1, 2] and all(math.isfinite(e.value) for e in logged)
 
 
 def test_a_resumed_ft_run_skips_the_pre_phase(digits_root, one_thread, monkeypatch):

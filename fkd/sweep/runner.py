@@ -323,7 +323,8 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         states = population.gather([tree_to(st, device) for st in where["states"][lo:hi]])
         start_epoch, start_batch = where["epoch"], where["batch"]
     else:
-        states = population.gather([_pretrained(setup, setup.init_state(s, device), s) for s in students])
+        log = run_log if not world.parallel else None
+        states = population.gather([_pretrained(setup, setup.init_state(s, device), s, log) for s in students])
         start_epoch, start_batch = 0, 0
     echo(f"group {gi + 1}/{n_groups}: {len(setup.group.students)} students, "
          f"{'shared order: seeds vary initialisation only' if setup.shared_order else 'independent orders'}"
@@ -393,13 +394,16 @@ def _remove_student(run: RunDir, label: str) -> None:
         folder.rmdir()
 
 
-def _pretrained(setup: GroupSetup, state: dict, s: Student) -> dict:
-    """A fresh student's state with its terms' pre-phase run (:mod:`fkd.pretrain`), as ``distill`` does."""
+def _pretrained(setup: GroupSetup, state: dict, s: Student, run_log=None) -> dict:
+    """A fresh student's state with its terms' pre-phase run (:mod:`fkd.pretrain`), as ``distill`` does; its
+    losses go to the student's own ``run_log`` writers."""
     if not pretraining_terms(setup.objective):
         return state
     cfg = s.config
+    sink = run_log.sink([s.label]) if run_log else None
     return pretrain_terms(setup.objective, state, teacher=setup.teacher, teacher_vars=setup.teacher_vars,
-                          source=setup.data.train, batch_size=cfg.data.batch_size, seed=cfg.seed, augment=setup.augment)
+                          source=setup.data.train, batch_size=cfg.data.batch_size, seed=cfg.seed, augment=setup.augment,
+                          on_epoch=sink.pretrain if sink else None)
 
 
 def _point_label(s: Student) -> str:
