@@ -8,7 +8,9 @@ repository root::
     python bench/method_table.py table runs/methods                        # the markdown table
 
 ``run`` calls ``python cli.py sweep`` once per method, in this process (one start-up, one import of
-torch); any ``--set`` is passed to every sweep. ``table`` reads each ``sweep_summary.json``.
+torch); any ``--set`` is passed to every sweep. A method whose sweep has finished (its ``sweep_summary.json``
+exists) is skipped, and one that was stopped part-way goes on from its checkpoint (``sweep --resume``), so
+an interrupted ``run`` is repeated with the same command. ``table`` reads each ``sweep_summary.json``.
 """
 
 from __future__ import annotations
@@ -79,15 +81,20 @@ def run(seeds, out, device, only, overrides, collect):
     chosen = [m for m in METHODS if not only or m in only.split(",")]
     for method in chosen:
         config = ROOT / "configs" / "methods" / f"{method}.toml"
+        summary = out / method / "sweep_summary.json"
+        if summary.exists():
+            print(f"{method}: finished already ({summary}), skipped", flush=True)
+            continue
         args = ["sweep", "--config", str(config), "--seeds", seeds, "--out", str(out / method), "--device", device,
                 "--quiet"]
+        if (out / method / "checkpoints" / "latest.pt").exists():  # stopped part-way: go on from there
+            args.append("--resume")
         term = method_term(config)
         if term:
             args += ["--grid", f"distill.terms.{term[0]}.weight=" + ",".join(map(str, grid_values(term[1])))]
         for o in overrides:
             args += ["--set", o]
         run_cli(method, args)
-        summary = out / method / "sweep_summary.json"
         if collect and summary.exists():
             with open(collect, "a") as f:
                 f.write(json.dumps({"method": method, "summary": json.loads(summary.read_text())}) + "\n")

@@ -52,6 +52,22 @@ def test_grid_is_the_default_weight_times_a_tenth_one_and_ten():
     assert table.grid_values(0.02) == [0.002, 0.02, 0.2]
 
 
+def test_run_skips_finished_methods_and_resumes_a_stopped_one(tmp_path, monkeypatch):
+    """An interrupted ``run`` repeated with the same command: a method with a summary is not swept again, one
+    with only a checkpoint goes on from it (``sweep --resume``), one not started starts afresh."""
+    table = _method_table()
+    calls = {}
+    monkeypatch.setattr(table, "run_cli", lambda name, args: calls.setdefault(name, args))
+    (tmp_path / "kd").mkdir()
+    (tmp_path / "kd" / "sweep_summary.json").write_text("{}")
+    (tmp_path / "dkd" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "dkd" / "checkpoints" / "latest.pt").write_bytes(b"")
+    table.run.main(["--out", str(tmp_path), "--only", "kd,dkd,dist", "--seeds", "2"], standalone_mode=False)
+    assert sorted(calls) == ["dist", "dkd"]
+    assert "--resume" in calls["dkd"] and "--resume" not in calls["dist"]
+    assert calls["dist"][calls["dist"].index("--grid") + 1] == "distill.terms.dist.weight=0.2,2.0,20.0"
+
+
 @pytest.mark.parametrize("path", METHOD_FILES, ids=lambda p: p.stem)
 def test_method_config_gives_a_finite_loss_and_gradient(path, monkeypatch):
     monkeypatch.chdir(ROOT)
