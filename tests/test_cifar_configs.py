@@ -1,4 +1,5 @@
-"""configs/cifar100/: the CIFAR-100 benchmark grid (two teacher -> student pairs x 22 methods and the student alone, two teachers).
+"""configs/cifar100/: the CIFAR-100 benchmark grid (two teacher -> student pairs x 22 methods and the student alone,
+two teachers).
 
 The real runs need the CIFAR-100 download and a GPU. Here every config loads, keeps the benchmark protocol,
 preflights against the real architectures, and takes one training step on a stand-in CIFAR-100 folder
