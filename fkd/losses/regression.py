@@ -3,8 +3,12 @@ Softmax Regression Representation Learning").
 
 The student's feature goes through a learnable connector (the ``srrl`` term's part) to the teacher's width;
 the teacher's own classifier then reads it (``z_{s->T}``), and both the feature and those logits are
-regressed onto the teacher's. Source followed: the authors' code (jingyang2017/srrl, ``train_student.py``),
-as torchdistill's ``SRDLoss``.
+regressed onto the teacher's. Source followed: the authors' code, as in their later repository
+jingyang2017/SRD_ossl (``distiller_zoo/AIN.py``: ``transfer_conv``, the connector, and ``statm_loss``, the MSE
+of spatial means; ``helper/loops.py``, branch ``srd``: ``statm_loss(f_s, f_t) + mse(z_{s->T}, z_t)`` with the
+student's and teacher's last maps; CIFAR-100 runs ``-a 0 -b 1``: CE 1, no KL, the sum weighted 1), which
+torchdistill's ``SRDLoss`` also follows. Only for a ShuffleNetV1 student does their loop weigh the feature
+part 10 (here: term weight 10, ``logit_weight`` 0.1).
 """
 
 from __future__ import annotations
