@@ -361,7 +361,7 @@ def test_a_sweep_logs_each_students_pre_phase(digits_root, one_thread):
     run_cli(["sweep", "--config", str(cfg), "--out", str(out), "--seeds", "2", "--quiet",
              "--set", "log.tensorboard=true"])
     for seed in (0, 1):
-        logged = _tensorboard_events(out / "tensorboard" / f"seed={seed}").Scalars("pretrain/ft.paraphraser")
+        logged = _tensorboard_events(out / "tensorboard" / f"base__seed={seed}").Scalars("pretrain/ft.paraphraser")
         assert [e.step for e in logged] == [1, 2] and all(math.isfinite(e.value) for e in logged)
 
 
