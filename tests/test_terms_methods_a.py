@@ -21,6 +21,7 @@ from fkd.errors import ConfigError
 from fkd.objective import build
 from fkd.terms import TERMS, Shapes, TermInputs, config_fields, pair_key
 from tests.conftest import tiny_config_text
+from tests.test_log_sinks import _events as tensorboard_events
 from tests.test_terms_methods import one_term
 
 NEW_TERMS = ("skd", "mlkd", "ce_strong", "ctkd", "tf_kd", "pad", "ickd", "ft")
@@ -333,7 +334,7 @@ def test_ft_pre_phase_fits_the_paraphraser_then_the_student_leaves_it_alone(digi
     losses_by_epoch = [float(line.rsplit(" ", 1)[1]) for line in result.output.splitlines() if "ft pre-phase" in line]
     assert len(losses_by_epoch) == 3 and losses_by_epoch[-1] < losses_by_epoch[0]
     # the same losses on TensorBoard, one point per pre-phase epoch
-    events = _tensorboard_events(out / "tensorboard")
+    events = tensorboard_events(out / "tensorboard")
     logged = events.Scalars("pretrain/ft.paraphraser")
     assert [e.step for e in logged] == [1, 2, 3]
     assert [e.value for e in logged] == pytest.approx(losses_by_epoch, rel=1e-3)
@@ -346,14 +347,6 @@ def test_ft_pre_phase_fits_the_paraphraser_then_the_student_leaves_it_alone(digi
     assert seen["count"] == 1
 
 
-def _tensorboard_events(path: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(path))
-    events.Reload()
-    return events
-
-
 def test_a_sweep_logs_each_students_pre_phase(digits_root, one_thread):
     cfg = digits_root / "ft_sweep.toml"
     cfg.write_text(digits_config(digits_root, "[distill.terms.ft]\nweight = 50.0\npretrain_epochs = 2\n"))
@@ -361,7 +354,7 @@ def test_a_sweep_logs_each_students_pre_phase(digits_root, one_thread):
     run_cli(["sweep", "--config", str(cfg), "--out", str(out), "--seeds", "2", "--quiet",
              "--set", "log.tensorboard=true"])
     for seed in (0, 1):
-        logged = _tensorboard_events(out / "tensorboard" / f"base__seed={seed}").Scalars("pretrain/ft.paraphraser")
+        logged = tensorboard_events(out / "tensorboard" / f"base__seed={seed}").Scalars("pretrain/ft.paraphraser")
         assert [e.step for e in logged] == [1, 2] and all(math.isfinite(e.value) for e in logged)
 
 

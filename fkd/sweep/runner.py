@@ -315,6 +315,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
     students = setup.members
     cfg = setup.group.base.config
     world = distributed.world()
+    log = run_log if run_log and not world.parallel else None  # one writer per student, from rank 0's process
     population = Population(len(students), strategy, shared_batch=setup.shared_order)
     step = maybe_compile(population.wrap(freeze_diverged(setup.step)), cfg.train.compile, device.type,
                          cfg.train.compile_mode)
@@ -323,7 +324,6 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
         states = population.gather([tree_to(st, device) for st in where["states"][lo:hi]])
         start_epoch, start_batch = where["epoch"], where["batch"]
     else:
-        log = run_log if not world.parallel else None
         states = population.gather([_pretrained(setup, setup.init_state(s, device), s, log) for s in students])
         start_epoch, start_batch = 0, 0
     echo(f"group {gi + 1}/{n_groups}: {len(setup.group.students)} students, "
@@ -356,8 +356,7 @@ def _train_group(gi, n_groups, setup: GroupSetup, strategy, device, run, where, 
                         batches=group_batches(setup, strategy), teacher_vars=setup.teacher_vars,
                         evaluate=lambda st: [_evaluate(setup, m, device) for m in population.members(st)],
                         save=checkpoint, on_epoch=on_epoch, start_epoch=start_epoch, start_batch=start_batch,
-                        stop=stop, sink=run_log.sink([s.label for s in students]) if run_log and not world.parallel
-                        else None)
+                        stop=stop, sink=log.sink([s.label for s in students]) if log else None)
     students = setup.group.students  # the whole group from here on: rank 0 saves what was asked for
     states_now = population.members(states)
     if world.parallel:
