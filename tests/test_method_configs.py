@@ -97,3 +97,45 @@ def test_method_config_gives_a_finite_loss_and_gradient(path, monkeypatch):
     grads = torch.func.grad(loss)(sp)
     assert torch.isfinite(loss(sp))
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _docs_method_tables() -> list[tuple[str, list[list[str]]]]:
+    """``(results file, rows)`` for each method table in docs/performance.md: the file its text names ("summaries
+    are in `bench/results/....jsonl`") and the cells of the markdown table that follows."""
+    import re
+
+    text = (ROOT / "docs" / "performance.md").read_text()
+    tables = []
+    for match in re.finditer(r"summaries are in\s+`(bench/results/[^`]+\.jsonl)`", text):
+        lines = text[match.end():].splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+        rows = []
+        for line in lines[start + 2:]:
+            if not line.startswith("|"):
+                break
+            rows.append([cell.strip().strip("*`") for cell in line.strip("|").split("|")])
+        tables.append((match.group(1), rows))
+    return tables
+
+
+def test_docs_method_tables_are_their_results_files(capsys):
+    """Every figure of docs/performance.md's method tables is what ``method_table.py table`` computes from the
+    results file the text names; a row not measured yet has no summary there."""
+    import json
+
+    table = _method_table()
+    tables = _docs_method_tables()
+    assert len(tables) == 2  # the H200 table and the CPU table of the newer methods
+    for results, rows in tables:
+        table.table.main([str(ROOT / results), "--json"], standalone_mode=False)
+        computed = {(r["term"] or "ce"): r for r in json.loads(capsys.readouterr().out)}
+        assert rows and {row[1] for row in rows} >= set(computed), results
+        for label, term, default_weight, default, best_weight, best in rows:
+            if default == "not yet measured":
+                assert term not in computed, (results, term)
+                continue
+            r = computed[term]
+            cell = lambda p: f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}"  # noqa: E731
+            weight = lambda p: "—" if r["term"] is None else f"{table._weight(p):g}"  # noqa: E731
+            assert [default_weight, default, best_weight, best] == [
+                weight(r["default"]), cell(r["default"]), weight(r["best"]), cell(r["best"])], (results, label)
