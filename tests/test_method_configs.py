@@ -135,7 +135,7 @@ def test_docs_method_tables_are_their_results_files(capsys):
                 assert term not in computed, (results, term)
                 continue
             r = computed[term]
-            cell = lambda p: f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}"  # noqa: E731
-            weight = lambda p: "—" if r["term"] is None else f"{table._weight(p):g}"  # noqa: E731
+            d, b = r["default"], r["best"]
+            weights = ["—", "—"] if r["term"] is None else [f"{table._weight(p):g}" for p in (d, b)]
             assert [default_weight, default, best_weight, best] == [
-                weight(r["default"]), cell(r["default"]), weight(r["best"]), cell(r["best"])], (results, label)
+                weights[0], table._fmt(d), weights[1], table._fmt(b)], (results, label)
